@@ -1,0 +1,134 @@
+//! EventService: TrackEvent, TrackEvents, GetUserTimeline (DeleteUser comes with segments).
+
+use tonic::{Request, Response, Status};
+
+use crate::api::{blocking, convert};
+use crate::error::{invalid, Error};
+use crate::ingest::{self, Ingest};
+use crate::model::Timestamp;
+use crate::proto;
+use crate::proto::event_service_server::EventService;
+use crate::schema;
+use crate::store::Store;
+use crate::timeline::{self, TimelineQuery};
+
+/// The EventService handlers.
+pub struct EventApi {
+    pub ingest: Ingest,
+    pub store: Store,
+}
+
+impl EventApi {
+    /// Converts and checks one wire event on the caller's task (off the writer thread).
+    fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<ingest::PreparedEvent, Error> {
+        let event = convert::new_event(e)?;
+        ingest::prepare(event, self.ingest.limits(), now)
+    }
+}
+
+#[tonic::async_trait]
+impl EventService for EventApi {
+    async fn track_event(
+        &self,
+        request: Request<proto::TrackEventRequest>,
+    ) -> Result<Response<proto::TrackEventResponse>, Status> {
+        let event = request
+            .into_inner()
+            .event
+            .ok_or_else(|| invalid("event: required"))?;
+        let prepared = self
+            .prepare(event, Timestamp::now())
+            .map_err(|e| e.within("event"))?;
+        let mut results = self.ingest.track(vec![Ok(prepared)]).await?;
+        let tracked = results
+            .pop()
+            .ok_or_else(|| Error::Internal("no result for a tracked event".into()))?
+            .map_err(|e| e.within("event"))?;
+        Ok(Response::new(proto::TrackEventResponse {
+            event_id: tracked.event_id,
+            sequence: tracked.sequence,
+            duplicate: tracked.duplicate,
+            actions_fired: tracked.actions_fired,
+        }))
+    }
+
+    async fn track_events(
+        &self,
+        request: Request<proto::TrackEventsRequest>,
+    ) -> Result<Response<proto::TrackEventsResponse>, Status> {
+        let events = request.into_inner().events;
+        let limit = self.ingest.limits().max_batch_events;
+        if events.len() > limit {
+            return Err(invalid(format!(
+                "events: {} events, limit is {limit} (max_batch_events)",
+                events.len()
+            ))
+            .into());
+        }
+        if events.is_empty() {
+            return Ok(Response::new(proto::TrackEventsResponse::default()));
+        }
+        let now = Timestamp::now();
+        let prepared = events.into_iter().map(|e| self.prepare(e, now)).collect();
+        let results = self.ingest.track(prepared).await?;
+        let results = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| match r {
+                Ok(t) => proto::TrackEventResult {
+                    event_id: t.event_id,
+                    sequence: t.sequence,
+                    duplicate: t.duplicate,
+                    actions_fired: t.actions_fired,
+                    accepted: true,
+                    error: String::new(),
+                },
+                Err(e) => proto::TrackEventResult {
+                    error: Status::from(e.within(&format!("events[{i}]")))
+                        .message()
+                        .to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(proto::TrackEventsResponse { results }))
+    }
+
+    async fn get_user_timeline(
+        &self,
+        request: Request<proto::GetUserTimelineRequest>,
+    ) -> Result<Response<proto::GetUserTimelineResponse>, Status> {
+        let r = request.into_inner();
+        ingest::check_user_id("user_id", &r.user_id)?;
+        let event_name = if r.event_name.is_empty() {
+            String::new()
+        } else {
+            schema::normalize_event_name("event_name", &r.event_name)?
+        };
+        let query = TimelineQuery {
+            user_id: r.user_id,
+            event_name,
+            from: convert::opt_timestamp("from", &r.from)?,
+            to: convert::opt_timestamp("to", &r.to)?,
+            page_size: match r.page_size {
+                0 => timeline::DEFAULT_PAGE_SIZE,
+                n => (n as usize).min(timeline::MAX_PAGE_SIZE),
+            },
+            page_token: r.page_token,
+            oldest_first: r.oldest_first,
+        };
+        let store = self.store.clone();
+        let page = blocking(move || timeline::read(&store, &query)).await?;
+        Ok(Response::new(proto::GetUserTimelineResponse {
+            events: page.events.iter().map(convert::to_proto_event).collect(),
+            next_page_token: page.next_page_token,
+        }))
+    }
+
+    async fn delete_user(
+        &self,
+        _request: Request<proto::DeleteUserRequest>,
+    ) -> Result<Response<proto::DeleteUserResponse>, Status> {
+        Err(crate::api::pending::unimplemented("EventService.DeleteUser", 4))
+    }
+}

@@ -1,0 +1,105 @@
+//! Command-line flags; each flag can also come from an `ENGAGE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::ingest::Limits;
+use crate::store::StoreOptions;
+
+/// engage: user events and event-triggered automations over gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "engage", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to run.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs the gRPC server.
+    Serve(ServeArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Flags of `engage serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the start line logs the real one).
+    #[arg(long, env = "ENGAGE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded sled database (created if missing).
+    #[arg(long, env = "ENGAGE_DATA_DIR", default_value = "./engage-data")]
+    pub data_dir: PathBuf,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "ENGAGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// sled page cache size in MiB.
+    #[arg(long, env = "ENGAGE_CACHE_MB", default_value_t = 256)]
+    pub cache_mb: u64,
+    /// sled background flush interval in ms (acknowledged writes are flushed explicitly anyway).
+    #[arg(long, env = "ENGAGE_FLUSH_EVERY_MS", default_value_t = 500)]
+    pub flush_every_ms: u64,
+    /// Longest wait for in-flight calls on shutdown, in seconds.
+    #[arg(long, env = "ENGAGE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "ENGAGE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Most attributes one event may carry.
+    #[arg(long, env = "ENGAGE_MAX_ATTRIBUTES_PER_EVENT", default_value_t = 100)]
+    pub max_attributes_per_event: usize,
+    /// Longest attribute name, in characters.
+    #[arg(long, env = "ENGAGE_MAX_ATTRIBUTE_NAME_CHARS", default_value_t = 128)]
+    pub max_attribute_name_chars: usize,
+    /// Largest STRING value, in bytes.
+    #[arg(long, env = "ENGAGE_MAX_STRING_VALUE_BYTES", default_value_t = 8 * 1024)]
+    pub max_string_value_bytes: usize,
+    /// Largest JSON value, in bytes.
+    #[arg(long, env = "ENGAGE_MAX_JSON_VALUE_BYTES", default_value_t = 64 * 1024)]
+    pub max_json_value_bytes: usize,
+    /// Most events in one TrackEvents call.
+    #[arg(long, env = "ENGAGE_MAX_BATCH_EVENTS", default_value_t = 1000)]
+    pub max_batch_events: usize,
+    /// How far in the future occurred_at may be, in seconds.
+    #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
+    pub max_future_skew_secs: i64,
+}
+
+impl ServeArgs {
+    /// The defaults, as `engage serve` with no flags and no environment would use them.
+    pub fn defaults() -> Self {
+        let cli = Cli::parse_from(["engage", "serve"]);
+        match cli.command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    /// The event and batch limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_attributes_per_event: self.max_attributes_per_event,
+            max_attribute_name_chars: self.max_attribute_name_chars,
+            max_string_value_bytes: self.max_string_value_bytes,
+            max_json_value_bytes: self.max_json_value_bytes,
+            max_batch_events: self.max_batch_events,
+            max_future_skew_secs: self.max_future_skew_secs,
+        }
+    }
+
+    /// The storage options.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            cache_capacity: self.cache_mb * 1024 * 1024,
+            flush_every_ms: self.flush_every_ms,
+        }
+    }
+}

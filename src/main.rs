@@ -1,0 +1,35 @@
+//! The `engage` binary: parses flags, sets up logging and runs the server.
+
+use clap::Parser;
+use engage::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr);
+            match args.log_format {
+                LogFormat::Human => builder.init(),
+                LogFormat::Json => builder.json().flatten_event(true).init(),
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("engage: cannot start the runtime: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(engage::server::run(args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "engage failed");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Domain types of engage: what the service stores and answers, independent of gRPC and sled.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A point in time with nanosecond precision (seconds since the Unix epoch, UTC).
+///
+/// Ordered chronologically; the range is that of `google.protobuf.Timestamp`
+/// (0001-01-01 to 9999-12-31), checked by [`Timestamp::new`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// Seconds of 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z, the protobuf Timestamp range.
+const MIN_SECS: i64 = -62_135_596_800;
+const MAX_SECS: i64 = 253_402_300_799;
+
+impl Timestamp {
+    /// A valid timestamp, or `None` when out of the protobuf range or `nanos` is not below 1e9.
+    pub fn new(secs: i64, nanos: i32) -> Option<Self> {
+        if !(MIN_SECS..=MAX_SECS).contains(&secs) || !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        Some(Self {
+            secs,
+            nanos: nanos as u32,
+        })
+    }
+
+    /// The current time.
+    pub fn now() -> Self {
+        let now = jiff::Timestamp::now();
+        Self {
+            secs: now.as_second(),
+            nanos: now.subsec_nanosecond().max(0) as u32,
+        }
+    }
+
+    /// Nanoseconds since the epoch (fits: the range is ±2^68 ns at most, i128 holds it).
+    pub fn as_nanos(self) -> i128 {
+        self.secs as i128 * 1_000_000_000 + self.nanos as i128
+    }
+
+    /// The timestamp `nanos` nanoseconds since the epoch, clamped to the valid range.
+    pub fn from_nanos(nanos: i128) -> Self {
+        let secs = nanos.div_euclid(1_000_000_000);
+        let sub = nanos.rem_euclid(1_000_000_000) as u32;
+        if secs < MIN_SECS as i128 {
+            Self {
+                secs: MIN_SECS,
+                nanos: 0,
+            }
+        } else if secs > MAX_SECS as i128 {
+            Self {
+                secs: MAX_SECS,
+                nanos: 999_999_999,
+            }
+        } else {
+            Self {
+                secs: secs as i64,
+                nanos: sub,
+            }
+        }
+    }
+
+    /// This time plus `secs` seconds (clamped to the valid range).
+    pub fn plus_secs(self, secs: i64) -> Self {
+        Self::from_nanos(self.as_nanos() + secs as i128 * 1_000_000_000)
+    }
+
+    fn to_jiff(self) -> Option<jiff::Timestamp> {
+        jiff::Timestamp::new(self.secs, self.nanos as i32).ok()
+    }
+
+    /// Parses RFC 3339 (`2026-01-31T10:00:00+01:00`) or a bare date (`2026-01-31`, midnight UTC).
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let ts = if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+            ts
+        } else {
+            let date = text.parse::<jiff::civil::Date>().ok()?;
+            if text.len() != 10 {
+                return None;
+            }
+            date.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp()
+        };
+        Self::new(ts.as_second(), ts.subsec_nanosecond())
+    }
+}
+
+/// RFC 3339 in UTC, with a fraction only when the time has one (`2026-01-31T09:00:00Z`).
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.to_jiff() {
+            Some(ts) => write!(f, "{ts}"),
+            None => write!(f, "{}s", self.secs),
+        }
+    }
+}
+
+/// The type of an attribute (SPEC §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AttributeType {
+    String,
+    Number,
+    Date,
+    Boolean,
+    Json,
+}
+
+impl AttributeType {
+    /// The name users see, as in the proto enum without its prefix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttributeType::String => "STRING",
+            AttributeType::Number => "NUMBER",
+            AttributeType::Date => "DATE",
+            AttributeType::Boolean => "BOOLEAN",
+            AttributeType::Json => "JSON",
+        }
+    }
+}
+
+impl fmt::Display for AttributeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An attribute value: as a client sent it, or, once coerced, as stored for its type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    String(String),
+    Number(f64),
+    Bool(bool),
+    Date(Timestamp),
+    /// Compact JSON text once stored; any JSON text on input.
+    Json(String),
+}
+
+/// A stored event: one thing a user did, with its typed attributes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: String,
+    pub user_id: String,
+    pub name: String,
+    pub occurred_at: Timestamp,
+    pub received_at: Timestamp,
+    pub sequence: u64,
+    pub attributes: BTreeMap<String, Value>,
+}
+
+/// An event as a client submits it, before validation and coercion.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct NewEvent {
+    /// Empty means "generate one".
+    pub event_id: String,
+    pub user_id: String,
+    pub name: String,
+    pub occurred_at: Option<Timestamp>,
+    pub attributes: Vec<(String, Value)>,
+}
+
+/// A global attribute definition (SPEC §2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttributeDefinition {
+    pub name: String,
+    pub attribute_type: AttributeType,
+    pub description: String,
+    pub auto_created: bool,
+    pub created_at: Timestamp,
+}
+
+/// What the server knows of one event name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventNameStats {
+    pub count: u64,
+    /// Earliest `occurred_at` seen.
+    pub first_seen: Timestamp,
+    /// Latest `occurred_at` seen.
+    pub last_seen: Timestamp,
+}
+
+impl EventNameStats {
+    /// Stats of a name seen once, at `at`.
+    pub fn first(at: Timestamp) -> Self {
+        Self {
+            count: 1,
+            first_seen: at,
+            last_seen: at,
+        }
+    }
+
+    /// Counts one more event at `at`.
+    pub fn record(&mut self, at: Timestamp) {
+        self.count += 1;
+        self.first_seen = self.first_seen.min(at);
+        self.last_seen = self.last_seen.max(at);
+    }
+}

@@ -1,0 +1,155 @@
+//! Wires storage, the domain and the gRPC services together, and runs them until shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::api::events::EventApi;
+use crate::api::pending::{PendingActions, PendingQueries, PendingTriggers};
+use crate::api::schema::SchemaApi;
+use crate::config::ServeArgs;
+use crate::ingest::Ingest;
+use crate::proto;
+use crate::store::Store;
+
+/// Any start-up or shutdown failure of the server.
+pub type ServerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The fully-qualified names of the engage services, as health and reflection know them.
+pub const SERVICE_NAMES: &[&str] = &[
+    "engage.v1.EventService",
+    "engage.v1.SchemaService",
+    "engage.v1.TriggerService",
+    "engage.v1.ActionService",
+    "engage.v1.QueryService",
+];
+
+/// Binds `args.listen` and serves until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    serve(listener, args, shutdown_signal()).await
+}
+
+/// Serves on an already-bound listener until `shutdown` completes, then shuts down gracefully:
+/// health turns NOT_SERVING, new connections are refused, in-flight calls get
+/// `shutdown_grace_secs` to finish, every accepted write is flushed. Tests call this directly
+/// with a pre-bound ephemeral port.
+pub async fn serve(
+    listener: TcpListener,
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let addr = listener.local_addr()?;
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir, &args.store_options())
+        .map_err(|e| format!("cannot open storage in {}: {e}", args.data_dir.display()))?;
+    let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in SERVICE_NAMES.iter().chain(&[""]) {
+        health.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let max = args.max_message_bytes;
+    let events = proto::event_service_server::EventServiceServer::new(EventApi {
+        ingest: ingest.clone(),
+        store: store.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let schema = proto::schema_service_server::SchemaServiceServer::new(SchemaApi {
+        ingest: ingest.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let triggers = proto::trigger_service_server::TriggerServiceServer::new(PendingTriggers);
+    let actions = proto::action_service_server::ActionServiceServer::new(PendingActions);
+    let queries = proto::query_service_server::QueryServiceServer::new(PendingQueries);
+
+    tracing::info!(listen = %addr, config = ?args, "engage started");
+
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let health_on_stop = health.clone();
+    let on_shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested; refusing new calls");
+        for name in SERVICE_NAMES.iter().chain(&[""]) {
+            health_on_stop
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = started_tx.send(());
+    };
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(events)
+        .add_service(schema)
+        .add_service(triggers)
+        .add_service(actions)
+        .add_service(queries)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
+
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let grace_over = async move {
+        match started_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        _ = grace_over => tracing::warn!(grace_secs = args.shutdown_grace_secs, "grace period over; closing remaining calls"),
+    }
+
+    // Every handle to the engine is gone once the services are: the writer drains what it
+    // accepted, the committer flushes it and both threads end.
+    drop(ingest);
+    let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || threads.join())).await;
+    if joined.is_err() {
+        tracing::warn!("ingest threads still busy after the grace period");
+    }
+    store.flush().map_err(|e| format!("final flush failed: {e}"))?;
+    tracing::info!("engage stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
