@@ -1,0 +1,285 @@
+//! Test harness: a real engage server on a pre-bound ephemeral loopback port with a temporary
+//! data directory, and the generated clients to talk to it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use engage::config::ServeArgs;
+use engage::proto;
+use engage::proto::attribute_value::Value as V;
+use engage::proto::event_service_client::EventServiceClient;
+use engage::proto::schema_service_client::SchemaServiceClient;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+/// An in-process server; `stop` shuts it down gracefully and hands back its data directory.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), engage::server::ServerError>>>,
+}
+
+/// Server flags for tests: the defaults with `dir` as data directory.
+pub fn args(dir: &Path) -> ServeArgs {
+    let mut args = ServeArgs::defaults();
+    args.data_dir = dir.to_path_buf();
+    args.shutdown_grace_secs = 5;
+    args
+}
+
+impl TestServer {
+    /// Starts a server on a fresh temporary data directory.
+    pub async fn start() -> Self {
+        Self::start_in(TempDir::new().expect("temp dir")).await
+    }
+
+    /// Starts a server with custom flags on a fresh temporary data directory.
+    pub async fn start_with(edit: impl FnOnce(&mut ServeArgs)) -> Self {
+        let dir = TempDir::new().expect("temp dir");
+        let mut a = args(dir.path());
+        edit(&mut a);
+        Self::launch(dir, a).await
+    }
+
+    /// Starts a server on an existing data directory (a restart).
+    pub async fn start_in(dir: TempDir) -> Self {
+        let a = args(dir.path());
+        Self::launch(dir, a).await
+    }
+
+    async fn launch(dir: TempDir, args: ServeArgs) -> Self {
+        // Bound before the server starts: clients can connect at once, no port race.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(engage::server::serve(listener, args, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn events(&self) -> EventServiceClient<Channel> {
+        EventServiceClient::new(self.channel().await)
+    }
+
+    pub async fn schema(&self) -> SchemaServiceClient<Channel> {
+        SchemaServiceClient::new(self.channel().await)
+    }
+
+    /// Shuts down gracefully and returns the data directory.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server result");
+        }
+        // Take the directory without running Drop's cleanup.
+        let dir = TempDir::new().expect("temp dir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Stops and starts again on the same data directory.
+    pub async fn restart(self) -> Self {
+        let dir = self.stop().await;
+        Self::start_in(dir).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The `engage` binary as a child process, for signal and crash tests.
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ChildServer {
+    /// Starts `engage serve` on port 0 in `dir` and waits for its start line (JSON logs) to learn
+    /// the bound address.
+    pub fn spawn(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engage"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn engage");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let mut addr = None;
+        for line in lines.by_ref() {
+            let line = line.expect("read stderr");
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if json["message"] == "engage started" {
+                addr = json["listen"].as_str().and_then(|a| a.parse().ok());
+                break;
+            }
+        }
+        let addr = addr.expect("engage printed no start line");
+        // Keep draining so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, addr }
+    }
+
+    pub async fn events(&self) -> EventServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        EventServiceClient::new(channel)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        self.child.wait().expect("wait")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn crash(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn s(v: &str) -> proto::AttributeValue {
+    proto::AttributeValue {
+        value: Some(V::StringValue(v.into())),
+    }
+}
+pub fn n(v: f64) -> proto::AttributeValue {
+    proto::AttributeValue {
+        value: Some(V::NumberValue(v)),
+    }
+}
+pub fn b(v: bool) -> proto::AttributeValue {
+    proto::AttributeValue {
+        value: Some(V::BoolValue(v)),
+    }
+}
+pub fn d(secs: i64) -> proto::AttributeValue {
+    proto::AttributeValue {
+        value: Some(V::DateValue(ts(secs))),
+    }
+}
+pub fn j(v: &str) -> proto::AttributeValue {
+    proto::AttributeValue {
+        value: Some(V::JsonValue(v.into())),
+    }
+}
+pub fn ts(secs: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    }
+}
+
+/// An event with attributes.
+pub fn event(user: &str, name: &str, attrs: &[(&str, proto::AttributeValue)]) -> proto::Event {
+    proto::Event {
+        user_id: user.into(),
+        name: name.into(),
+        attributes: attrs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<HashMap<_, _>>(),
+        ..Default::default()
+    }
+}
+
+/// An event with an id and an occurrence time.
+pub fn event_at(user: &str, name: &str, id: &str, secs: i64) -> proto::Event {
+    proto::Event {
+        event_id: id.into(),
+        occurred_at: Some(ts(secs)),
+        ..event(user, name, &[])
+    }
+}
+
+pub async fn track(
+    client: &mut EventServiceClient<Channel>,
+    e: proto::Event,
+) -> Result<proto::TrackEventResponse, tonic::Status> {
+    client
+        .track_event(proto::TrackEventRequest { event: Some(e) })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Every event of a user, oldest first, read through paging.
+pub async fn timeline(client: &mut EventServiceClient<Channel>, user: &str) -> Vec<proto::Event> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .get_user_timeline(proto::GetUserTimelineRequest {
+                user_id: user.into(),
+                page_size: 1000,
+                page_token: token,
+                oldest_first: true,
+                ..Default::default()
+            })
+            .await
+            .expect("timeline")
+            .into_inner();
+        out.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// A path inside a temp dir for a child server's data.
+pub fn data_dir(tmp: &TempDir) -> PathBuf {
+    tmp.path().join("data")
+}
