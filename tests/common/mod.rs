@@ -124,6 +124,11 @@ impl ChildServer {
     /// Starts `engage serve` on port 0 in `dir` and waits for its start line (JSON logs) to learn
     /// the bound address.
     pub fn spawn(dir: &Path) -> Self {
+        Self::spawn_with(dir, &[])
+    }
+
+    /// Like [`ChildServer::spawn`], with extra flags.
+    pub fn spawn_with(dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_engage"))
             .args([
                 "serve",
@@ -134,6 +139,7 @@ impl ChildServer {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,116 @@
+//! Acknowledged means durable (SPEC §4): a server killed with SIGKILL under concurrent writers
+//! loses no acknowledged event.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use engage::proto;
+
+const WRITERS: usize = 12;
+const KILL_AFTER_ACKS: usize = 1500;
+
+/// Acknowledged events: event id → (user, sequence).
+type Acked = Arc<Mutex<HashMap<String, (String, u64)>>>;
+
+/// Runs WRITERS concurrent writers (half unary, half batches of 20) until the server dies, and
+/// SIGKILLs it once KILL_AFTER_ACKS events were acknowledged.
+async fn write_until_killed(child: ChildServer, round: usize, acked: Acked) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(tokio::sync::Notify::new());
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut client = child.events().await;
+        let acked = acked.clone();
+        let count = count.clone();
+        let enough = enough.clone();
+        tasks.push(tokio::spawn(async move {
+            let user = format!("writer-{w}");
+            for i in 0.. {
+                let id = |k: usize| format!("r{round}-w{w}-{i}-{k}");
+                let results: Vec<(String, u64)> = if w % 2 == 0 {
+                    let e = event_at(&user, "crash_test", &id(0), 1_700_000_000 + i as i64);
+                    match track(&mut client, e).await {
+                        Ok(r) => vec![(r.event_id, r.sequence)],
+                        Err(_) => return,
+                    }
+                } else {
+                    let events = (0..20)
+                        .map(|k| event_at(&user, "crash_test", &id(k), 1_700_000_000 + i as i64))
+                        .collect();
+                    match client.track_events(proto::TrackEventsRequest { events }).await {
+                        Ok(r) => r
+                            .into_inner()
+                            .results
+                            .into_iter()
+                            .map(|r| (r.event_id, r.sequence))
+                            .collect(),
+                        Err(_) => return,
+                    }
+                };
+                let n = results.len();
+                {
+                    let mut acked = acked.lock().unwrap();
+                    for (event_id, seq) in results {
+                        acked.insert(event_id, (user.clone(), seq));
+                    }
+                }
+                if count.fetch_add(n, Ordering::SeqCst) + n >= KILL_AFTER_ACKS {
+                    enough.notify_one();
+                }
+            }
+        }));
+    }
+    enough.notified().await;
+    child.crash();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn verify(child: &ChildServer, acked: &Acked) {
+    let acked = acked.lock().unwrap().clone();
+    let mut c = child.events().await;
+    let mut found: HashMap<String, u64> = HashMap::new();
+    for w in 0..WRITERS {
+        for e in timeline(&mut c, &format!("writer-{w}")).await {
+            found.insert(e.event_id, e.sequence);
+        }
+    }
+    let lost: Vec<_> = acked.keys().filter(|id| !found.contains_key(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    for (id, (_, seq)) in &acked {
+        assert_eq!(found[id], *seq, "{id} kept its sequence");
+    }
+    // A retry of an acknowledged event is a duplicate with its original sequence.
+    for (id, (user, seq)) in acked.iter().take(50) {
+        let r = track(&mut c, event_at(user, "crash_test", id, 0)).await.unwrap();
+        assert!(r.duplicate, "{id}");
+        assert_eq!(r.sequence, *seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_concurrent_writers_loses_no_acknowledged_event() {
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = data_dir(&tmp);
+    let acked: Acked = Arc::default();
+    for round in 0..3 {
+        // A slow background flusher, so only the explicit group-commit flush can save the acks.
+        let child = ChildServer::spawn_with(&dir, &["--flush-every-ms", "60000"]);
+        write_until_killed(child, round, acked.clone()).await;
+        let child = ChildServer::spawn(&dir);
+        verify(&child, &acked).await;
+        drop(child);
+    }
+    assert!(acked.lock().unwrap().len() >= 3 * KILL_AFTER_ACKS);
+}
