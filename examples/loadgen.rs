@@ -1,0 +1,494 @@
+//! Load generator: measures engage's ingest against two baselines measured in the same run.
+//!
+//! ```text
+//! cargo build --release --bin engage --example loadgen
+//! target/release/examples/loadgen run --secs 10
+//! ```
+//!
+//! Scenarios, each for `--secs` seconds against its own fresh process and data directory:
+//! - `engage batch`: TrackEvents with `--batch-size` events, `--batch-in-flight` calls at once;
+//! - `engage unary`: TrackEvent with `--unary-in-flight` calls at once;
+//! - `echo batch` / `echo unary`: the same calls against a bare tonic server that answers
+//!   without storing (this binary's `echo-server`), the transport's ceiling;
+//! - `sled batch` / `sled unary`: the same records inserted straight into sled with the same
+//!   group commit (one committer thread, one `flush()` per drained set), storage's ceiling.
+//!
+//! Latency is per call (microseconds, HDR histogram). Ratios are printed at the end; only ratios
+//! are meaningful across machines.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use engage::model::{Event, Timestamp, Value};
+use engage::proto;
+use engage::proto::event_service_client::EventServiceClient;
+use engage::proto::event_service_server::{EventService, EventServiceServer};
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs every scenario and prints the results and ratios.
+    Run(RunArgs),
+    /// A bare tonic EventService that answers without storing (the transport baseline).
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    #[arg(long, default_value_t = 500)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_in_flight: usize,
+    #[arg(long, default_value_t = 64)]
+    unary_in_flight: usize,
+    /// Distinct users the events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// The engage binary to start (build it with --release first).
+    #[arg(long, default_value = "target/release/engage")]
+    engage_bin: PathBuf,
+    /// Only run scenarios whose name contains this text.
+    #[arg(long, default_value = "")]
+    only: String,
+}
+
+/// The events the benchmark sends: ~200 bytes, three typed attributes.
+fn wire_event(i: u64, users: u64) -> proto::Event {
+    let num = |v: f64| proto::AttributeValue {
+        value: Some(proto::attribute_value::Value::NumberValue(v)),
+    };
+    let text = |v: &str| proto::AttributeValue {
+        value: Some(proto::attribute_value::Value::StringValue(v.into())),
+    };
+    let mut attributes = HashMap::new();
+    attributes.insert("price".to_string(), num((i % 500) as f64 + 0.99));
+    attributes.insert("sku".to_string(), text(&format!("SKU-{:06}", i % 100_000)));
+    attributes.insert(
+        "color".to_string(),
+        text(["teal", "blue", "red"][(i % 3) as usize]),
+    );
+    proto::Event {
+        user_id: format!("user-{:08}", (i.wrapping_mul(2_654_435_761)) % users),
+        name: "product_purchased".into(),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// The same event as engage stores it, for the raw sled baseline.
+fn stored_event(i: u64, users: u64) -> Event {
+    let mut attributes = BTreeMap::new();
+    attributes.insert("price".to_string(), Value::Number((i % 500) as f64 + 0.99));
+    attributes.insert(
+        "sku".to_string(),
+        Value::String(format!("SKU-{:06}", i % 100_000)),
+    );
+    attributes.insert(
+        "color".to_string(),
+        Value::String(["teal", "blue", "red"][(i % 3) as usize].into()),
+    );
+    let now = Timestamp::now();
+    Event {
+        event_id: ulid::Ulid::new().to_string(),
+        user_id: format!("user-{:08}", (i.wrapping_mul(2_654_435_761)) % users),
+        name: "product_purchased".into(),
+        occurred_at: now,
+        received_at: now,
+        sequence: i + 1,
+        attributes,
+    }
+}
+
+struct Report {
+    name: String,
+    events: u64,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl Report {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+    fn print(&self) {
+        println!(
+            "{:<14} {:>12.0} events/s   p50 {:>8.2} ms   p99 {:>8.2} ms   ({} events, {} calls)",
+            self.name,
+            self.rate(),
+            self.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+            self.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+            self.events,
+            self.latency_us.len(),
+        );
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+async fn connect(addr: SocketAddr) -> EventServiceClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    EventServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
+}
+
+/// `in_flight` loops, each sending calls of `batch` events (unary TrackEvent when batch is 0)
+/// until the deadline; calls share 4 connections.
+async fn grpc_load(
+    name: &str,
+    addr: SocketAddr,
+    secs: u64,
+    batch: usize,
+    in_flight: usize,
+    users: u64,
+) -> Report {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(addr).await);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..in_flight {
+        let mut client = clients[w % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = histogram();
+            let mut events = 0u64;
+            let mut i = w as u64 * 1_000_000_000;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if batch == 0 {
+                    let r = client
+                        .track_event(proto::TrackEventRequest {
+                            event: Some(wire_event(i, users)),
+                        })
+                        .await;
+                    r.expect("TrackEvent");
+                    events += 1;
+                    i += 1;
+                } else {
+                    let batch_events = (0..batch as u64).map(|k| wire_event(i + k, users)).collect();
+                    let r = client
+                        .track_events(proto::TrackEventsRequest { events: batch_events })
+                        .await
+                        .expect("TrackEvents");
+                    assert!(r.get_ref().results.iter().all(|r| r.accepted));
+                    events += batch as u64;
+                    i += batch as u64;
+                }
+                let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            (events, hist)
+        }));
+    }
+    let mut total = 0;
+    let mut hist = histogram();
+    for t in tasks {
+        let (events, h) = t.await.expect("load task");
+        total += events;
+        hist.add(h).expect("merge histograms");
+    }
+    Report {
+        name: name.into(),
+        events: total,
+        elapsed: start.elapsed(),
+        latency_us: hist,
+    }
+}
+
+/// Raw sled: `writers` threads insert `batch` records each (1 for unary) and wait for one
+/// committer thread that drains every waiting writer and runs one `flush()` for all of them.
+fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64) -> Report {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(256 * 1024 * 1024)
+        .flush_every_ms(Some(500))
+        .open()
+        .expect("open sled");
+    let tree = db.open_tree("engage").expect("tree");
+    let (tx, rx) = std_mpsc::channel::<std_mpsc::SyncSender<()>>();
+    let committer_db = db.clone();
+    let committer = std::thread::spawn(move || {
+        while let Ok(first) = rx.recv() {
+            let mut waiting = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                waiting.push(more);
+            }
+            committer_db.flush().expect("flush");
+            for w in waiting {
+                let _ = w.send(());
+            }
+        }
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let per_call = batch.max(1);
+    let threads: Vec<_> = (0..writers)
+        .map(|w| {
+            let tree = tree.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut hist = histogram();
+                let mut i = w as u64 * 1_000_000_000;
+                let mut events = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    for _ in 0..per_call {
+                        let e = stored_event(i, users);
+                        let mut key = Vec::with_capacity(64);
+                        key.push(b'T');
+                        key.extend_from_slice(e.user_id.as_bytes());
+                        key.push(0);
+                        key.extend_from_slice(&e.occurred_at.secs.to_be_bytes());
+                        key.extend_from_slice(&e.occurred_at.nanos.to_be_bytes());
+                        key.extend_from_slice(&e.sequence.to_be_bytes());
+                        tree.insert(key, postcard::to_allocvec(&e).expect("encode"))
+                            .expect("insert");
+                        i += 1;
+                    }
+                    let (done_tx, done_rx) = std_mpsc::sync_channel(1);
+                    tx.send(done_tx).expect("committer");
+                    done_rx.recv().expect("flushed");
+                    events += per_call as u64;
+                    let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                }
+                (events, hist)
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut total = 0;
+    let mut hist = histogram();
+    for t in threads {
+        let (events, h) = t.join().expect("writer");
+        total += events;
+        hist.add(h).expect("merge");
+    }
+    let elapsed = start.elapsed();
+    let _ = committer.join();
+    Report {
+        name: name.into(),
+        events: total,
+        elapsed,
+        latency_us: hist,
+    }
+}
+
+/// A child process that printed its address; killed on drop.
+struct Proc {
+    child: Child,
+    addr: SocketAddr,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_engage(bin: &PathBuf) -> Proc {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let mut child = Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn,engage=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (build it: cargo build --release)",
+                bin.display()
+            )
+        });
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|j| j["message"] == "engage started")
+        .and_then(|j| j["listen"].as_str().and_then(|a| a.parse().ok()))
+        .expect("engage start line");
+    std::thread::spawn(move || for _ in lines {});
+    Proc {
+        child,
+        addr,
+        _dir: Some(dir),
+    }
+}
+
+fn start_echo() -> Proc {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .args(["echo-server"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start echo server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("echo address");
+    let addr = line.trim().parse().expect("echo address");
+    Proc {
+        child,
+        addr,
+        _dir: None,
+    }
+}
+
+struct Echo;
+
+#[tonic::async_trait]
+impl EventService for Echo {
+    async fn track_event(
+        &self,
+        request: Request<proto::TrackEventRequest>,
+    ) -> Result<Response<proto::TrackEventResponse>, Status> {
+        let e = request.into_inner().event.unwrap_or_default();
+        Ok(Response::new(proto::TrackEventResponse {
+            event_id: e.event_id,
+            sequence: 1,
+            duplicate: false,
+            actions_fired: 0,
+        }))
+    }
+    async fn track_events(
+        &self,
+        request: Request<proto::TrackEventsRequest>,
+    ) -> Result<Response<proto::TrackEventsResponse>, Status> {
+        let results = request
+            .into_inner()
+            .events
+            .into_iter()
+            .map(|e| proto::TrackEventResult {
+                event_id: e.event_id,
+                sequence: 1,
+                accepted: true,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(proto::TrackEventsResponse { results }))
+    }
+    async fn get_user_timeline(
+        &self,
+        _: Request<proto::GetUserTimelineRequest>,
+    ) -> Result<Response<proto::GetUserTimelineResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn delete_user(
+        &self,
+        _: Request<proto::DeleteUserRequest>,
+    ) -> Result<Response<proto::DeleteUserResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+async fn echo_server(listen: SocketAddr) {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
+    println!("{}", listener.local_addr().expect("addr"));
+    tonic::transport::Server::builder()
+        .add_service(EventServiceServer::new(Echo).max_decoding_message_size(64 * 1024 * 1024))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .expect("serve");
+}
+
+async fn run(args: RunArgs) {
+    let wanted = |name: &str| args.only.is_empty() || name.contains(&args.only);
+    let mut reports: HashMap<&str, Report> = HashMap::new();
+    println!(
+        "loadgen: {}s per scenario, batches of {} x{} in flight, unary x{} in flight, {} users",
+        args.secs, args.batch_size, args.batch_in_flight, args.unary_in_flight, args.users
+    );
+    for name in ["engage batch", "engage unary", "echo batch", "echo unary"] {
+        if !wanted(name) {
+            continue;
+        }
+        let proc = if name.starts_with("engage") {
+            start_engage(&args.engage_bin)
+        } else {
+            start_echo()
+        };
+        let (batch, in_flight) = if name.ends_with("batch") {
+            (args.batch_size, args.batch_in_flight)
+        } else {
+            (0, args.unary_in_flight)
+        };
+        let r = grpc_load(name, proc.addr, args.secs, batch, in_flight, args.users).await;
+        r.print();
+        reports.insert(name, r);
+    }
+    for name in ["sled batch", "sled unary"] {
+        if !wanted(name) {
+            continue;
+        }
+        let (batch, writers) = if name.ends_with("batch") {
+            (args.batch_size, args.batch_in_flight)
+        } else {
+            (1, args.unary_in_flight)
+        };
+        let (secs, users) = (args.secs, args.users);
+        let r = tokio::task::spawn_blocking(move || sled_load(name, secs, batch, writers, users))
+            .await
+            .expect("sled load");
+        r.print();
+        reports.insert(name, r);
+    }
+    println!();
+    for (a, b) in [
+        ("engage batch", "sled batch"),
+        ("engage batch", "echo batch"),
+        ("engage unary", "echo unary"),
+        ("engage unary", "sled unary"),
+    ] {
+        if let (Some(x), Some(y)) = (reports.get(a), reports.get(b)) {
+            println!("{a:<14} / {b:<12} = {:.2}", x.rate() / y.rate());
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match cli.command {
+        Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::EchoServer { listen } => rt.block_on(echo_server(listen)),
+    }
+}
