@@ -24,14 +24,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BufMut, Bytes};
 use clap::{Parser, Subcommand};
 use engage::model::{Event, Timestamp, Value};
 use engage::proto;
-use engage::proto::event_service_client::EventServiceClient;
 use engage::proto::event_service_server::{EventService, EventServiceServer};
 use hdrhistogram::Histogram;
+use prost::Message;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+
+// The same allocator as the engage binary, so the raw sled baseline is a fair ceiling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 struct Cli {
@@ -147,13 +152,71 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
 
-async fn connect(addr: SocketAddr) -> EventServiceClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+/// Passes pre-encoded protobuf bytes through, so the load generator spends its CPU on the
+/// transport only, not on building and encoding messages (it shares the 2 cores with the server).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        buf.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
+        .initial_stream_window_size(engage::server::STREAM_WINDOW)
+        .initial_connection_window_size(engage::server::CONNECTION_WINDOW)
         .connect()
         .await
-        .expect("connect");
-    EventServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
+        .expect("connect")
+}
+
+/// Pre-encoded requests: `count` TrackEvents bodies of `batch` events each, or TrackEvent bodies
+/// when `batch` is 0. Events carry no event_id, so resending a body stores new events.
+fn encoded_requests(count: u64, batch: usize, users: u64) -> Vec<Bytes> {
+    (0..count)
+        .map(|r| {
+            let base = r * batch.max(1) as u64;
+            let bytes = if batch == 0 {
+                proto::TrackEventRequest {
+                    event: Some(wire_event(base, users)),
+                }
+                .encode_to_vec()
+            } else {
+                proto::TrackEventsRequest {
+                    events: (0..batch as u64).map(|k| wire_event(base + k, users)).collect(),
+                }
+                .encode_to_vec()
+            };
+            Bytes::from(bytes)
+        })
+        .collect()
 }
 
 /// `in_flight` loops, each sending calls of `batch` events (unary TrackEvent when batch is 0)
@@ -166,41 +229,48 @@ async fn grpc_load(
     in_flight: usize,
     users: u64,
 ) -> Report {
-    let mut clients = Vec::new();
+    let mut channels = Vec::new();
     for _ in 0..4 {
-        clients.push(connect(addr).await);
+        channels.push(channel(addr).await);
     }
+    let requests = std::sync::Arc::new(encoded_requests(if batch == 0 { 4096 } else { 64 }, batch, users));
+    let path = if batch == 0 {
+        "/engage.v1.EventService/TrackEvent"
+    } else {
+        "/engage.v1.EventService/TrackEvents"
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for w in 0..in_flight {
-        let mut client = clients[w % clients.len()].clone();
+        let mut grpc = tonic::client::Grpc::new(channels[w % channels.len()].clone())
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let requests = requests.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = histogram();
             let mut events = 0u64;
-            let mut i = w as u64 * 1_000_000_000;
+            let mut i = w;
             while Instant::now() < deadline {
+                let body = requests[i % requests.len()].clone();
+                i += 1;
                 let t = Instant::now();
-                if batch == 0 {
-                    let r = client
-                        .track_event(proto::TrackEventRequest {
-                            event: Some(wire_event(i, users)),
-                        })
-                        .await;
-                    r.expect("TrackEvent");
-                    events += 1;
-                    i += 1;
-                } else {
-                    let batch_events = (0..batch as u64).map(|k| wire_event(i + k, users)).collect();
-                    let r = client
-                        .track_events(proto::TrackEventsRequest { events: batch_events })
-                        .await
-                        .expect("TrackEvents");
-                    assert!(r.get_ref().results.iter().all(|r| r.accepted));
-                    events += batch as u64;
-                    i += batch as u64;
-                }
+                grpc.ready().await.expect("ready");
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+                let reply = grpc
+                    .unary(Request::new(body), path, RawCodec)
+                    .await
+                    .expect("call")
+                    .into_inner();
                 let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                if batch == 0 {
+                    let r = proto::TrackEventResponse::decode(reply).expect("decode");
+                    assert!(r.sequence > 0);
+                    events += 1;
+                } else {
+                    let r = proto::TrackEventsResponse::decode(reply).expect("decode");
+                    assert!(r.results.iter().all(|r| r.accepted));
+                    events += r.results.len() as u64;
+                }
             }
             (events, hist)
         }));
@@ -421,8 +491,10 @@ async fn echo_server(listen: SocketAddr) {
     let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
     println!("{}", listener.local_addr().expect("addr"));
     tonic::transport::Server::builder()
+        .initial_stream_window_size(engage::server::STREAM_WINDOW)
+        .initial_connection_window_size(engage::server::CONNECTION_WINDOW)
         .add_service(EventServiceServer::new(Echo).max_decoding_message_size(64 * 1024 * 1024))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(engage::server::incoming(listener))
         .await
         .expect("serve");
 }

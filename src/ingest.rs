@@ -112,8 +112,8 @@ pub fn prepare(event: NewEvent, limits: &Limits, now: Timestamp) -> Result<Prepa
         )));
     }
     for (attr, value) in &event.attributes {
-        let field = format!("attributes[{attr:?}]");
-        schema::check_attribute_name(&field, attr, limits.max_attribute_name_chars)?;
+        let field = || format!("attributes[{attr:?}]");
+        schema::check_attribute_name(field, attr, limits.max_attribute_name_chars)?;
         let (len, limit, limit_name) = match value {
             Value::Json(s) => (s.len(), limits.max_json_value_bytes, "max_json_value_bytes"),
             // A string may still become JSON; its final size is checked after typing.
@@ -126,7 +126,8 @@ pub fn prepare(event: NewEvent, limits: &Limits, now: Timestamp) -> Result<Prepa
         };
         if len > limit {
             return Err(invalid(format!(
-                "{field}: value is {len} bytes, limit is {limit} ({limit_name})"
+                "{}: value is {len} bytes, limit is {limit} ({limit_name})",
+                field()
             )));
         }
     }
@@ -462,6 +463,14 @@ impl Writer {
         self.shared.attributes.read().ok()?.get(name).cloned()
     }
 
+    /// The type of `name` as this group sees it, without copying the definition (hot path).
+    fn attribute_type(&self, name: &str, group: &Group) -> Option<AttributeType> {
+        if let Some(def) = group.new_attributes.iter().find(|d| d.name == name) {
+            return Some(def.attribute_type);
+        }
+        Some(self.shared.attributes.read().ok()?.get(name)?.attribute_type)
+    }
+
     fn define(
         &mut self,
         name: String,
@@ -510,8 +519,8 @@ impl Writer {
         let mut attributes = BTreeMap::new();
         let mut created = Vec::new();
         for (name, value) in event.attributes {
-            let (ty, auto) = match self.definition(&name, group) {
-                Some(def) => (def.attribute_type, false),
+            let (ty, auto) = match self.attribute_type(&name, group) {
+                Some(ty) => (ty, false),
                 None => (schema::type_for_undefined(&value), true),
             };
             let typed = schema::coerce(ty, &value).map_err(|e| {

@@ -4,6 +4,12 @@ use clap::Parser;
 use engage::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+// sled allocates and frees a node copy per insert; with glibc malloc the writer thread spent
+// ~30% of its time in the allocator (perf, see BENCHMARKS.md). mimalloc is a well-kept, widely
+// used allocator that handles this pattern far better.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {

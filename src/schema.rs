@@ -134,25 +134,22 @@ pub fn normalize_event_name(field: &str, raw: &str) -> Result<String, Error> {
 }
 
 /// Checks the attribute-name rules: letters, digits and `_`, starting with a letter or `_`,
-/// 1 to `max_chars` characters (so templates can write `event.attributes.NAME`).
-pub fn check_attribute_name(field: &str, name: &str, max_chars: usize) -> Result<(), Error> {
+/// 1 to `max_chars` characters (so templates can write `event.attributes.NAME`). `field` names
+/// the field in messages; it is only evaluated on failure (this runs per attribute on ingest).
+pub fn check_attribute_name(field: impl Fn() -> String, name: &str, max_chars: usize) -> Result<(), Error> {
     let chars = name.chars().count();
-    if chars == 0 {
-        return Err(invalid(format!("{field}: attribute name must not be empty")));
-    }
-    if chars > max_chars {
-        return Err(invalid(format!(
-            "{field}: attribute name is {chars} characters, limit is {max_chars} (max_attribute_name_chars)"
-        )));
-    }
-    let mut it = name.chars();
-    let first_ok = it.next().is_some_and(|c| c.is_alphabetic() || c == '_');
-    if !first_ok || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-        return Err(invalid(format!(
-            "{field}: attribute name {name:?} must be letters, digits and _, starting with a letter or _"
-        )));
-    }
-    Ok(())
+    let problem = if chars == 0 {
+        "attribute name must not be empty".to_string()
+    } else if chars > max_chars {
+        format!("attribute name is {chars} characters, limit is {max_chars} (max_attribute_name_chars)")
+    } else if !name.starts_with(|c: char| c.is_alphabetic() || c == '_')
+        || !name.chars().all(|c| c.is_alphanumeric() || c == '_')
+    {
+        format!("attribute name {name:?} must be letters, digits and _, starting with a letter or _")
+    } else {
+        return Ok(());
+    };
+    Err(invalid(format!("{}: {problem}", field())))
 }
 
 #[cfg(test)]
@@ -225,9 +222,10 @@ mod tests {
         assert!(normalize_event_name("name", "event.").is_err());
         assert!(normalize_event_name("name", "a b").is_err());
         assert!(normalize_event_name("name", &"x".repeat(129)).is_err());
-        assert!(check_attribute_name("a", "_price2", 128).is_ok());
-        assert!(check_attribute_name("a", "2price", 128).is_err());
-        assert!(check_attribute_name("a", "pri-ce", 128).is_err());
+        let field = || "a".to_string();
+        assert!(check_attribute_name(field, "_price2", 128).is_ok());
+        assert!(check_attribute_name(field, "2price", 128).is_err());
+        assert!(check_attribute_name(field, "pri-ce", 128).is_err());
     }
 
     proptest! {

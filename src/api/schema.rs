@@ -24,7 +24,11 @@ impl SchemaService for SchemaApi {
         request: Request<proto::DefineAttributeRequest>,
     ) -> Result<Response<proto::AttributeDefinition>, Status> {
         let r = request.into_inner();
-        schema::check_attribute_name("name", &r.name, self.ingest.limits().max_attribute_name_chars)?;
+        schema::check_attribute_name(
+            || "name".into(),
+            &r.name,
+            self.ingest.limits().max_attribute_name_chars,
+        )?;
         let attribute_type = convert::attribute_type("type", r.r#type)?;
         let chars = r.description.chars().count();
         if chars > MAX_DESCRIPTION_CHARS {
