@@ -331,3 +331,91 @@ async fn list_event_names_counts_and_first_last_seen() {
     let server = server.restart().await;
     assert_eq!(summary(&server).await, want, "kept across a restart");
 }
+
+/// Oracle test: random events for two users, random filters and page sizes; paging through the
+/// server must return exactly what sorting and filtering the input gives.
+#[test]
+fn paging_matches_a_sorted_filtered_oracle() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(TestServer::start());
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        ..Config::default()
+    });
+    let case = (
+        proptest::collection::vec((0i64..20, 0usize..3, any::<bool>()), 1..60),
+        proptest::option::of(0i64..20),
+        proptest::option::of(0i64..20),
+        1u32..7,
+        any::<bool>(),
+        0usize..4,
+    );
+    let round = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&case, |(events, from, to, page_size, oldest_first, name_pick)| {
+            let round = round.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let names = ["a", "b", "c"];
+            let user = format!("oracle-{round}");
+            let mut stored = Vec::new();
+            rt.block_on(async {
+                let mut c = server.events().await;
+                let batch = events
+                    .iter()
+                    .map(|(t, n, other)| {
+                        let u = if *other { format!("{user}x") } else { user.clone() };
+                        event_at(&u, names[*n], "", 1_000 + t)
+                    })
+                    .collect();
+                let results = c
+                    .track_events(proto::TrackEventsRequest { events: batch })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .results;
+                for ((t, n, other), r) in events.iter().zip(results) {
+                    if !other {
+                        stored.push((1_000 + t, r.sequence, names[*n]));
+                    }
+                }
+            });
+            let name = names.get(name_pick).copied().unwrap_or("");
+            let (from, to) = (from.map(|f| 1_000 + f), to.map(|t| 1_000 + t));
+            let mut want: Vec<(i64, u64)> = stored
+                .iter()
+                .filter(|(t, _, n)| {
+                    (name.is_empty() || *n == name)
+                        && from.is_none_or(|f| *t >= f)
+                        && to.is_none_or(|e| *t < e)
+                })
+                .map(|(t, s, _)| (*t, *s))
+                .collect();
+            want.sort();
+            if !oldest_first {
+                want.reverse();
+            }
+            let req = proto::GetUserTimelineRequest {
+                user_id: user.clone(),
+                event_name: name.into(),
+                from: from.map(ts),
+                to: to.map(ts),
+                page_size,
+                oldest_first,
+                ..Default::default()
+            };
+            if matches!((from, to), (Some(f), Some(t)) if f >= t) {
+                let err =
+                    rt.block_on(async { server.events().await.get_user_timeline(req).await.unwrap_err() });
+                prop_assert_eq!(err.code(), Code::InvalidArgument);
+                return Ok(());
+            }
+            let (got, _) = rt.block_on(all_pages(&server, req));
+            prop_assert_eq!(keys(&got), want);
+            Ok(())
+        })
+        .unwrap();
+}
