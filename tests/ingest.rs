@@ -7,18 +7,25 @@ use engage::proto;
 use engage::proto::attribute_value::Value as V;
 use tonic::Code;
 
-async fn define(server: &TestServer, name: &str, t: proto::AttributeType) -> proto::AttributeDefinition {
+async fn try_define(
+    server: &TestServer,
+    name: &str,
+    t: i32,
+) -> Result<proto::AttributeDefinition, tonic::Status> {
     server
         .schema()
         .await
         .define_attribute(proto::DefineAttributeRequest {
             name: name.into(),
-            r#type: t as i32,
+            r#type: t,
             description: String::new(),
         })
         .await
-        .expect("define")
-        .into_inner()
+        .map(|r| r.into_inner())
+}
+
+async fn define(server: &TestServer, name: &str, t: proto::AttributeType) -> proto::AttributeDefinition {
+    try_define(server, name, t as i32).await.expect("define")
 }
 
 async fn attributes(server: &TestServer) -> Vec<proto::AttributeDefinition> {
@@ -220,14 +227,7 @@ async fn redefining_with_another_type_fails_and_the_same_type_is_a_no_op() {
     assert!(!first.auto_created);
     let again = define(&server, "price", proto::AttributeType::Number).await;
     assert_eq!(again, first);
-    let err = server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "price".into(),
-            r#type: proto::AttributeType::String as i32,
-            description: String::new(),
-        })
+    let err = try_define(&server, "price", proto::AttributeType::String as i32)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -237,14 +237,7 @@ async fn redefining_with_another_type_fails_and_the_same_type_is_a_no_op() {
     track(&mut c, event("u", "e", &[("color", n(3.0))]))
         .await
         .unwrap();
-    let err = server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "color".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
+    let err = try_define(&server, "color", proto::AttributeType::Number as i32)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -255,16 +248,7 @@ async fn redefining_with_another_type_fails_and_the_same_type_is_a_no_op() {
         ("ok", 0, "type"),
         ("ok", 42, "type"),
     ] {
-        let err = server
-            .schema()
-            .await
-            .define_attribute(proto::DefineAttributeRequest {
-                name: name.into(),
-                r#type: t,
-                description: String::new(),
-            })
-            .await
-            .unwrap_err();
+        let err = try_define(&server, name, t).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.message().starts_with(field), "{}", err.message());
     }
@@ -522,4 +506,25 @@ async fn limits_are_configurable() {
         .await
         .unwrap_err();
     assert!(err.message().contains("limit is 3"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn track_event_without_an_event_names_the_field() {
+    let server = TestServer::start().await;
+    let err = server
+        .events()
+        .await
+        .track_event(proto::TrackEventRequest { event: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("event"), "{}", err.message());
+    let empty = server
+        .events()
+        .await
+        .track_events(proto::TrackEventsRequest { events: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(empty.results.is_empty());
 }

@@ -83,93 +83,68 @@ fn check_event_descriptor(files: &[prost_types::FileDescriptorProto]) {
         .any(|l| l.leading_comments().contains("idempotency key")));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reflection_v1_lists_every_service_with_json_names() {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let server = TestServer::start().await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let requests = vec![
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        },
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol("engage.v1.Event".into())),
-        },
-    ];
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list")
+/// One test per reflection version: the two generated APIs are alike but distinct types.
+macro_rules! reflection_test {
+    ($test:ident, $version:ident) => {
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $test() {
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            let server = TestServer::start().await;
+            let mut client = ServerReflectionClient::new(server.channel().await);
+            let request = |m| ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(m),
+            };
+            let requests = vec![
+                request(MessageRequest::ListServices(String::new())),
+                request(MessageRequest::FileContainingSymbol(
+                    "engage.v1.Event".into(),
+                )),
+            ];
+            let mut stream = client
+                .server_reflection_info(tokio_stream::iter(requests))
+                .await
+                .unwrap()
+                .into_inner();
+            let Some(MessageResponse::ListServicesResponse(list)) =
+                stream.message().await.unwrap().unwrap().message_response
+            else {
+                panic!("expected a service list")
+            };
+            let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+            for want in [
+                "engage.v1.ActionService",
+                "engage.v1.EventService",
+                "engage.v1.QueryService",
+                "engage.v1.SchemaService",
+                "engage.v1.TriggerService",
+                "grpc.health.v1.Health",
+                concat!(
+                    "grpc.reflection.",
+                    stringify!($version),
+                    ".ServerReflection"
+                ),
+            ] {
+                assert!(
+                    names.iter().any(|n| n == want),
+                    "{want} missing from {names:?}"
+                );
+            }
+            let Some(MessageResponse::FileDescriptorResponse(files)) =
+                stream.message().await.unwrap().unwrap().message_response
+            else {
+                panic!("expected file descriptors")
+            };
+            check_event_descriptor(&decode_files(&files.file_descriptor_proto));
+        }
     };
-    let mut names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    for want in [
-        "engage.v1.ActionService",
-        "engage.v1.EventService",
-        "engage.v1.QueryService",
-        "engage.v1.SchemaService",
-        "engage.v1.TriggerService",
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-    ] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
-    }
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected file descriptors")
-    };
-    check_event_descriptor(&decode_files(&files.file_descriptor_proto));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reflection_v1alpha_serves_old_grpcurl() {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    let server = TestServer::start().await;
-    let mut client = ServerReflectionClient::new(server.channel().await);
-    let requests = vec![
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        },
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol("engage.v1.Event".into())),
-        },
-    ];
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected a service list")
-    };
-    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.iter().any(|n| n == "engage.v1.EventService"), "{names:?}");
-    assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected file descriptors")
-    };
-    check_event_descriptor(&decode_files(&files.file_descriptor_proto));
-}
+reflection_test!(reflection_v1_lists_every_service_with_json_names, v1);
+reflection_test!(reflection_v1alpha_serves_old_grpcurl, v1alpha);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn later_rpcs_answer_unimplemented_with_a_clear_message() {
