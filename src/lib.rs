@@ -5,6 +5,7 @@
 //! know nothing of tonic → `store`, the only code that knows sled and the key layouts.
 
 pub mod api;
+pub mod condition;
 pub mod config;
 pub mod error;
 pub mod ingest;
