@@ -13,6 +13,7 @@ pub mod model;
 pub mod schema;
 pub mod server;
 pub mod store;
+pub mod template;
 pub mod timeline;
 
 /// Generated protobuf and gRPC code of `engage.v1`.

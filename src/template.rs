@@ -1,0 +1,136 @@
+//! Action payload templates (minijinja, Jinja2 syntax): checked when a trigger is submitted,
+//! rendered when it fires. Rendering never fails: a missing value renders empty, and a template
+//! that runs out of fuel or hits a runtime error renders as empty text (logged).
+
+use std::collections::BTreeMap;
+
+use minijinja::{Environment, UndefinedBehavior, Value as J};
+
+use crate::model::{Event, Value};
+use crate::schema;
+
+/// Bounded work per render: minijinja's fuel counts executed instructions.
+const FUEL: u64 = 50_000;
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_fuel(Some(FUEL));
+    // A missing value (even a chain such as event.attributes.missing.x) renders empty.
+    env.set_undefined_behavior(UndefinedBehavior::Chainable);
+    // Booleans print as their canonical text (`true`), not Python's `True`.
+    env.set_formatter(|out, state, value| {
+        if value.kind() == minijinja::value::ValueKind::Bool {
+            out.write_str(if value.is_true() { "true" } else { "false" })
+                .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string()))
+        } else {
+            minijinja::escape_formatter(out, state, value)
+        }
+    });
+    env
+}
+
+/// Checks that `source` parses; the error text says where it does not.
+pub fn check(source: &str) -> Result<(), String> {
+    let env = environment();
+    env.template_from_str(source).map(|_| ()).map_err(|e| {
+        let mut msg = e.to_string();
+        if let Some(line) = e.line() {
+            msg = format!("line {line}: {msg}");
+        }
+        msg
+    })
+}
+
+/// An attribute as templates see it: numbers stay numbers (so comparisons work) but render as
+/// their canonical text (`39`, not `39.0`); everything else is its canonical text.
+fn attribute(v: &Value) -> J {
+    match v {
+        Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => J::from(*n as i64),
+        Value::Number(n) => J::from(*n),
+        Value::Bool(b) => J::from(*b),
+        other => J::from(schema::canonical_text(other).unwrap_or_default()),
+    }
+}
+
+/// Renders `source` for `event` fired by trigger (`trigger_id`, `trigger_name`).
+pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
+    if source.is_empty() {
+        return String::new();
+    }
+    let attributes: BTreeMap<&str, J> = event
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str(), attribute(v)))
+        .collect();
+    let ctx = minijinja::context! {
+        user_id => event.user_id.as_str(),
+        event => minijinja::context! {
+            name => event.name.as_str(),
+            event_id => event.event_id.as_str(),
+            occurred_at => event.occurred_at.to_string(),
+            attributes => attributes,
+        },
+        trigger => minijinja::context! { id => trigger_id, name => trigger_name },
+    };
+    match environment().render_str(source, ctx) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::warn!(trigger_id, error = %e, "payload template failed at fire time; rendering empty");
+            String::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Timestamp;
+
+    fn event() -> Event {
+        let mut attributes = BTreeMap::new();
+        attributes.insert("price".to_string(), Value::Number(39.0));
+        attributes.insert("ratio".to_string(), Value::Number(39.5));
+        attributes.insert("name".to_string(), Value::String("Blue shoes".into()));
+        attributes.insert("express".to_string(), Value::Bool(true));
+        attributes.insert("cart".to_string(), Value::Json("{\"items\":2}".into()));
+        Event {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            name: "product_purchased".into(),
+            occurred_at: Timestamp::new(0, 0).unwrap(),
+            received_at: Timestamp::new(0, 0).unwrap(),
+            sequence: 1,
+            attributes,
+        }
+    }
+
+    #[test]
+    fn renders_typed_attributes_as_canonical_text() {
+        let out = render(
+            "{{ user_id }} {{ event.name }} {{ event.attributes.price }} {{ event.attributes.ratio }} \
+             {{ event.attributes.express }} {{ event.attributes.cart }} {{ trigger.id }}/{{ trigger.name }} \
+             {{ event.occurred_at }}{% if event.attributes.price > 30 %} big{% endif %}",
+            &event(),
+            "t1",
+            "Big buy",
+        );
+        assert_eq!(
+            out,
+            "u1 product_purchased 39 39.5 true {\"items\":2} t1/Big buy 1970-01-01T00:00:00Z big"
+        );
+    }
+
+    #[test]
+    fn missing_values_render_empty_and_never_fail() {
+        assert_eq!(render("[{{ event.attributes.nope }}][{{ nope.deeper.still }}]", &event(), "t", "n"), "[][]");
+        // Runs out of fuel: renders empty instead of failing.
+        assert_eq!(render("{% for i in range(100000) %}x{% endfor %}", &event(), "t", "n"), "");
+    }
+
+    #[test]
+    fn bad_templates_are_rejected_with_a_location() {
+        assert!(check("{{ user_id ").is_err());
+        assert!(check("{% if %}").unwrap_err().contains("line 1"));
+        assert!(check("Hello {{ user_id | upper }}").is_ok());
+    }
+}
