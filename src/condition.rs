@@ -5,12 +5,14 @@
 //! This module knows nothing of gRPC or sled: callers look attribute types up through a closure
 //! and feed history aggregates through an [`Accumulator`].
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{invalid, Error};
-use crate::model::{AttributeType, Event, Value};
+use crate::model::{AttributeType, Event, UserNameAggregate, Value};
 use crate::schema;
 
 /// A comparison operator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operator {
     Eq,
     Ne,
@@ -32,7 +34,7 @@ impl Operator {
 }
 
 /// An aggregate over events.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Aggregate {
     Count,
     Sum,
@@ -43,7 +45,7 @@ pub enum Aggregate {
 }
 
 /// A validated condition.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Condition {
     All(Vec<Condition>),
     Any(Vec<Condition>),
@@ -53,7 +55,7 @@ pub enum Condition {
 }
 
 /// Compares one attribute of an event; `values` are already coerced to the attribute's type.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttributeCondition {
     pub attribute: String,
     pub op: Operator,
@@ -61,7 +63,7 @@ pub struct AttributeCondition {
 }
 
 /// Aggregates a user's events named `event_name` matching `filter` over a window.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryCondition {
     pub event_name: String,
     pub filter: Option<Box<Condition>>,
@@ -74,7 +76,7 @@ pub struct HistoryCondition {
 }
 
 /// A condition as submitted, before validation (the API layer builds it from the wire).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum RawCondition {
     All(Vec<RawCondition>),
     Any(Vec<RawCondition>),
@@ -398,6 +400,18 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// The aggregate of everything a [`UserNameAggregate`] has seen, for `attribute`.
+    pub fn from_aggregate(agg: &UserNameAggregate, attribute: &str) -> Self {
+        let number = agg.numbers.get(attribute);
+        Self {
+            count: agg.count,
+            numbers: number.map_or(0, |n| n.count),
+            sum: number.map_or(0.0, |n| n.sum),
+            min: number.map(|n| n.min),
+            max: number.map(|n| n.max),
+        }
+    }
+
     /// Adds one matching event, reading `attribute` when the aggregate needs it.
     pub fn add(&mut self, event: &Event, attribute: &str) {
         self.count += 1;

@@ -8,8 +8,16 @@
 //! flushes group N the writer already builds group N+1.
 //!
 //! Single ownership makes idempotency, gap-free sequences and "a rejected event leaves nothing
-//! behind" (auto-created attributes included) simple: nothing else writes. The trigger engine
-//! will add the actions an event fires to the same batch.
+//! behind" (auto-created attributes included) simple: nothing else writes. Triggers are
+//! evaluated here too, on each newly stored event, and the actions they fire join the event's
+//! batch, so an action never exists without its event and both are durable together.
+//!
+//! Cost of one event: its stateless checks, typing, one aggregate read for its (user, name)
+//! (cached for the group), and for each trigger on its name (found through an in-memory index,
+//! so triggers on other names cost nothing) the condition: attribute conditions read the event
+//! only; a history condition without window and `where` reads one aggregate; one with a window
+//! or `where` reads the user's events of that name inside the window (index keys, plus one event
+//! read each when `where` or a number aggregate needs attributes), never other names or users.
 //!
 //! Stateless checks ([`prepare`]) run on the caller's task, so they use every core.
 
@@ -20,10 +28,17 @@ use std::thread;
 
 use tokio::sync::{mpsc, oneshot};
 
+use tokio::sync::watch;
+
+use crate::condition::{self, Accumulator, Condition, HistoryCondition};
 use crate::error::{invalid, Error};
-use crate::model::{AttributeDefinition, AttributeType, Event, EventNameStats, NewEvent, Timestamp, Value};
+use crate::model::{
+    AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, FiringState, NewEvent, Timestamp,
+    Trigger, UserNameAggregate, Value,
+};
 use crate::schema;
 use crate::store::{Store, WriteBatch};
+use crate::template;
 
 /// Limits on events and batches (SPEC §4 defaults; configurable).
 #[derive(Clone, Debug)]
@@ -149,64 +164,28 @@ pub struct Tracked {
     pub actions_fired: u32,
 }
 
-/// The outcome of DefineAttribute.
-pub type Defined = Result<AttributeDefinition, Error>;
+/// A reply waiting for its group's flush: answers the result, or the flush's fault.
+type Reply = Box<dyn FnOnce(Option<&Error>) + Send>;
 
-enum Command {
-    Track {
-        events: Vec<Result<PreparedEvent, Error>>,
-        reply: oneshot::Sender<Vec<Result<Tracked, Error>>>,
-    },
-    Define {
-        name: String,
-        attribute_type: AttributeType,
-        description: String,
-        reply: oneshot::Sender<Defined>,
-    },
-}
+/// Work for the writer thread.
+type Job = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
 
-enum Reply {
-    Track(
-        oneshot::Sender<Vec<Result<Tracked, Error>>>,
-        Vec<Result<Tracked, Error>>,
-    ),
-    Define(oneshot::Sender<Defined>, Defined),
-}
-
-impl Reply {
-    fn send(self, fault: Option<&Error>) {
-        match self {
-            Reply::Track(tx, results) => {
-                let results = match fault {
-                    Some(e) => results.into_iter().map(|_| Err(e.clone())).collect(),
-                    None => results,
-                };
-                let _ = tx.send(results);
-            }
-            Reply::Define(tx, result) => {
-                let _ = tx.send(match fault {
-                    Some(e) => Err(e.clone()),
-                    None => result,
-                });
-            }
-        }
-    }
-}
-
-/// Read views of the writer's state, for the schema RPCs.
+/// Read views of the writer's state, for the read RPCs.
 #[derive(Default)]
 pub struct SharedState {
     pub attributes: RwLock<BTreeMap<String, AttributeDefinition>>,
     pub event_names: RwLock<BTreeMap<String, EventNameStats>>,
+    pub triggers: RwLock<BTreeMap<String, Arc<Trigger>>>,
 }
 
 /// The handle callers use; cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::Sender<Job>,
     shared: Arc<SharedState>,
     failed: Arc<AtomicBool>,
     limits: Arc<Limits>,
+    durable_actions: watch::Receiver<u64>,
 }
 
 /// Joins the engine's threads; dropping every [`Ingest`] handle lets them finish.
@@ -230,36 +209,50 @@ fn unavailable() -> Error {
     Error::Unavailable("storage failed; the server must be restarted".into())
 }
 
+fn read<T: Clone>(lock: &RwLock<T>) -> T {
+    match lock.read() {
+        Ok(v) => v.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
 impl Ingest {
     /// Loads the state from `store` and starts the writer and committer threads.
     pub fn start(store: Store, limits: Limits) -> Result<(Self, IngestThreads), Error> {
         let loaded = store.load_state()?;
         let shared = Arc::new(SharedState::default());
+        let lock = || Error::Internal("lock poisoned at start".into());
         {
-            let mut attrs = shared
-                .attributes
-                .write()
-                .map_err(|_| Error::Internal("lock".into()))?;
+            let mut attrs = shared.attributes.write().map_err(|_| lock())?;
             for def in loaded.attributes {
                 attrs.insert(def.name.clone(), def);
             }
-            let mut names = shared
-                .event_names
-                .write()
-                .map_err(|_| Error::Internal("lock".into()))?;
+            let mut names = shared.event_names.write().map_err(|_| lock())?;
             names.extend(loaded.event_names);
         }
+        let triggers: BTreeMap<String, Arc<Trigger>> = loaded
+            .triggers
+            .into_iter()
+            .map(|t| (t.id.clone(), Arc::new(t)))
+            .collect();
+        *shared.triggers.write().map_err(|_| lock())? = triggers.clone();
         let failed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel(1024);
-        let (commit_tx, commit_rx) = std_mpsc::sync_channel::<Vec<Reply>>(64);
-        let writer = Writer {
+        let (commit_tx, commit_rx) = std_mpsc::sync_channel::<(Vec<Reply>, u64)>(64);
+        let (durable_tx, durable_rx) = watch::channel(loaded.last_action_seq);
+        let mut writer = Writer {
             store: store.clone(),
             shared: shared.clone(),
             failed: failed.clone(),
             limits: limits.clone(),
             last_seq: loaded.last_event_seq,
+            last_action_seq: loaded.last_action_seq,
             ulids: ulid::Generator::new(),
+            triggers,
+            by_name: HashMap::new(),
+            history_triggers: 0,
         };
+        writer.reindex();
         let writer = thread::Builder::new()
             .name("engage-writer".into())
             .spawn(move || writer.run(rx, commit_tx))
@@ -267,13 +260,14 @@ impl Ingest {
         let committer_failed = failed.clone();
         let committer = thread::Builder::new()
             .name("engage-committer".into())
-            .spawn(move || run_committer(store, commit_rx, committer_failed))
+            .spawn(move || run_committer(store, commit_rx, committer_failed, durable_tx))
             .map_err(|e| Error::Internal(format!("spawn committer: {e}")))?;
         let ingest = Self {
             tx,
             shared,
             failed,
             limits: Arc::new(limits),
+            durable_actions: durable_rx,
         };
         Ok((ingest, IngestThreads { writer, committer }))
     }
@@ -283,15 +277,49 @@ impl Ingest {
         &self.limits
     }
 
+    /// Follows the highest action sequence that is durable (only those may be delivered).
+    pub fn durable_actions(&self) -> watch::Receiver<u64> {
+        self.durable_actions.clone()
+    }
+
+    /// Runs `job` on the writer thread; answers after the group it joined is durable.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(unavailable());
+        }
+        let (tx, rx) = oneshot::channel::<Result<T, Error>>();
+        let job: Job = Box::new(move |writer, group| {
+            let result = job(writer, group);
+            group.replies.push(Box::new(move |fault| {
+                let _ = tx.send(match fault {
+                    Some(e) => Err(e.clone()),
+                    None => result,
+                });
+            }));
+        });
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        rx.await.map_err(|_| unavailable())?
+    }
+
     /// Tracks events: one result per input, in order. `events` hold the outcome of [`prepare`],
     /// so a batch keeps its positions when some items were already rejected.
     pub async fn track(
         &self,
         events: Vec<Result<PreparedEvent, Error>>,
     ) -> Result<Vec<Result<Tracked, Error>>, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Track { events, reply }).await?;
-        rx.await.map_err(|_| unavailable())
+        self.run(move |writer, group| {
+            Ok(events
+                .into_iter()
+                .map(|e| e.and_then(|e| writer.track_one(e, group)))
+                .collect())
+        })
+        .await
     }
 
     /// Defines an attribute (SPEC §2): same type again is a no-op, another type is
@@ -302,93 +330,205 @@ impl Ingest {
         attribute_type: AttributeType,
         description: String,
     ) -> Defined {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Define {
-            name,
-            attribute_type,
-            description,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| unavailable())?
+        self.run(move |writer, group| writer.define(name, attribute_type, description, group))
+            .await
     }
 
-    async fn send(&self, cmd: Command) -> Result<(), Error> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(unavailable());
-        }
-        self.tx
-            .send(cmd)
-            .await
-            .map_err(|_| Error::Unavailable("the server is shutting down".into()))
+    /// Stores a new trigger (already validated); the writer assigns its id and times.
+    pub async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
+        self.run(move |writer, group| {
+            let now = Timestamp::now();
+            let trigger = Trigger {
+                id: writer.generate_id(),
+                created_at: now,
+                updated_at: now,
+                ..trigger
+            };
+            writer.put_trigger(trigger.clone(), group);
+            Ok(trigger)
+        })
+        .await
+    }
+
+    /// Replaces a trigger by id, keeping its creation time and its firing history.
+    pub async fn update_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
+        self.run(move |writer, group| {
+            let existing = writer
+                .triggers
+                .get(&trigger.id)
+                .ok_or_else(|| Error::NotFound(format!("trigger.id: no trigger {:?}", trigger.id)))?;
+            let trigger = Trigger {
+                created_at: existing.created_at,
+                updated_at: Timestamp::now(),
+                ..trigger
+            };
+            writer.put_trigger(trigger.clone(), group);
+            Ok(trigger)
+        })
+        .await
+    }
+
+    /// Deletes a trigger and its per-user firing state.
+    pub async fn delete_trigger(&self, id: String) -> Result<(), Error> {
+        self.run(move |writer, group| {
+            if writer.triggers.remove(&id).is_none() {
+                return Err(Error::NotFound(format!("id: no trigger {id:?}")));
+            }
+            group.batch.remove_trigger(&id);
+            group.batch.remove_keys(writer.store.firing_state_keys(&id)?);
+            group.firing.retain(|(t, _), _| t != &id);
+            group.triggers_changed = true;
+            writer.reindex();
+            Ok(())
+        })
+        .await
+    }
+
+    /// A named consumer's position, creating the consumer at `initial` when it is new.
+    pub async fn ensure_consumer(&self, name: String, initial: u64) -> Result<u64, Error> {
+        self.run(move |writer, group| {
+            if let Some(pos) = writer.consumer(&name, group)? {
+                return Ok(pos);
+            }
+            group.batch.put_consumer(&name, initial);
+            group.consumers.insert(name, initial);
+            Ok(initial)
+        })
+        .await
+    }
+
+    /// Moves a named consumer's position forward to `up_to` (never back); answers the position.
+    pub async fn ack(&self, name: String, up_to: u64) -> Result<u64, Error> {
+        self.run(move |writer, group| {
+            let current = writer
+                .consumer(&name, group)?
+                .ok_or_else(|| Error::NotFound(format!("consumer: no consumer {name:?}")))?;
+            if up_to > writer.last_action_seq {
+                return Err(Error::OutOfRange(format!(
+                    "up_to_sequence: {up_to} is past the last fired sequence {}",
+                    writer.last_action_seq
+                )));
+            }
+            if up_to <= current {
+                return Ok(current);
+            }
+            group.batch.put_consumer(&name, up_to);
+            group.consumers.insert(name, up_to);
+            Ok(up_to)
+        })
+        .await
     }
 
     /// Every attribute definition, by name.
     pub fn attributes(&self) -> Vec<AttributeDefinition> {
+        read(&self.shared.attributes).into_values().collect()
+    }
+
+    /// The type of one attribute, if defined.
+    pub fn attribute_type(&self, name: &str) -> Option<AttributeType> {
         match self.shared.attributes.read() {
-            Ok(map) => map.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+            Ok(m) => m.get(name).map(|d| d.attribute_type),
+            Err(p) => p.into_inner().get(name).map(|d| d.attribute_type),
         }
     }
 
     /// Every event name seen, by name.
     pub fn event_names(&self) -> Vec<(String, EventNameStats)> {
-        let read =
-            |m: &BTreeMap<String, EventNameStats>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        match self.shared.event_names.read() {
-            Ok(map) => read(&map),
-            Err(poisoned) => read(&poisoned.into_inner()),
-        }
+        read(&self.shared.event_names).into_iter().collect()
+    }
+
+    /// Every trigger, by id (creation order).
+    pub fn triggers(&self) -> BTreeMap<String, Arc<Trigger>> {
+        read(&self.shared.triggers)
     }
 }
 
-struct Writer {
+/// The outcome of DefineAttribute.
+pub type Defined = Result<AttributeDefinition, Error>;
+
+/// The writer thread's state (see the module documentation).
+pub struct Writer {
     store: Store,
     shared: Arc<SharedState>,
     failed: Arc<AtomicBool>,
     limits: Limits,
     last_seq: u64,
+    last_action_seq: u64,
     ulids: ulid::Generator,
+    triggers: BTreeMap<String, Arc<Trigger>>,
+    /// Active (unpaused) triggers by event name: an event only looks at its own name's.
+    by_name: HashMap<String, Vec<Arc<Trigger>>>,
+    /// Active triggers with a history condition; when 0, groups keep no event overlay.
+    history_triggers: usize,
 }
 
-/// The writes of one group, before they are applied.
-struct Group {
+/// The writes of one group, before they are applied, and what they change in memory.
+pub struct Group {
     batch: WriteBatch,
     replies: Vec<Reply>,
     /// Client event ids stored by this group, for duplicates inside the group.
     event_ids: HashMap<String, u64>,
     new_attributes: Vec<AttributeDefinition>,
     name_stats: HashMap<String, EventNameStats>,
+    /// (user, event name) aggregates touched by this group.
+    aggregates: HashMap<(String, String), UserNameAggregate>,
+    /// (user, event name) events of this group, not yet readable from sled (history overlay).
+    recent: HashMap<(String, String), Vec<Event>>,
+    /// (trigger, user) firing states changed by this group.
+    firing: HashMap<(String, String), FiringState>,
+    consumers: HashMap<String, u64>,
+    triggers_changed: bool,
     events: usize,
 }
 
+impl Group {
+    fn new() -> Self {
+        Self {
+            batch: WriteBatch::default(),
+            replies: Vec::new(),
+            event_ids: HashMap::new(),
+            new_attributes: Vec::new(),
+            name_stats: HashMap::new(),
+            aggregates: HashMap::new(),
+            recent: HashMap::new(),
+            firing: HashMap::new(),
+            consumers: HashMap::new(),
+            triggers_changed: false,
+            events: 0,
+        }
+    }
+}
+
+fn has_history(c: &Condition) -> bool {
+    match c {
+        Condition::All(v) | Condition::Any(v) => v.iter().any(has_history),
+        Condition::Not(c) => has_history(c),
+        Condition::Attribute(_) => false,
+        Condition::History(_) => true,
+    }
+}
+
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Command>, commit: std_mpsc::SyncSender<Vec<Reply>>) {
+    fn run(mut self, mut rx: mpsc::Receiver<Job>, commit: std_mpsc::SyncSender<(Vec<Reply>, u64)>) {
         while let Some(first) = rx.blocking_recv() {
-            let mut group = Group {
-                batch: WriteBatch::default(),
-                replies: Vec::new(),
-                event_ids: HashMap::new(),
-                new_attributes: Vec::new(),
-                name_stats: HashMap::new(),
-                events: 0,
-            };
+            let mut group = Group::new();
             let start_seq = self.last_seq;
-            self.handle(first, &mut group);
+            let start_action_seq = self.last_action_seq;
+            first(&mut self, &mut group);
             while group.events < MAX_GROUP_EVENTS {
                 match rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut group),
+                    Ok(job) => job(&mut self, &mut group),
                     Err(_) => break,
                 }
             }
-            let fault = self.apply(group.batch, start_seq, &group.name_stats, &group.new_attributes);
-            if let Some(fault) = fault {
-                for r in group.replies {
-                    r.send(Some(&fault));
+            let replies = std::mem::take(&mut group.replies);
+            if let Some(fault) = self.apply(group, start_seq, start_action_seq) {
+                for r in replies {
+                    r(Some(&fault));
                 }
                 continue;
             }
-            if commit.send(group.replies).is_err() {
+            if commit.send((replies, self.last_action_seq)).is_err() {
                 break;
             }
         }
@@ -396,63 +536,78 @@ impl Writer {
 
     /// Applies a group's batch and publishes its state; on failure the engine stops accepting
     /// writes (the in-memory state may now be ahead of the disk).
-    fn apply(
-        &mut self,
-        mut batch: WriteBatch,
-        start_seq: u64,
-        name_stats: &HashMap<String, EventNameStats>,
-        new_attributes: &[AttributeDefinition],
-    ) -> Option<Error> {
+    fn apply(&mut self, group: Group, start_seq: u64, start_action_seq: u64) -> Option<Error> {
         if self.failed.load(Ordering::Acquire) {
             return Some(unavailable());
         }
-        for (name, stats) in name_stats {
+        let mut batch = group.batch;
+        for (name, stats) in &group.name_stats {
             batch.put_name_stats(name, stats);
+        }
+        for ((user, name), agg) in &group.aggregates {
+            batch.put_user_aggregate(user, name, agg);
+        }
+        for ((trigger, user), state) in &group.firing {
+            batch.put_firing_state(trigger, user, state);
         }
         if self.last_seq != start_seq {
             batch.put_last_event_seq(self.last_seq);
+        }
+        if self.last_action_seq != start_action_seq {
+            batch.put_last_action_seq(self.last_action_seq);
         }
         if let Err(e) = self.store.apply(batch) {
             tracing::error!(error = %e, "applying a write batch failed; refusing further writes");
             self.failed.store(true, Ordering::Release);
             return Some(unavailable());
         }
-        if !name_stats.is_empty() {
+        if !group.name_stats.is_empty() {
             if let Ok(mut names) = self.shared.event_names.write() {
-                for (name, stats) in name_stats {
-                    names.insert(name.clone(), stats.clone());
+                names.extend(group.name_stats);
+            }
+        }
+        if !group.new_attributes.is_empty() {
+            if let Ok(mut attrs) = self.shared.attributes.write() {
+                for def in group.new_attributes {
+                    attrs.insert(def.name.clone(), def);
                 }
             }
         }
-        if !new_attributes.is_empty() {
-            if let Ok(mut attrs) = self.shared.attributes.write() {
-                for def in new_attributes {
-                    attrs.insert(def.name.clone(), def.clone());
-                }
+        if group.triggers_changed {
+            if let Ok(mut triggers) = self.shared.triggers.write() {
+                *triggers = self.triggers.clone();
             }
         }
         None
     }
 
-    fn handle(&mut self, cmd: Command, group: &mut Group) {
-        match cmd {
-            Command::Track { events, reply } => {
-                let results = events
-                    .into_iter()
-                    .map(|e| e.and_then(|e| self.track_one(e, group)))
-                    .collect();
-                group.replies.push(Reply::Track(reply, results));
+    /// Rebuilds the by-name index from the trigger map (on trigger changes only).
+    fn reindex(&mut self) {
+        self.by_name.clear();
+        self.history_triggers = 0;
+        for t in self.triggers.values().filter(|t| !t.paused) {
+            if t.condition.as_ref().is_some_and(has_history) {
+                self.history_triggers += 1;
             }
-            Command::Define {
-                name,
-                attribute_type,
-                description,
-                reply,
-            } => {
-                let result = self.define(name, attribute_type, description, group);
-                group.replies.push(Reply::Define(reply, result));
-            }
+            self.by_name
+                .entry(t.event_name.clone())
+                .or_default()
+                .push(t.clone());
         }
+    }
+
+    fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) {
+        group.batch.put_trigger(&trigger);
+        self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
+        group.triggers_changed = true;
+        self.reindex();
+    }
+
+    fn consumer(&self, name: &str, group: &Group) -> Result<Option<u64>, Error> {
+        if let Some(pos) = group.consumers.get(name) {
+            return Ok(Some(*pos));
+        }
+        Ok(self.store.consumer(name)?)
     }
 
     /// The definition of `name` as this group sees it (its own new definitions first).
@@ -541,38 +696,206 @@ impl Writer {
             }
             attributes.insert(name, typed);
         }
-        self.last_seq += 1;
-        let sequence = self.last_seq;
-        let event_id = match event.event_id {
-            Some(id) => {
-                group.batch.put_event_id(&id, sequence);
-                group.event_ids.insert(id.clone(), sequence);
-                id
-            }
+        let event_id = match &event.event_id {
+            Some(id) => id.clone(),
             None => self.generate_id(),
         };
-        for def in created {
-            group.batch.put_attribute(&def);
-            group.new_attributes.push(def);
-        }
         let stored = Event {
-            event_id: event_id.clone(),
+            event_id,
             user_id: event.user_id,
             name: event.name,
             occurred_at: event.occurred_at.unwrap_or(now),
             received_at: now,
-            sequence,
+            sequence: self.last_seq + 1,
             attributes,
         };
+        // Reads that may fail come before any change to the group.
+        let key = (stored.user_id.clone(), stored.name.clone());
+        let mut aggregate = match group.aggregates.get(&key) {
+            Some(a) => a.clone(),
+            None => self.store.user_aggregate(&key.0, &key.1)?.unwrap_or_default(),
+        };
+        aggregate.add(&stored);
+        let firing = self.matching_triggers(&stored, &aggregate, group)?;
+
+        self.last_seq += 1;
+        if let Some(id) = event.event_id {
+            group.batch.put_event_id(&id, stored.sequence);
+            group.event_ids.insert(id, stored.sequence);
+        }
+        for def in created {
+            group.batch.put_attribute(&def);
+            group.new_attributes.push(def);
+        }
         group.batch.put_event(&stored);
         self.count_name(&stored, group);
+        group.aggregates.insert(key.clone(), aggregate);
+        if self.history_triggers > 0 {
+            group.recent.entry(key).or_default().push(stored.clone());
+        }
         group.events += 1;
+        let actions_fired = self.fire(&stored, firing, group, now);
         Ok(Tracked {
-            event_id,
-            sequence,
+            event_id: stored.event_id,
+            sequence: stored.sequence,
             duplicate: false,
-            actions_fired: 0,
+            actions_fired,
         })
+    }
+
+    /// The triggers on `event`'s name whose condition holds and whose once/cooldown allow a
+    /// firing now, with their new firing state.
+    fn matching_triggers(
+        &self,
+        event: &Event,
+        aggregate: &UserNameAggregate,
+        group: &Group,
+    ) -> Result<Vec<(Arc<Trigger>, FiringState)>, Error> {
+        let Some(candidates) = self.by_name.get(&event.name) else {
+            return Ok(Vec::new());
+        };
+        let now = Timestamp::now();
+        let mut out = Vec::new();
+        for trigger in candidates {
+            if let Some(cond) = &trigger.condition {
+                let mut failure = None;
+                let holds = condition::eval(cond, event, &mut |h| match self
+                    .history_holds(h, event, aggregate, group)
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
+                });
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                if !holds {
+                    continue;
+                }
+            }
+            let key = (trigger.id.clone(), event.user_id.clone());
+            let state = match group.firing.get(&key) {
+                Some(s) => s.clone(),
+                None => self
+                    .store
+                    .firing_state(&trigger.id, &event.user_id)?
+                    .unwrap_or_default(),
+            };
+            if trigger.once_per_user && state.firings > 0 {
+                continue;
+            }
+            if let (Some(cooldown), Some(last)) = (trigger.cooldown_nanos, state.last_fired_at) {
+                if now.as_nanos() < last.as_nanos() + cooldown {
+                    continue;
+                }
+            }
+            out.push((trigger.clone(), state));
+        }
+        Ok(out)
+    }
+
+    /// Evaluates a history condition for `event`'s user with the window ending at its
+    /// `occurred_at`, the event itself included (see the module documentation for the cost).
+    fn history_holds(
+        &self,
+        h: &HistoryCondition,
+        event: &Event,
+        current: &UserNameAggregate,
+        group: &Group,
+    ) -> Result<bool, Error> {
+        let user = &event.user_id;
+        let reference = event.occurred_at;
+        let same_name = h.event_name == event.name;
+        if h.within_nanos.is_none() && h.filter.is_none() {
+            let key = (user.clone(), h.event_name.clone());
+            let agg = if same_name {
+                Some(current.clone())
+            } else {
+                match group.aggregates.get(&key) {
+                    Some(a) => Some(a.clone()),
+                    None => self.store.user_aggregate(user, &h.event_name)?,
+                }
+            };
+            let agg = agg.unwrap_or_default();
+            if agg.last_occurred_at.is_none_or(|t| t <= reference) {
+                return Ok(h.holds(&Accumulator::from_aggregate(&agg, &h.attribute)));
+            }
+        }
+        let after = h
+            .within_nanos
+            .map(|w| Timestamp::from_nanos(reference.as_nanos() - w));
+        let in_window = |t: Timestamp| t <= reference && after.is_none_or(|a| t > a);
+        let needs_event = h.filter.is_some() || h.aggregate != condition::Aggregate::Count;
+        let mut acc = Accumulator::default();
+        let add = |e: &Event, acc: &mut Accumulator| {
+            let pass = h
+                .filter
+                .as_ref()
+                .is_none_or(|f| condition::eval(f, e, &mut |_| false));
+            if pass {
+                acc.add(e, &h.attribute);
+            }
+        };
+        for pos in self.store.named_positions(user, &h.event_name, after, reference) {
+            let pos = pos?;
+            if needs_event {
+                if let Some(e) = self.store.event_at(user, pos)? {
+                    add(&e, &mut acc);
+                }
+            } else {
+                acc.count += 1;
+            }
+        }
+        if let Some(recent) = group.recent.get(&(user.clone(), h.event_name.clone())) {
+            for e in recent.iter().filter(|e| in_window(e.occurred_at)) {
+                add(e, &mut acc);
+            }
+        }
+        if same_name && in_window(event.occurred_at) {
+            add(event, &mut acc);
+        }
+        Ok(h.holds(&acc))
+    }
+
+    /// Writes the actions of `firing` for `event` into the group; answers how many.
+    fn fire(
+        &mut self,
+        event: &Event,
+        firing: Vec<(Arc<Trigger>, FiringState)>,
+        group: &mut Group,
+        now: Timestamp,
+    ) -> u32 {
+        let mut fired = 0;
+        for (trigger, mut state) in firing {
+            state.firings += 1;
+            state.last_fired_at = Some(now);
+            self.last_action_seq += 1;
+            let action = FiredAction {
+                sequence: self.last_action_seq,
+                action_id: self.generate_id(),
+                trigger_id: trigger.id.clone(),
+                trigger_name: trigger.name.clone(),
+                action_type: trigger.action.action_type.clone(),
+                user_id: event.user_id.clone(),
+                event_id: event.event_id.clone(),
+                fired_at: now,
+                payload: template::render(
+                    &trigger.action.payload_template,
+                    event,
+                    &trigger.id,
+                    &trigger.name,
+                ),
+                event: Some(event.clone()),
+            };
+            group.batch.put_action(&action);
+            group
+                .firing
+                .insert((trigger.id.clone(), event.user_id.clone()), state);
+            fired += 1;
+        }
+        fired
     }
 
     fn check_stored_size(&self, name: &str, value: &Value) -> Result<(), Error> {
@@ -614,7 +937,7 @@ impl Writer {
         group.name_stats.insert(event.name.clone(), stats);
     }
 
-    /// A ULID: sorts by receive time, monotonic within a millisecond.
+    /// A ULID: sorts by time, monotonic within a millisecond.
     fn generate_id(&mut self) -> String {
         match self.ulids.generate() {
             Ok(id) => id.to_string(),
@@ -625,12 +948,19 @@ impl Writer {
     }
 }
 
-/// Flushes once per drained set of applied groups, then answers them all.
-fn run_committer(store: Store, rx: std_mpsc::Receiver<Vec<Reply>>, failed: Arc<AtomicBool>) {
-    while let Ok(first) = rx.recv() {
+/// Flushes once per drained set of applied groups, answers them all, then publishes the highest
+/// durable action sequence (subscribers deliver nothing above it).
+fn run_committer(
+    store: Store,
+    rx: std_mpsc::Receiver<(Vec<Reply>, u64)>,
+    failed: Arc<AtomicBool>,
+    durable: watch::Sender<u64>,
+) {
+    while let Ok((first, mut last_action)) = rx.recv() {
         let mut replies = first;
-        while let Ok(more) = rx.try_recv() {
+        while let Ok((more, seq)) = rx.try_recv() {
             replies.extend(more);
+            last_action = last_action.max(seq);
         }
         let fault = match store.flush() {
             Ok(_) => None,
@@ -641,7 +971,14 @@ fn run_committer(store: Store, rx: std_mpsc::Receiver<Vec<Reply>>, failed: Arc<A
             }
         };
         for r in replies {
-            r.send(fault.as_ref());
+            r(fault.as_ref());
+        }
+        if fault.is_none() {
+            durable.send_if_modified(|v| {
+                let moved = *v < last_action;
+                *v = (*v).max(last_action);
+                moved
+            });
         }
     }
     if let Err(e) = store.flush() {

@@ -202,3 +202,96 @@ impl EventNameStats {
         self.last_seen = self.last_seen.max(at);
     }
 }
+
+/// What a trigger fires.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActionTemplate {
+    pub action_type: String,
+    pub payload_template: String,
+}
+
+/// A trigger rule as stored: the condition as submitted (to answer reads) and as validated (to
+/// evaluate; validation coerced its comparison values with the types known at submission).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub id: String,
+    pub name: String,
+    pub paused: bool,
+    pub event_name: String,
+    pub raw_condition: Option<crate::condition::RawCondition>,
+    pub condition: Option<crate::condition::Condition>,
+    pub action: ActionTemplate,
+    /// Nanoseconds; `None` when unset.
+    pub cooldown_nanos: Option<i128>,
+    pub once_per_user: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// The durable record of a fired action. After the user's erasure `user_id`, `payload` and
+/// `event` are empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FiredAction {
+    pub sequence: u64,
+    pub action_id: String,
+    pub trigger_id: String,
+    pub trigger_name: String,
+    pub action_type: String,
+    pub user_id: String,
+    pub event_id: String,
+    pub fired_at: Timestamp,
+    pub payload: String,
+    pub event: Option<Event>,
+}
+
+/// Running aggregates of one NUMBER attribute.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NumberAggregate {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Everything-so-far aggregates of one user's events of one name, maintained on ingest so that
+/// history conditions without a window or `where` cost one read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UserNameAggregate {
+    pub count: u64,
+    /// Latest `occurred_at` included: the aggregate answers "all history up to T" only when
+    /// `last_occurred_at <= T`.
+    pub last_occurred_at: Option<Timestamp>,
+    pub numbers: BTreeMap<String, NumberAggregate>,
+}
+
+impl UserNameAggregate {
+    /// Adds one event.
+    pub fn add(&mut self, event: &Event) {
+        self.count += 1;
+        self.last_occurred_at = Some(
+            self.last_occurred_at
+                .map_or(event.occurred_at, |t| t.max(event.occurred_at)),
+        );
+        for (name, value) in &event.attributes {
+            if let Value::Number(n) = value {
+                let agg = self.numbers.entry(name.clone()).or_default();
+                if agg.count == 0 {
+                    agg.min = *n;
+                    agg.max = *n;
+                } else {
+                    agg.min = agg.min.min(*n);
+                    agg.max = agg.max.max(*n);
+                }
+                agg.count += 1;
+                agg.sum += n;
+            }
+        }
+    }
+}
+
+/// Per trigger and user: how often and when it last fired (for cooldown and once_per_user).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FiringState {
+    pub firings: u64,
+    pub last_fired_at: Option<Timestamp>,
+}

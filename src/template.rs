@@ -122,9 +122,20 @@ mod tests {
 
     #[test]
     fn missing_values_render_empty_and_never_fail() {
-        assert_eq!(render("[{{ event.attributes.nope }}][{{ nope.deeper.still }}]", &event(), "t", "n"), "[][]");
+        assert_eq!(
+            render(
+                "[{{ event.attributes.nope }}][{{ nope.deeper.still }}]",
+                &event(),
+                "t",
+                "n"
+            ),
+            "[][]"
+        );
         // Runs out of fuel: renders empty instead of failing.
-        assert_eq!(render("{% for i in range(100000) %}x{% endfor %}", &event(), "t", "n"), "");
+        assert_eq!(
+            render("{% for i in range(100000) %}x{% endfor %}", &event(), "t", "n"),
+            ""
+        );
     }
 
     #[test]

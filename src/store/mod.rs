@@ -11,10 +11,22 @@
 //! | prefix | key                                              | value                       |
 //! |--------|--------------------------------------------------|-----------------------------|
 //! | `T`    | `T` user_id 0x00 occurred_at(12) sequence(8)     | postcard [`Event`]          |
+//! | `N`    | `N` user_id 0x00 name 0x00 occurred_at(12) sequence(8) | empty: a user's events of one name |
+//! | `G`    | `G` user_id 0x00 name                            | postcard [`UserNameAggregate`] |
 //! | `I`    | `I` event_id                                     | sequence(8) (client ids only) |
 //! | `A`    | `A` attribute name                               | postcard [`AttributeDefinition`] |
 //! | `S`    | `S` event name                                   | postcard [`EventNameStats`] |
-//! | `M`    | `M` meta name (`event_seq`)                      | u64(8)                      |
+//! | `R`    | `R` trigger_id                                   | postcard [`Trigger`]        |
+//! | `F`    | `F` action sequence(8)                           | postcard [`FiredAction`]: the action log |
+//! | `U`    | `U` user_id 0x00 action sequence(8)              | empty: a user's actions     |
+//! | `V`    | `V` trigger_id 0x00 action sequence(8)           | empty: a trigger's actions  |
+//! | `L`    | `L` trigger_id 0x00 user_id                      | postcard [`FiringState`]    |
+//! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
+//! | `M`    | `M` meta name (`event_seq`, `action_seq`)        | u64(8)                      |
+//!
+//! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
+//! keeps each prefix's keys contiguous. The action log is keyed by sequence, so replay is a range
+//! scan and retention deletes a prefix.
 //!
 //! The timeline key puts the user first so one user's events are one contiguous range (a
 //! timeline read never touches other users), then time and sequence so the range is already in
@@ -24,13 +36,25 @@
 use std::ops::Bound;
 use std::path::Path;
 
-use crate::model::{AttributeDefinition, Event, EventNameStats, Timestamp};
+use crate::model::{
+    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Timestamp, Trigger,
+    UserNameAggregate,
+};
 
 const TIMELINE: u8 = b'T';
 const EVENT_ID: u8 = b'I';
 const ATTRIBUTE: u8 = b'A';
 const NAME_STATS: u8 = b'S';
+const NAMED: u8 = b'N';
+const AGGREGATE: u8 = b'G';
+const TRIGGER: u8 = b'R';
+const ACTION: u8 = b'F';
+const USER_ACTION: u8 = b'U';
+const TRIGGER_ACTION: u8 = b'V';
+const FIRING: u8 = b'L';
+const CONSUMER: u8 = b'C';
 const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
+const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 
 /// A storage failure: the disk, or data that does not decode.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +85,8 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct LoadedState {
     pub last_event_seq: u64,
+    pub last_action_seq: u64,
+    pub triggers: Vec<Trigger>,
     pub attributes: Vec<AttributeDefinition>,
     pub event_names: Vec<(String, EventNameStats)>,
 }
@@ -90,6 +116,73 @@ fn timeline_key(user_id: &str, pos: TimelinePos) -> Vec<u8> {
     k.extend_from_slice(&encode_ts(pos.0));
     k.extend_from_slice(&pos.1.to_be_bytes());
     k
+}
+
+/// `prefix` a 0x00 b: the key of a pair of names (user and event name, trigger and user, ...).
+fn pair(prefix: u8, a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 2);
+    k.push(prefix);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn named_prefix(user_id: &str, name: &str) -> Vec<u8> {
+    let mut k = pair(NAMED, user_id, name);
+    k.push(0);
+    k
+}
+
+fn named_key(user_id: &str, name: &str, pos: TimelinePos) -> Vec<u8> {
+    let mut k = named_prefix(user_id, name);
+    k.extend_from_slice(&encode_ts(pos.0));
+    k.extend_from_slice(&pos.1.to_be_bytes());
+    k
+}
+
+fn action_key(seq: u64) -> [u8; 9] {
+    let mut k = [ACTION; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_index_key(prefix: u8, owner: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 10);
+    k.push(prefix);
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The upper bound of every key starting with `prefix` (which ends with 0x00).
+fn end_of(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = 1;
+    }
+    end
+}
+
+fn decode_ts(key: &[u8], bytes: &[u8]) -> Result<TimelinePos, StoreError> {
+    if bytes.len() != 20 {
+        return Err(StoreError::Corrupt {
+            key: key.to_vec(),
+            reason: "expected a 20-byte timeline position".into(),
+        });
+    }
+    let mut secs = [0u8; 8];
+    secs.copy_from_slice(&bytes[..8]);
+    let mut nanos = [0u8; 4];
+    nanos.copy_from_slice(&bytes[8..12]);
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[12..]);
+    let ts = Timestamp {
+        secs: (u64::from_be_bytes(secs) ^ (1 << 63)) as i64,
+        nanos: u32::from_be_bytes(nanos),
+    };
+    Ok((ts, u64::from_be_bytes(seq)))
 }
 
 fn prefixed(prefix: u8, name: &str) -> Vec<u8> {
@@ -129,8 +222,72 @@ pub struct WriteBatch {
 impl WriteBatch {
     /// Stores an event on its user's timeline.
     pub fn put_event(&mut self, event: &Event) {
-        let key = timeline_key(&event.user_id, (event.occurred_at, event.sequence));
-        self.batch.insert(key, encode(event));
+        let pos = (event.occurred_at, event.sequence);
+        self.batch
+            .insert(timeline_key(&event.user_id, pos), encode(event));
+        self.batch
+            .insert(named_key(&event.user_id, &event.name, pos), &[][..]);
+        self.writes += 2;
+    }
+
+    /// Stores a user's running aggregates for one event name.
+    pub fn put_user_aggregate(&mut self, user_id: &str, name: &str, agg: &UserNameAggregate) {
+        self.batch.insert(pair(AGGREGATE, user_id, name), encode(agg));
+        self.writes += 1;
+    }
+
+    /// Stores a trigger (create or replace).
+    pub fn put_trigger(&mut self, trigger: &Trigger) {
+        self.batch.insert(prefixed(TRIGGER, &trigger.id), encode(trigger));
+        self.writes += 1;
+    }
+
+    /// Removes a trigger.
+    pub fn remove_trigger(&mut self, id: &str) {
+        self.batch.remove(prefixed(TRIGGER, id));
+        self.writes += 1;
+    }
+
+    /// Appends an action to the log, with its by-user and by-trigger index entries.
+    pub fn put_action(&mut self, action: &FiredAction) {
+        self.batch
+            .insert(&action_key(action.sequence)[..], encode(action));
+        self.batch.insert(
+            seq_index_key(USER_ACTION, &action.user_id, action.sequence),
+            &[][..],
+        );
+        self.batch.insert(
+            seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence),
+            &[][..],
+        );
+        self.writes += 3;
+    }
+
+    /// Stores a trigger's firing state for one user.
+    pub fn put_firing_state(&mut self, trigger_id: &str, user_id: &str, state: &FiringState) {
+        self.batch
+            .insert(pair(FIRING, trigger_id, user_id), encode(state));
+        self.writes += 1;
+    }
+
+    /// Removes raw keys (found with a `Store` scan).
+    pub fn remove_keys(&mut self, keys: Vec<sled::IVec>) {
+        self.writes += keys.len();
+        for k in keys {
+            self.batch.remove(k);
+        }
+    }
+
+    /// Stores a consumer's acknowledged position.
+    pub fn put_consumer(&mut self, name: &str, acked: u64) {
+        self.batch
+            .insert(prefixed(CONSUMER, name), &acked.to_be_bytes()[..]);
+        self.writes += 1;
+    }
+
+    /// Stores the last action sequence handed out.
+    pub fn put_last_action_seq(&mut self, seq: u64) {
+        self.batch.insert(META_ACTION_SEQ, &seq.to_be_bytes()[..]);
         self.writes += 1;
     }
 
@@ -182,6 +339,13 @@ impl Store {
         let mut state = LoadedState::default();
         if let Some(v) = self.tree.get(META_EVENT_SEQ)? {
             state.last_event_seq = decode_u64(META_EVENT_SEQ, &v)?;
+        }
+        if let Some(v) = self.tree.get(META_ACTION_SEQ)? {
+            state.last_action_seq = decode_u64(META_ACTION_SEQ, &v)?;
+        }
+        for kv in self.tree.scan_prefix([TRIGGER]) {
+            let (k, v) = kv?;
+            state.triggers.push(decode(&k, &v)?);
         }
         for kv in self.tree.scan_prefix([ATTRIBUTE]) {
             let (k, v) = kv?;
@@ -239,14 +403,7 @@ impl Store {
             b => b,
         };
         let hi = match map(upper) {
-            Bound::Unbounded => {
-                // The user's keys all start with `prefix`, whose last byte is 0x00.
-                let mut end = prefix.clone();
-                if let Some(last) = end.last_mut() {
-                    *last = 1;
-                }
-                Bound::Excluded(end)
-            }
+            Bound::Unbounded => Bound::Excluded(end_of(&prefix)),
             b => b,
         };
         let iter = self.tree.range::<Vec<u8>, _>((lo, hi));
@@ -260,4 +417,157 @@ impl Store {
             decode(&k, &v)
         })
     }
+
+    /// A user's running aggregates for one event name.
+    pub fn user_aggregate(&self, user_id: &str, name: &str) -> Result<Option<UserNameAggregate>, StoreError> {
+        let key = pair(AGGREGATE, user_id, name);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Positions of a user's events of one name with `occurred_at` in `(after, until]`
+    /// (`after` `None`: from the beginning), oldest first. Reads only those keys.
+    pub fn named_positions(
+        &self,
+        user_id: &str,
+        name: &str,
+        after: Option<Timestamp>,
+        until: Timestamp,
+    ) -> impl Iterator<Item = Result<TimelinePos, StoreError>> + '_ {
+        let prefix = named_prefix(user_id, name);
+        let plen = prefix.len();
+        let lo = match after {
+            // Every event at `after` sorts before (after, u64::MAX].
+            Some(t) => Bound::Excluded(named_key(user_id, name, (t, u64::MAX))),
+            None => Bound::Included(prefix.clone()),
+        };
+        let hi = Bound::Included(named_key(user_id, name, (until, u64::MAX)));
+        self.tree.range::<Vec<u8>, _>((lo, hi)).map(move |kv| {
+            let (k, _) = kv?;
+            decode_ts(&k, &k[plen..])
+        })
+    }
+
+    /// The event of `user_id` at a timeline position.
+    pub fn event_at(&self, user_id: &str, pos: TimelinePos) -> Result<Option<Event>, StoreError> {
+        let key = timeline_key(user_id, pos);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// A trigger's firing state for one user.
+    pub fn firing_state(&self, trigger_id: &str, user_id: &str) -> Result<Option<FiringState>, StoreError> {
+        let key = pair(FIRING, trigger_id, user_id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// The keys of every firing state of a trigger (to delete them with the trigger).
+    pub fn firing_state_keys(&self, trigger_id: &str) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut prefix = prefixed(FIRING, trigger_id);
+        prefix.push(0);
+        self.tree
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| k.map_err(StoreError::from))
+            .collect()
+    }
+
+    /// A consumer's acknowledged position.
+    pub fn consumer(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let key = prefixed(CONSUMER, name);
+        self.tree.get(&key)?.map(|v| decode_u64(&key, &v)).transpose()
+    }
+
+    /// Up to `limit` actions with sequences from `from` to `to` inclusive, in order.
+    pub fn actions(&self, from: u64, to: u64, limit: usize) -> Result<Vec<FiredAction>, StoreError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        self.tree
+            .range(action_key(from)..=action_key(to))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// The oldest action kept, if any.
+    pub fn first_action(&self) -> Result<Option<FiredAction>, StoreError> {
+        match self.tree.scan_prefix([ACTION]).next() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Ok(Some(decode(&k, &v)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Actions newest first with sequence below `before`, all or those of one user or trigger.
+    pub fn actions_newest_first(
+        &self,
+        owner: ActionOwner<'_>,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<FiredAction>, StoreError> {
+        let (prefix, tag) = match owner {
+            ActionOwner::All => {
+                return self
+                    .tree
+                    .range(action_key(0)..action_key(before))
+                    .rev()
+                    .take(limit)
+                    .map(|kv| {
+                        let (k, v) = kv?;
+                        decode(&k, &v)
+                    })
+                    .collect();
+            }
+            ActionOwner::User(u) => (u, USER_ACTION),
+            ActionOwner::Trigger(t) => (t, TRIGGER_ACTION),
+        };
+        let lo = seq_index_key(tag, prefix, 0);
+        let hi = seq_index_key(tag, prefix, before);
+        let mut out = Vec::new();
+        for kv in self.tree.range(lo..hi).rev() {
+            let (k, _) = kv?;
+            let seq = decode_u64(&k, &k[k.len() - 8..])?;
+            if let Some(v) = self.tree.get(action_key(seq))? {
+                out.push(decode(&k, &v)?);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes up to `max` actions from the start of the log fired before `cutoff`, with their
+    /// index entries. Returns how many were deleted.
+    pub fn expire_actions(&self, cutoff: Timestamp, max: usize) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix([ACTION]).take(max) {
+            let (k, v) = kv?;
+            let action: FiredAction = decode(&k, &v)?;
+            if action.fired_at >= cutoff {
+                break;
+            }
+            batch.remove(k);
+            batch.remove(seq_index_key(USER_ACTION, &action.user_id, action.sequence));
+            batch.remove(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
+            n += 1;
+        }
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Whose actions to list.
+#[derive(Clone, Copy, Debug)]
+pub enum ActionOwner<'a> {
+    All,
+    User(&'a str),
+    Trigger(&'a str),
 }
