@@ -69,6 +69,15 @@ pub struct ServeArgs {
     /// Most events in one TrackEvents call.
     #[arg(long, env = "ENGAGE_MAX_BATCH_EVENTS", default_value_t = 1000)]
     pub max_batch_events: usize,
+    /// How long fired actions are kept in the log, in seconds (default 7 days).
+    #[arg(long, env = "ENGAGE_ACTION_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
+    pub action_retention_secs: u64,
+    /// How often expired actions are deleted, in seconds.
+    #[arg(long, env = "ENGAGE_RETENTION_CHECK_SECS", default_value_t = 60)]
+    pub retention_check_secs: u64,
+    /// Most SubscribeActions streams open at once (more answer RESOURCE_EXHAUSTED).
+    #[arg(long, env = "ENGAGE_MAX_SUBSCRIBERS", default_value_t = 1024)]
+    pub max_subscribers: usize,
     /// How far in the future occurred_at may be, in seconds.
     #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
     pub max_future_skew_secs: i64,
@@ -92,6 +101,14 @@ impl ServeArgs {
             max_json_value_bytes: self.max_json_value_bytes,
             max_batch_events: self.max_batch_events,
             max_future_skew_secs: self.max_future_skew_secs,
+        }
+    }
+
+    /// The action delivery options.
+    pub fn delivery(&self) -> crate::actions::DeliveryOptions {
+        crate::actions::DeliveryOptions {
+            max_subscribers: self.max_subscribers,
+            retention_secs: self.action_retention_secs,
         }
     }
 

@@ -14,6 +14,10 @@ pub enum Error {
     #[error("{0}")]
     OutOfRange(String),
     #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
     Unavailable(String),
     /// A fault of the server (storage, a bug): logged in full, answered as a plain INTERNAL.
     #[error("internal error: {0}")]

@@ -4,6 +4,7 @@
 //! validate, call the domain, map errors) → domain modules (`schema`, `ingest`, `timeline`) that
 //! know nothing of tonic → `store`, the only code that knows sled and the key layouts.
 
+pub mod actions;
 pub mod api;
 pub mod condition;
 pub mod config;

@@ -7,9 +7,12 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::actions::ActionLog;
+use crate::api::actions::ActionApi;
 use crate::api::events::EventApi;
-use crate::api::pending::{PendingActions, PendingQueries, PendingTriggers};
+use crate::api::pending::PendingQueries;
 use crate::api::schema::SchemaApi;
+use crate::api::triggers::TriggerApi;
 use crate::config::ServeArgs;
 use crate::ingest::Ingest;
 use crate::proto;
@@ -82,8 +85,29 @@ pub async fn serve(
     })
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let triggers = proto::trigger_service_server::TriggerServiceServer::new(PendingTriggers);
-    let actions = proto::action_service_server::ActionServiceServer::new(PendingActions);
+    let (stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
+    let log = ActionLog::new(
+        store.clone(),
+        ingest.clone(),
+        &args.delivery(),
+        streams_stopped.clone(),
+    );
+    let triggers = proto::trigger_service_server::TriggerServiceServer::new(TriggerApi {
+        ingest: ingest.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let actions = proto::action_service_server::ActionServiceServer::new(ActionApi {
+        ingest: ingest.clone(),
+        log: log.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let retention = tokio::spawn(expire_actions(
+        log,
+        Duration::from_secs(args.retention_check_secs.max(1)),
+        streams_stopped,
+    ));
     let queries = proto::query_service_server::QueryServiceServer::new(PendingQueries);
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
@@ -98,6 +122,8 @@ pub async fn serve(
                 .set_service_status(*name, ServingStatus::NotServing)
                 .await;
         }
+        // Open streams would hold graceful shutdown forever: end them now.
+        let _ = stop_streams.send(true);
         let _ = started_tx.send(());
     };
     let server = Server::builder()
@@ -125,6 +151,7 @@ pub async fn serve(
         _ = grace_over => tracing::warn!(grace_secs = args.shutdown_grace_secs, "grace period over; closing remaining calls"),
     }
 
+    retention.abort();
     // Every handle to the engine is gone once the services are: the writer drains what it
     // accepted, the committer flushes it and both threads end.
     drop(ingest);
@@ -141,6 +168,24 @@ pub async fn serve(
 /// builder's `tcp_nodelay`, and with Nagle on every reply waited ~40 ms for a delayed ACK.
 pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Deletes expired actions every `every` until `stopped` turns true.
+async fn expire_actions(log: ActionLog, every: Duration, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let log = log.clone();
+        match tokio::task::spawn_blocking(move || log.expire()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(deleted = n, "expired fired actions"),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiring fired actions failed"),
+            Err(e) => tracing::error!(error = %e, "expiry task failed"),
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,8 +1,12 @@
 //! Proto ⇄ domain conversions. Conversions from the wire validate shape (a oneof that must be
 //! set, a timestamp in range) and name the field at fault.
 
+use crate::condition::{Aggregate, Operator, RawCondition};
 use crate::error::{invalid, Error};
-use crate::model::{AttributeDefinition, AttributeType, Event, EventNameStats, NewEvent, Timestamp, Value};
+use crate::model::{
+    AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, NewEvent, Timestamp, Trigger,
+    Value,
+};
 use crate::proto;
 
 /// A wire timestamp as a domain one; `field` names it in errors.
@@ -133,5 +137,233 @@ pub fn to_proto_name_summary(name: &str, s: &EventNameStats) -> proto::EventName
         count: s.count,
         first_seen: Some(to_proto_ts(s.first_seen)),
         last_seen: Some(to_proto_ts(s.last_seen)),
+    }
+}
+
+/// A wire duration in nanoseconds; `field` names it in errors. Must be positive.
+pub fn positive_duration(field: &str, d: &prost_types::Duration) -> Result<i128, Error> {
+    if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
+        return Err(invalid(format!(
+            "{field}: seconds {} / nanos {} is not a valid positive duration",
+            d.seconds, d.nanos
+        )));
+    }
+    let nanos = d.seconds as i128 * 1_000_000_000 + d.nanos as i128;
+    if nanos == 0 {
+        return Err(invalid(format!("{field}: must be longer than zero")));
+    }
+    Ok(nanos)
+}
+
+/// Nanoseconds as a wire duration.
+pub fn to_proto_duration(nanos: i128) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (nanos / 1_000_000_000) as i64,
+        nanos: (nanos % 1_000_000_000) as i32,
+    }
+}
+
+fn operator(field: &str, raw: i32) -> Result<Option<Operator>, Error> {
+    use proto::Operator as P;
+    Ok(match P::try_from(raw) {
+        Ok(P::Unspecified) => None,
+        Ok(P::Eq) => Some(Operator::Eq),
+        Ok(P::Ne) => Some(Operator::Ne),
+        Ok(P::Gt) => Some(Operator::Gt),
+        Ok(P::Gte) => Some(Operator::Gte),
+        Ok(P::Lt) => Some(Operator::Lt),
+        Ok(P::Lte) => Some(Operator::Lte),
+        Ok(P::Contains) => Some(Operator::Contains),
+        Ok(P::StartsWith) => Some(Operator::StartsWith),
+        Ok(P::In) => Some(Operator::In),
+        Ok(P::Exists) => Some(Operator::Exists),
+        Ok(P::NotExists) => Some(Operator::NotExists),
+        Err(_) => return Err(invalid(format!("{field}: unknown operator {raw}"))),
+    })
+}
+
+fn to_proto_operator(op: Option<Operator>) -> i32 {
+    use proto::Operator as P;
+    (match op {
+        None => P::Unspecified,
+        Some(Operator::Eq) => P::Eq,
+        Some(Operator::Ne) => P::Ne,
+        Some(Operator::Gt) => P::Gt,
+        Some(Operator::Gte) => P::Gte,
+        Some(Operator::Lt) => P::Lt,
+        Some(Operator::Lte) => P::Lte,
+        Some(Operator::Contains) => P::Contains,
+        Some(Operator::StartsWith) => P::StartsWith,
+        Some(Operator::In) => P::In,
+        Some(Operator::Exists) => P::Exists,
+        Some(Operator::NotExists) => P::NotExists,
+    }) as i32
+}
+
+/// A wire aggregate; UNSPECIFIED is `None` (the caller picks the default).
+pub fn aggregate(field: &str, raw: i32) -> Result<Option<Aggregate>, Error> {
+    use proto::Aggregate as P;
+    Ok(match P::try_from(raw) {
+        Ok(P::Unspecified) => None,
+        Ok(P::Count) => Some(Aggregate::Count),
+        Ok(P::Sum) => Some(Aggregate::Sum),
+        Ok(P::Min) => Some(Aggregate::Min),
+        Ok(P::Max) => Some(Aggregate::Max),
+        Ok(P::Avg) => Some(Aggregate::Avg),
+        Ok(P::DistinctUsers) => Some(Aggregate::DistinctUsers),
+        Err(_) => return Err(invalid(format!("{field}: unknown aggregate {raw}"))),
+    })
+}
+
+fn to_proto_aggregate(a: Option<Aggregate>) -> i32 {
+    use proto::Aggregate as P;
+    (match a {
+        None => P::Unspecified,
+        Some(Aggregate::Count) => P::Count,
+        Some(Aggregate::Sum) => P::Sum,
+        Some(Aggregate::Min) => P::Min,
+        Some(Aggregate::Max) => P::Max,
+        Some(Aggregate::Avg) => P::Avg,
+        Some(Aggregate::DistinctUsers) => P::DistinctUsers,
+    }) as i32
+}
+
+/// A wire condition as submitted (validation is the domain's: `condition::validate`).
+pub fn raw_condition(field: &str, c: &proto::Condition) -> Result<RawCondition, Error> {
+    use proto::condition::Kind;
+    let list = |l: &proto::ConditionList, kind: &str| -> Result<Vec<RawCondition>, Error> {
+        l.conditions
+            .iter()
+            .enumerate()
+            .map(|(i, c)| raw_condition(&format!("{field}.{kind}.conditions[{i}]"), c))
+            .collect()
+    };
+    Ok(match &c.kind {
+        None => RawCondition::Empty,
+        Some(Kind::All(l)) => RawCondition::All(list(l, "all")?),
+        Some(Kind::Any(l)) => RawCondition::Any(list(l, "any")?),
+        Some(Kind::Not(inner)) => {
+            RawCondition::Not(Some(Box::new(raw_condition(&format!("{field}.not"), inner)?)))
+        }
+        Some(Kind::Attribute(a)) => {
+            let f = format!("{field}.attribute");
+            RawCondition::Attribute {
+                attribute: a.attribute.clone(),
+                op: operator(&format!("{f}.op"), a.op)?,
+                value: a
+                    .value
+                    .as_ref()
+                    .map(|v| value(&format!("{f}.value"), v))
+                    .transpose()?,
+                values: a
+                    .values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| value(&format!("{f}.values[{i}]"), v))
+                    .collect::<Result<_, _>>()?,
+            }
+        }
+        Some(Kind::History(h)) => {
+            let f = format!("{field}.history");
+            RawCondition::History {
+                event_name: h.event_name.clone(),
+                filter: h
+                    .r#where
+                    .as_ref()
+                    .map(|w| raw_condition(&format!("{f}.where"), w).map(Box::new))
+                    .transpose()?,
+                aggregate: aggregate(&format!("{f}.aggregate"), h.aggregate)?,
+                attribute: h.attribute.clone(),
+                op: operator(&format!("{f}.op"), h.op)?,
+                value: h.value,
+                within_nanos: h
+                    .within
+                    .as_ref()
+                    .map(|d| positive_duration(&format!("{f}.within"), d))
+                    .transpose()?,
+            }
+        }
+    })
+}
+
+/// A submitted condition back on the wire, as it was sent.
+pub fn to_proto_condition(c: &RawCondition) -> proto::Condition {
+    use proto::condition::Kind;
+    let list = |items: &[RawCondition]| proto::ConditionList {
+        conditions: items.iter().map(to_proto_condition).collect(),
+    };
+    let kind = match c {
+        RawCondition::Empty => None,
+        RawCondition::All(items) => Some(Kind::All(list(items))),
+        RawCondition::Any(items) => Some(Kind::Any(list(items))),
+        RawCondition::Not(inner) => Some(Kind::Not(Box::new(
+            inner.as_deref().map(to_proto_condition).unwrap_or_default(),
+        ))),
+        RawCondition::Attribute {
+            attribute,
+            op,
+            value,
+            values,
+        } => Some(Kind::Attribute(proto::AttributeCondition {
+            attribute: attribute.clone(),
+            op: to_proto_operator(*op),
+            value: value.as_ref().map(to_proto_value),
+            values: values.iter().map(to_proto_value).collect(),
+        })),
+        RawCondition::History {
+            event_name,
+            filter,
+            aggregate,
+            attribute,
+            op,
+            value,
+            within_nanos,
+        } => Some(Kind::History(Box::new(proto::HistoryCondition {
+            event_name: event_name.clone(),
+            r#where: filter.as_deref().map(|f| Box::new(to_proto_condition(f))),
+            aggregate: to_proto_aggregate(*aggregate),
+            attribute: attribute.clone(),
+            op: to_proto_operator(*op),
+            value: *value,
+            within: within_nanos.map(to_proto_duration),
+        }))),
+    };
+    proto::Condition { kind }
+}
+
+/// A stored trigger on the wire.
+pub fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
+    proto::Trigger {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        paused: t.paused,
+        event_name: t.event_name.clone(),
+        condition: t.raw_condition.as_ref().map(to_proto_condition),
+        action: Some(proto::ActionTemplate {
+            r#type: t.action.action_type.clone(),
+            payload_template: t.action.payload_template.clone(),
+        }),
+        delay: None,
+        unless: None,
+        cooldown: t.cooldown_nanos.map(to_proto_duration),
+        once_per_user: t.once_per_user,
+        created_at: Some(to_proto_ts(t.created_at)),
+        updated_at: Some(to_proto_ts(t.updated_at)),
+    }
+}
+
+/// A fired action on the wire.
+pub fn to_proto_action(a: &FiredAction) -> proto::FiredAction {
+    proto::FiredAction {
+        sequence: a.sequence,
+        action_id: a.action_id.clone(),
+        trigger_id: a.trigger_id.clone(),
+        trigger_name: a.trigger_name.clone(),
+        r#type: a.action_type.clone(),
+        user_id: a.user_id.clone(),
+        event_id: a.event_id.clone(),
+        fired_at: Some(to_proto_ts(a.fired_at)),
+        payload: a.payload.clone(),
+        event: a.event.as_ref().map(to_proto_event),
     }
 }

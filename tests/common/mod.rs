@@ -10,9 +10,11 @@ use std::process::{Child, Command, Stdio};
 
 use engage::config::ServeArgs;
 use engage::proto;
+use engage::proto::action_service_client::ActionServiceClient;
 use engage::proto::attribute_value::Value as V;
 use engage::proto::event_service_client::EventServiceClient;
 use engage::proto::schema_service_client::SchemaServiceClient;
+use engage::proto::trigger_service_client::TriggerServiceClient;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -84,6 +86,14 @@ impl TestServer {
 
     pub async fn schema(&self) -> SchemaServiceClient<Channel> {
         SchemaServiceClient::new(self.channel().await)
+    }
+
+    pub async fn triggers(&self) -> TriggerServiceClient<Channel> {
+        TriggerServiceClient::new(self.channel().await)
+    }
+
+    pub async fn actions(&self) -> ActionServiceClient<Channel> {
+        ActionServiceClient::new(self.channel().await)
     }
 
     /// Shuts down gracefully and returns the data directory.
@@ -288,4 +298,101 @@ pub async fn timeline(client: &mut EventServiceClient<Channel>, user: &str) -> V
 /// A path inside a temp dir for a child server's data.
 pub fn data_dir(tmp: &TempDir) -> PathBuf {
     tmp.path().join("data")
+}
+
+/// Connects to an address.
+pub async fn connect(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A trigger on `event_name` firing `action_type` with `template`.
+pub fn trigger(event_name: &str, action_type: &str, template: &str) -> proto::Trigger {
+    proto::Trigger {
+        name: format!("{action_type} on {event_name}"),
+        event_name: event_name.into(),
+        action: Some(proto::ActionTemplate {
+            r#type: action_type.into(),
+            payload_template: template.into(),
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn create_trigger(
+    c: &mut TriggerServiceClient<Channel>,
+    t: proto::Trigger,
+) -> Result<proto::Trigger, tonic::Status> {
+    c.create_trigger(proto::CreateTriggerRequest { trigger: Some(t) })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// `attribute op value`.
+pub fn attr_cond(attribute: &str, op: proto::Operator, value: proto::AttributeValue) -> proto::Condition {
+    proto::Condition {
+        kind: Some(proto::condition::Kind::Attribute(proto::AttributeCondition {
+            attribute: attribute.into(),
+            op: op as i32,
+            value: Some(value),
+            values: vec![],
+        })),
+    }
+}
+
+/// A history condition.
+pub fn history(
+    event_name: &str,
+    aggregate: proto::Aggregate,
+    attribute: &str,
+    op: proto::Operator,
+    value: f64,
+) -> proto::HistoryCondition {
+    proto::HistoryCondition {
+        event_name: event_name.into(),
+        r#where: None,
+        aggregate: aggregate as i32,
+        attribute: attribute.into(),
+        op: op as i32,
+        value,
+        within: None,
+    }
+}
+
+pub fn history_cond(h: proto::HistoryCondition) -> proto::Condition {
+    proto::Condition {
+        kind: Some(proto::condition::Kind::History(Box::new(h))),
+    }
+}
+
+pub fn all(conditions: Vec<proto::Condition>) -> proto::Condition {
+    proto::Condition {
+        kind: Some(proto::condition::Kind::All(proto::ConditionList { conditions })),
+    }
+}
+
+/// Every fired action of a user, newest first, through paging.
+pub async fn user_actions(c: &mut ActionServiceClient<Channel>, user: &str) -> Vec<proto::FiredAction> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_fired_actions(proto::ListFiredActionsRequest {
+                user_id: user.into(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("list actions")
+            .into_inner();
+        out.extend(page.actions);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
 }

@@ -1,0 +1,250 @@
+//! Delivery of fired actions: subscriptions that replay the durable log and then follow it,
+//! named consumers, listing, and retention.
+//!
+//! A subscriber never holds anything the writer waits for. It reads the action log (sled,
+//! keyed by sequence) from its own cursor up to the highest *durable* sequence, which the
+//! committer publishes after each flush through a `watch` channel; when it has caught up it
+//! waits for that number to move. So replay and live delivery are the same loop: there is no
+//! seam where an action could be missed or sent twice, only durable actions are ever sent, and a
+//! slow or stalled subscriber only falls behind in the log (its channel to the client is bounded)
+//! without slowing ingest or growing memory.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::error::{invalid, Error};
+use crate::ingest::Ingest;
+use crate::model::{FiredAction, Timestamp};
+use crate::store::{ActionOwner, Store};
+
+/// Where a subscription starts (SPEC §3 `StartFrom`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartFrom {
+    Unspecified,
+    Latest,
+    Earliest,
+    /// Deliver actions with a sequence above this one.
+    After(u64),
+}
+
+/// Which actions a subscription delivers.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub trigger_ids: HashSet<String>,
+    pub action_types: HashSet<String>,
+}
+
+impl Filter {
+    fn matches(&self, a: &FiredAction) -> bool {
+        (self.trigger_ids.is_empty() || self.trigger_ids.contains(&a.trigger_id))
+            && (self.action_types.is_empty() || self.action_types.contains(&a.action_type))
+    }
+}
+
+/// Actions read from the log per step of a subscription.
+const READ_CHUNK: usize = 256;
+/// Actions buffered per subscriber between its reader task and the client.
+const STREAM_BUFFER: usize = 64;
+
+/// Settings of action delivery.
+#[derive(Clone, Debug)]
+pub struct DeliveryOptions {
+    pub max_subscribers: usize,
+    pub retention_secs: u64,
+}
+
+/// The action log as subscribers and listings see it.
+#[derive(Clone)]
+pub struct ActionLog {
+    store: Store,
+    ingest: Ingest,
+    permits: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+    retention_secs: u64,
+}
+
+impl ActionLog {
+    /// `shutdown` turning true ends every open subscription.
+    pub fn new(
+        store: Store,
+        ingest: Ingest,
+        options: &DeliveryOptions,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            ingest,
+            permits: Arc::new(Semaphore::new(options.max_subscribers)),
+            shutdown,
+            retention_secs: options.retention_secs,
+        }
+    }
+
+    /// The oldest sequence still kept (one past the last when the log is empty).
+    pub fn earliest_available(&self) -> Result<u64, Error> {
+        match self.store.first_action()? {
+            Some(a) => Ok(a.sequence),
+            None => Ok(*self.ingest.durable_actions().borrow() + 1),
+        }
+    }
+
+    fn too_old(&self, first_wanted: u64) -> Result<Option<Error>, Error> {
+        let earliest = self.earliest_available()?;
+        Ok((first_wanted < earliest).then(|| {
+            Error::OutOfRange(format!(
+                "start: sequence {first_wanted} is no longer kept; the earliest available sequence is {earliest}"
+            ))
+        }))
+    }
+
+    /// Opens a subscription and answers the channel its actions arrive on, in strictly
+    /// increasing sequence. A named consumer is created at this subscription's start point if
+    /// new; its stored position moves only through [`Ingest::ack`].
+    pub async fn subscribe(
+        &self,
+        consumer: Option<String>,
+        start: StartFrom,
+        filter: Filter,
+    ) -> Result<mpsc::Receiver<Result<FiredAction, Error>>, Error> {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted("too many open subscriptions (max_subscribers); retry later".into())
+        })?;
+        let durable = *self.ingest.durable_actions().borrow();
+        let explicit = match start {
+            StartFrom::Unspecified => None,
+            StartFrom::Latest => Some(durable),
+            StartFrom::Earliest => Some(self.earliest_available()?.saturating_sub(1)),
+            StartFrom::After(seq) => {
+                if seq > durable {
+                    return Err(Error::OutOfRange(format!(
+                        "after_sequence: {seq} is past the last fired sequence {durable}"
+                    )));
+                }
+                Some(seq)
+            }
+        };
+        let cursor = match (consumer, explicit) {
+            (None, None) => durable,
+            (None, Some(c)) => c,
+            (Some(name), None) => self.ingest.ensure_consumer(name, durable).await?,
+            (Some(name), Some(c)) => {
+                self.ingest.ensure_consumer(name, c).await?;
+                c
+            }
+        };
+        if let Some(e) = self.too_old(cursor + 1)? {
+            if cursor < durable {
+                return Err(e);
+            }
+        }
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let task = Subscription {
+            store: self.store.clone(),
+            log: self.clone(),
+            durable: self.ingest.durable_actions(),
+            shutdown: self.shutdown.clone(),
+            filter,
+            cursor,
+            tx,
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            task.run().await;
+        });
+        Ok(rx)
+    }
+
+    /// One page of actions, newest first: all, a user's or a trigger's. `before` is the
+    /// sequence to continue below (0: from the newest).
+    pub fn list(
+        &self,
+        owner: ActionOwner<'_>,
+        before: u64,
+        page_size: usize,
+    ) -> Result<Vec<FiredAction>, Error> {
+        let before = if before == 0 { u64::MAX } else { before };
+        Ok(self.store.actions_newest_first(owner, before, page_size)?)
+    }
+
+    /// Deletes the actions older than the retention period; answers how many.
+    pub fn expire(&self) -> Result<usize, Error> {
+        let cutoff = Timestamp::now().plus_secs(-(self.retention_secs.min(i64::MAX as u64) as i64));
+        let mut total = 0;
+        loop {
+            let n = self.store.expire_actions(cutoff, 1024)?;
+            total += n;
+            if n < 1024 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// One subscriber's reader task.
+struct Subscription {
+    store: Store,
+    log: ActionLog,
+    durable: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    filter: Filter,
+    cursor: u64,
+    tx: mpsc::Sender<Result<FiredAction, Error>>,
+}
+
+impl Subscription {
+    async fn run(mut self) {
+        loop {
+            let durable = *self.durable.borrow_and_update();
+            while self.cursor < durable {
+                let (store, from) = (self.store.clone(), self.cursor + 1);
+                let read =
+                    tokio::task::spawn_blocking(move || store.actions(from, durable, READ_CHUNK)).await;
+                let actions = match read {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => return self.fail(e.into()).await,
+                    Err(e) => return self.fail(Error::Internal(format!("reader task: {e}"))).await,
+                };
+                if actions.first().map(|a| a.sequence) != Some(from) {
+                    // Retention removed what this subscriber had not read yet.
+                    let e = match self.log.too_old(from) {
+                        Ok(Some(e)) => e,
+                        Ok(None) => Error::Internal(format!("action {from} missing from the log")),
+                        Err(e) => e,
+                    };
+                    return self.fail(e).await;
+                }
+                for a in actions {
+                    self.cursor = a.sequence;
+                    if !self.filter.matches(&a) {
+                        continue;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.shutdown.wait_for(|s| *s) => return,
+                        sent = self.tx.send(Ok(a)) => if sent.is_err() { return },
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return,
+                _ = self.tx.closed() => return,
+                changed = self.durable.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    async fn fail(self, e: Error) {
+        let _ = self.tx.send(Err(e)).await;
+    }
+}
+
+/// Checks a consumer name: the event-name rules (letters, digits, `_ . : -`, 1-128 characters).
+pub fn check_consumer(field: &str, name: &str) -> Result<(), Error> {
+    if name.starts_with("event.") {
+        return Err(invalid(format!("{field}: must not start with \"event.\"")));
+    }
+    crate::schema::normalize_event_name(field, name).map(|_| ())
+}

@@ -1,0 +1,134 @@
+//! ActionService: SubscribeActions, AckActions, ListFiredActions.
+
+use std::pin::Pin;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::actions::{self, ActionLog, Filter, StartFrom};
+use crate::api::{convert, page_size, PageToken};
+use crate::error::invalid;
+use crate::ingest::{self, Ingest};
+use crate::proto;
+use crate::proto::action_service_server::ActionService;
+use crate::store::ActionOwner;
+
+/// The ActionService handlers.
+pub struct ActionApi {
+    pub ingest: Ingest,
+    pub log: ActionLog,
+}
+
+#[tonic::async_trait]
+impl ActionService for ActionApi {
+    type SubscribeActionsStream =
+        Pin<Box<dyn Stream<Item = Result<proto::FiredAction, Status>> + Send + 'static>>;
+
+    async fn subscribe_actions(
+        &self,
+        request: Request<proto::SubscribeActionsRequest>,
+    ) -> Result<Response<Self::SubscribeActionsStream>, Status> {
+        let r = request.into_inner();
+        let consumer = if r.consumer.is_empty() {
+            None
+        } else {
+            actions::check_consumer("consumer", &r.consumer)?;
+            Some(r.consumer)
+        };
+        let start = match proto::StartFrom::try_from(r.start) {
+            Ok(proto::StartFrom::Unspecified) => StartFrom::Unspecified,
+            Ok(proto::StartFrom::Latest) => StartFrom::Latest,
+            Ok(proto::StartFrom::Earliest) => StartFrom::Earliest,
+            Ok(proto::StartFrom::Sequence) => StartFrom::After(r.after_sequence),
+            Err(_) => return Err(invalid(format!("start: unknown start {}", r.start)).into()),
+        };
+        if r.after_sequence != 0 && start != StartFrom::After(r.after_sequence) {
+            return Err(invalid("after_sequence: only allowed with start START_FROM_SEQUENCE").into());
+        }
+        let filter = Filter {
+            trigger_ids: r.trigger_ids.into_iter().collect(),
+            action_types: r.action_types.into_iter().collect(),
+        };
+        let rx = self.log.subscribe(consumer, start, filter).await?;
+        let stream = ReceiverStream::new(rx).map(|item| match item {
+            Ok(a) => Ok(convert::to_proto_action(&a)),
+            Err(e) => Err(Status::from(e)),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack_actions(
+        &self,
+        request: Request<proto::AckActionsRequest>,
+    ) -> Result<Response<proto::AckActionsResponse>, Status> {
+        let r = request.into_inner();
+        if r.consumer.is_empty() {
+            return Err(invalid("consumer: required").into());
+        }
+        actions::check_consumer("consumer", &r.consumer)?;
+        let acked_sequence = self.ingest.ack(r.consumer, r.up_to_sequence).await?;
+        Ok(Response::new(proto::AckActionsResponse { acked_sequence }))
+    }
+
+    async fn list_fired_actions(
+        &self,
+        request: Request<proto::ListFiredActionsRequest>,
+    ) -> Result<Response<proto::ListFiredActionsResponse>, Status> {
+        let r = request.into_inner();
+        if !r.user_id.is_empty() {
+            ingest::check_user_id("user_id", &r.user_id)?;
+        }
+        let size = page_size(r.page_size, 50);
+        let scope = format!("actions|{}|{}", r.user_id, r.trigger_id);
+        let before = match PageToken::decode(&r.page_token, &scope)? {
+            Some(seq) => seq
+                .parse::<u64>()
+                .map_err(|_| invalid("page_token: not a token this request issued"))?,
+            None => 0,
+        };
+        let log = self.log.clone();
+        let (user, trigger) = (r.user_id, r.trigger_id);
+        let mut page = crate::api::blocking(move || {
+            let owner = if !user.is_empty() {
+                ActionOwner::User(&user)
+            } else if !trigger.is_empty() {
+                ActionOwner::Trigger(&trigger)
+            } else {
+                ActionOwner::All
+            };
+            // With both filters, page through the user's actions and keep the trigger's.
+            let mut out = Vec::new();
+            let mut cursor = before;
+            loop {
+                let chunk = log.list(owner, cursor, size + 1)?;
+                let exhausted = chunk.len() <= size;
+                for a in chunk {
+                    cursor = a.sequence;
+                    if user.is_empty() || trigger.is_empty() || a.trigger_id == trigger {
+                        out.push(a);
+                    }
+                    if out.len() > size {
+                        return Ok(out);
+                    }
+                }
+                if exhausted {
+                    return Ok(out);
+                }
+            }
+        })
+        .await?;
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            page.last()
+                .map(|a| PageToken::encode(&a.sequence.to_string(), &scope))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListFiredActionsResponse {
+            actions: page.iter().map(convert::to_proto_action).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,204 @@
+//! TriggerService: CreateTrigger, GetTrigger, ListTriggers, UpdateTrigger, DeleteTrigger.
+
+use tonic::{Request, Response, Status};
+
+use crate::api::{convert, page_size, PageToken};
+use crate::condition::{self, Place};
+use crate::error::{invalid, Error};
+use crate::ingest::Ingest;
+use crate::model::{ActionTemplate, Timestamp, Trigger};
+use crate::proto;
+use crate::proto::trigger_service_server::TriggerService;
+use crate::schema;
+use crate::template;
+
+/// Longest trigger name and action type, in characters; largest payload template, in bytes.
+const MAX_NAME_CHARS: usize = 256;
+const MAX_TYPE_CHARS: usize = 128;
+const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
+
+/// The TriggerService handlers.
+pub struct TriggerApi {
+    pub ingest: Ingest,
+}
+
+impl TriggerApi {
+    /// Validates a submitted trigger (SPEC §3) into its stored form; `field` is `trigger`.
+    fn validate(&self, t: proto::Trigger) -> Result<Trigger, Error> {
+        let f = "trigger";
+        if t.delay.is_some() {
+            return Err(Error::Unimplemented(format!(
+                "{f}.delay: delayed triggers are not implemented yet (planned in issue 5)"
+            )));
+        }
+        if t.unless.is_some() {
+            return Err(Error::Unimplemented(format!(
+                "{f}.unless: absence checks are not implemented yet (planned in issue 5)"
+            )));
+        }
+        let name_chars = t.name.chars().count();
+        if name_chars > MAX_NAME_CHARS {
+            return Err(invalid(format!(
+                "{f}.name: {name_chars} characters, at most {MAX_NAME_CHARS} allowed"
+            )));
+        }
+        let event_name = schema::normalize_event_name(&format!("{f}.event_name"), &t.event_name)?;
+        let action = t.action.ok_or_else(|| invalid(format!("{f}.action: required")))?;
+        let type_chars = action.r#type.chars().count();
+        if type_chars == 0 {
+            return Err(invalid(format!("{f}.action.type: must not be empty")));
+        }
+        if type_chars > MAX_TYPE_CHARS {
+            return Err(invalid(format!(
+                "{f}.action.type: {type_chars} characters, at most {MAX_TYPE_CHARS} allowed"
+            )));
+        }
+        if action.payload_template.len() > MAX_TEMPLATE_BYTES {
+            return Err(invalid(format!(
+                "{f}.action.payload_template: {} bytes, at most {MAX_TEMPLATE_BYTES} allowed",
+                action.payload_template.len()
+            )));
+        }
+        template::check(&action.payload_template)
+            .map_err(|e| invalid(format!("{f}.action.payload_template: does not parse: {e}")))?;
+        let (raw_condition, condition) = match &t.condition {
+            Some(c) => {
+                let field = format!("{f}.condition");
+                let raw = convert::raw_condition(&field, c)?;
+                let ingest = &self.ingest;
+                let valid = condition::validate(
+                    &raw,
+                    &field,
+                    Place::Trigger,
+                    &|name| ingest.attribute_type(name),
+                    ingest.limits().max_attribute_name_chars,
+                )?;
+                (Some(raw), Some(valid))
+            }
+            None => (None, None),
+        };
+        let cooldown_nanos = t
+            .cooldown
+            .as_ref()
+            .map(|d| convert::positive_duration(&format!("{f}.cooldown"), d))
+            .transpose()?;
+        let epoch = Timestamp { secs: 0, nanos: 0 };
+        Ok(Trigger {
+            id: t.id,
+            name: t.name,
+            paused: t.paused,
+            event_name,
+            raw_condition,
+            condition,
+            action: ActionTemplate {
+                action_type: action.r#type,
+                payload_template: action.payload_template,
+            },
+            cooldown_nanos,
+            once_per_user: t.once_per_user,
+            created_at: epoch,
+            updated_at: epoch,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl TriggerService for TriggerApi {
+    async fn create_trigger(
+        &self,
+        request: Request<proto::CreateTriggerRequest>,
+    ) -> Result<Response<proto::Trigger>, Status> {
+        let t = request
+            .into_inner()
+            .trigger
+            .ok_or_else(|| invalid("trigger: required"))?;
+        let trigger = self.validate(t)?;
+        let created = self.ingest.create_trigger(trigger).await?;
+        tracing::info!(trigger_id = %created.id, event_name = %created.event_name, "trigger created");
+        Ok(Response::new(convert::to_proto_trigger(&created)))
+    }
+
+    async fn get_trigger(
+        &self,
+        request: Request<proto::GetTriggerRequest>,
+    ) -> Result<Response<proto::Trigger>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(invalid("id: required").into());
+        }
+        let triggers = self.ingest.triggers();
+        let t = triggers
+            .get(&id)
+            .ok_or_else(|| Error::NotFound(format!("id: no trigger {id:?}")))?;
+        Ok(Response::new(convert::to_proto_trigger(t)))
+    }
+
+    async fn list_triggers(
+        &self,
+        request: Request<proto::ListTriggersRequest>,
+    ) -> Result<Response<proto::ListTriggersResponse>, Status> {
+        let r = request.into_inner();
+        let event_name = if r.event_name.is_empty() {
+            String::new()
+        } else {
+            schema::normalize_event_name("event_name", &r.event_name)?
+        };
+        let size = page_size(r.page_size, 50);
+        let scope = format!("triggers|{event_name}");
+        let after = PageToken::decode(&r.page_token, &scope)?;
+        let triggers = self.ingest.triggers();
+        let range = match &after {
+            Some(id) => {
+                triggers.range::<String, _>((std::ops::Bound::Excluded(id), std::ops::Bound::Unbounded))
+            }
+            None => triggers.range::<String, _>(..),
+        };
+        let mut page: Vec<_> = range
+            .map(|(_, t)| t)
+            .filter(|t| event_name.is_empty() || t.event_name == event_name)
+            .take(size + 1)
+            .collect();
+        let next_page_token = if page.len() > size {
+            page.truncate(size);
+            page.last()
+                .map(|t| PageToken::encode(&t.id, &scope))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListTriggersResponse {
+            triggers: page.into_iter().map(|t| convert::to_proto_trigger(t)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_trigger(
+        &self,
+        request: Request<proto::UpdateTriggerRequest>,
+    ) -> Result<Response<proto::Trigger>, Status> {
+        let t = request
+            .into_inner()
+            .trigger
+            .ok_or_else(|| invalid("trigger: required"))?;
+        if t.id.is_empty() {
+            return Err(invalid("trigger.id: required").into());
+        }
+        let trigger = self.validate(t)?;
+        let updated = self.ingest.update_trigger(trigger).await?;
+        tracing::info!(trigger_id = %updated.id, paused = updated.paused, "trigger updated");
+        Ok(Response::new(convert::to_proto_trigger(&updated)))
+    }
+
+    async fn delete_trigger(
+        &self,
+        request: Request<proto::DeleteTriggerRequest>,
+    ) -> Result<Response<proto::DeleteTriggerResponse>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(invalid("id: required").into());
+        }
+        self.ingest.delete_trigger(id.clone()).await?;
+        tracing::info!(trigger_id = %id, "trigger deleted");
+        Ok(Response::new(proto::DeleteTriggerResponse {}))
+    }
+}
