@@ -69,7 +69,7 @@ impl PageToken {
             return Ok(None);
         }
         let bad = || crate::error::invalid("page_token: not a token this request issued");
-        if token.len() % 2 != 0 || token.len() < 18 {
+        if !token.len().is_multiple_of(2) || token.len() < 18 {
             return Err(bad());
         }
         let bytes = (0..token.len())
