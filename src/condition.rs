@@ -27,6 +27,37 @@ pub enum Operator {
     NotExists,
 }
 
+impl std::fmt::Display for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operator::Eq => "EQ",
+            Operator::Ne => "NE",
+            Operator::Gt => "GT",
+            Operator::Gte => "GTE",
+            Operator::Lt => "LT",
+            Operator::Lte => "LTE",
+            Operator::Contains => "CONTAINS",
+            Operator::StartsWith => "STARTS_WITH",
+            Operator::In => "IN",
+            Operator::Exists => "EXISTS",
+            Operator::NotExists => "NOT_EXISTS",
+        })
+    }
+}
+
+impl std::fmt::Display for Aggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Aggregate::Count => "COUNT",
+            Aggregate::Sum => "SUM",
+            Aggregate::Min => "MIN",
+            Aggregate::Max => "MAX",
+            Aggregate::Avg => "AVG",
+            Aggregate::DistinctUsers => "DISTINCT_USERS",
+        })
+    }
+}
+
 impl Operator {
     fn is_ordering(self) -> bool {
         matches!(self, Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte)
@@ -214,7 +245,7 @@ pub fn validate(
                     )?;
                     if let Some(t) = type_of(attribute).filter(|t| *t != AttributeType::Number) {
                         return Err(invalid(format!(
-                            "{field}.attribute: {aggregate:?} needs a NUMBER attribute, {attribute:?} is {t}"
+                            "{field}.attribute: {aggregate} needs a NUMBER attribute, {attribute:?} is {t}"
                         )));
                     }
                 }
@@ -283,7 +314,7 @@ fn validate_attribute(
         }
         values.iter().collect()
     } else {
-        vec![value.ok_or_else(|| invalid(format!("{field}.value: required for {op:?}")))?]
+        vec![value.ok_or_else(|| invalid(format!("{field}.value: required for {op}")))?]
     };
     // An attribute not defined yet is compared by the comparison value's type.
     let ty = type_of(attribute).unwrap_or_else(|| natural_type(inputs[0]));
@@ -296,7 +327,7 @@ fn validate_attribute(
     };
     if !allowed {
         return Err(invalid(format!(
-            "{field}.op: {op:?} cannot compare attribute {attribute:?} of type {ty}"
+            "{field}.op: {op} cannot compare attribute {attribute:?} of type {ty}"
         )));
     }
     let values = inputs

@@ -1,0 +1,634 @@
+//! The trigger engine (SPEC §3 TriggerService, evaluation semantics).
+
+mod common;
+
+use common::*;
+use engage::proto;
+use engage::proto::{Aggregate as A, Operator as Op};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_triggers_on_one_event_both_fire_with_rendered_payloads() {
+    let server = TestServer::start().await;
+    server
+        .schema()
+        .await
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "price".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut t = server.triggers().await;
+    let email = create_trigger(
+        &mut t,
+        trigger(
+            "event.purchase",
+            "send_email",
+            "Hi {{ user_id }}, thanks for {{ event.attributes.product }} at ${{ event.attributes.price }} \
+             ({{ event.name }}, {{ trigger.name }}){% if event.attributes.express %} express{% endif %}",
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(!email.id.is_empty());
+    assert_eq!(email.event_name, "purchase");
+    let hook = create_trigger(
+        &mut t,
+        trigger("purchase", "webhook", "{{ event.event_id }}|{{ trigger.id }}"),
+    )
+    .await
+    .unwrap();
+    let mut c = server.events().await;
+    let mut e = event_at("ann", "purchase", "order-7", 1_700_000_000);
+    e.attributes.insert("price".into(), s("39"));
+    e.attributes.insert("product".into(), s("Blue shoes"));
+    e.attributes.insert("express".into(), b(true));
+    let r = track(&mut c, e).await.unwrap();
+    assert_eq!(r.actions_fired, 2);
+    let mut a = server.actions().await;
+    let mut actions = user_actions(&mut a, "ann").await;
+    actions.reverse();
+    assert_eq!(actions.len(), 2);
+    assert_eq!(actions[0].trigger_id, email.id);
+    assert_eq!(actions[0].r#type, "send_email");
+    assert_eq!(
+        actions[0].payload,
+        "Hi ann, thanks for Blue shoes at $39 (purchase, send_email on event.purchase) express"
+    );
+    assert_eq!(actions[1].payload, format!("order-7|{}", hook.id));
+    assert_eq!(actions[1].sequence, actions[0].sequence + 1);
+    assert_eq!(actions[0].event_id, "order-7");
+    let ev = actions[0].event.as_ref().unwrap();
+    assert_eq!(ev.sequence, r.sequence);
+    assert!(!actions[0].action_id.is_empty() && actions[0].action_id != actions[1].action_id);
+    // Another event name fires nothing; a duplicate fires nothing.
+    assert_eq!(
+        track(&mut c, event("ann", "view", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    let again = track(&mut c, event_at("ann", "purchase", "order-7", 1_700_000_000))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.actions_fired, 0);
+    assert_eq!(user_actions(&mut a, "ann").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn triggers_never_fire_retroactively() {
+    let server = TestServer::start().await;
+    let mut c = server.events().await;
+    for i in 0..3 {
+        track(&mut c, event_at("bob", "purchase", "", 1_000 + i))
+            .await
+            .unwrap();
+    }
+    let mut t = server.triggers().await;
+    let mut more_than_two = trigger("purchase", "vip", "");
+    more_than_two.condition = Some(history_cond(history("purchase", A::Count, "", Op::Gt, 2.0)));
+    create_trigger(&mut t, more_than_two).await.unwrap();
+    let mut a = server.actions().await;
+    assert!(
+        user_actions(&mut a, "bob").await.is_empty(),
+        "nothing fires on creation"
+    );
+    // The next event fires, and history includes the events stored before the trigger.
+    assert_eq!(
+        track(&mut c, event_at("bob", "purchase", "", 2_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_count_fires_on_the_nth_event() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut nth = trigger("purchase", "loyal", "{{ user_id }}");
+    nth.condition = Some(history_cond(history(
+        "purchase",
+        A::Unspecified,
+        "",
+        Op::Gte,
+        3.0,
+    )));
+    create_trigger(&mut t, nth).await.unwrap();
+    let mut c = server.events().await;
+    let fired: Vec<u32> = {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            v.push(
+                track(&mut c, event_at("cy", "purchase", "", 1_000 + i))
+                    .await
+                    .unwrap()
+                    .actions_fired,
+            );
+        }
+        v
+    };
+    assert_eq!(fired, [0, 0, 1, 1, 1]);
+    // Within one batch too: the group sees its own earlier events.
+    let results = c
+        .track_events(proto::TrackEventsRequest {
+            events: (0..4)
+                .map(|i| event_at("dee", "purchase", "", 1_000 + i))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let fired: Vec<u32> = results.iter().map(|r| r.actions_fired).collect();
+    assert_eq!(fired, [0, 0, 1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_windows_where_and_number_aggregates() {
+    let server = TestServer::start().await;
+    server
+        .schema()
+        .await
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "amount".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut t = server.triggers().await;
+    // One payment over 500 within the last hour (the event itself counts).
+    let mut big = history("payment", A::Count, "", Op::Gte, 1.0);
+    big.r#where = Some(Box::new(attr_cond("amount", Op::Gt, s("500"))));
+    big.within = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    let mut big_payment = trigger("payment", "big", "");
+    big_payment.condition = Some(history_cond(big));
+    let big_id = create_trigger(&mut t, big_payment).await.unwrap().id;
+    // Spent over 1000 in total.
+    let mut spender = trigger("payment", "spender", "");
+    spender.condition = Some(history_cond(history("payment", A::Sum, "amount", Op::Gt, 1000.0)));
+    spender.once_per_user = true;
+    let spender_id = create_trigger(&mut t, spender).await.unwrap().id;
+
+    let mut c = server.events().await;
+    let pay = |user: &str, amount: f64, at: i64| {
+        let mut e = event_at(user, "payment", "", at);
+        e.attributes.insert("amount".into(), n(amount));
+        e
+    };
+    let t0 = 1_700_000_000;
+    let mut fired_by = Vec::new();
+    for (amount, at) in [
+        (600.0, t0),
+        (100.0, t0 + 1800),
+        (100.0, t0 + 7200),
+        (400.0, t0 + 7300),
+        (50.0, t0 + 7400),
+    ] {
+        track(&mut c, pay("eve", amount, at)).await.unwrap();
+        let mut a = server.actions().await;
+        let triggers: Vec<String> = user_actions(&mut a, "eve")
+            .await
+            .into_iter()
+            .map(|a| a.trigger_id)
+            .collect();
+        fired_by.push((
+            triggers.iter().filter(|t| **t == big_id).count(),
+            triggers.iter().filter(|t| **t == spender_id).count(),
+        ));
+    }
+    // big: fires at t0 (600 in window), t0+1800 (600 still in window), not at t0+7200 (600 out).
+    // spender: total passes 1000 at the 4th payment (1200), once per user.
+    assert_eq!(fired_by, [(1, 0), (2, 0), (2, 0), (2, 1), (2, 1)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attribute_conditions_read_the_triggering_event() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut blue_shoes = trigger("purchase", "promo", "");
+    blue_shoes.condition = Some(all(vec![
+        attr_cond("color", Op::Eq, s("blue")),
+        attr_cond("price", Op::Gt, n(150.0)),
+    ]));
+    create_trigger(&mut t, blue_shoes).await.unwrap();
+    let mut c = server.events().await;
+    let buy = |color: &str, price: f64| event("fay", "purchase", &[("color", s(color)), ("price", n(price))]);
+    // price is not defined, so a number creates... a STRING attribute: define it first.
+    server
+        .schema()
+        .await
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "price".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(track(&mut c, buy("blue", 200.0)).await.unwrap().actions_fired, 1);
+    assert_eq!(track(&mut c, buy("blue", 100.0)).await.unwrap().actions_fired, 0);
+    assert_eq!(track(&mut c, buy("red", 200.0)).await.unwrap().actions_fired, 0);
+    assert_eq!(
+        track(&mut c, event("fay", "purchase", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cooldown_and_once_per_user_limit_firings_per_user() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut once = trigger("login", "welcome", "");
+    once.once_per_user = true;
+    create_trigger(&mut t, once).await.unwrap();
+    let mut cool = trigger("login", "digest", "");
+    cool.cooldown = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    create_trigger(&mut t, cool).await.unwrap();
+    let mut c = server.events().await;
+    let fired: Vec<u32> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                track(&mut c, event("gus", "login", &[]))
+                    .await
+                    .unwrap()
+                    .actions_fired,
+            );
+        }
+        v
+    };
+    assert_eq!(fired, [2, 0, 0]);
+    assert_eq!(
+        track(&mut c, event("hal", "login", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        2,
+        "per user"
+    );
+    // Kept across a restart.
+    let server = server.restart().await;
+    let mut c = server.events().await;
+    assert_eq!(
+        track(&mut c, event("gus", "login", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_update_and_delete_change_what_fires() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut c = server.events().await;
+    let created = create_trigger(&mut t, trigger("click", "ping", "v1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        track(&mut c, event("ida", "click", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+
+    let mut paused = created.clone();
+    paused.paused = true;
+    let updated = t
+        .update_trigger(proto::UpdateTriggerRequest {
+            trigger: Some(paused),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(updated.paused);
+    assert_eq!(updated.created_at, created.created_at);
+    let secs = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+    assert!(secs(&updated.updated_at) >= secs(&created.updated_at));
+    assert_eq!(
+        track(&mut c, event("ida", "click", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+
+    let mut v2 = created.clone();
+    v2.action = Some(proto::ActionTemplate {
+        r#type: "ping".into(),
+        payload_template: "v2".into(),
+    });
+    v2.event_name = "tap".into();
+    t.update_trigger(proto::UpdateTriggerRequest { trigger: Some(v2) })
+        .await
+        .unwrap();
+    assert_eq!(
+        track(&mut c, event("ida", "click", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    assert_eq!(
+        track(&mut c, event("ida", "tap", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+    let mut a = server.actions().await;
+    assert_eq!(user_actions(&mut a, "ida").await[0].payload, "v2");
+
+    t.delete_trigger(proto::DeleteTriggerRequest {
+        id: created.id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        track(&mut c, event("ida", "tap", &[]))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    let err = t
+        .get_trigger(proto::GetTriggerRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = t
+        .delete_trigger(proto::DeleteTriggerRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = t
+        .update_trigger(proto::UpdateTriggerRequest {
+            trigger: Some(created),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Fired actions outlive their trigger.
+    assert_eq!(user_actions(&mut a, "ida").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crud_lists_in_creation_order_with_paging_and_a_name_filter() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let name = if i % 2 == 0 { "even" } else { "odd" };
+        ids.push(create_trigger(&mut t, trigger(name, "x", "")).await.unwrap().id);
+    }
+    let list = |event_name: &str, page_size: u32, page_token: String| proto::ListTriggersRequest {
+        page_size,
+        page_token,
+        event_name: event_name.into(),
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = t.list_triggers(list("", 3, token)).await.unwrap().into_inner();
+        assert!(page.triggers.len() <= 3);
+        seen.extend(page.triggers.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids);
+    let odd = t
+        .list_triggers(list("event.odd", 0, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(odd.triggers.len(), 3);
+    assert!(odd.triggers.iter().all(|t| t.event_name == "odd"));
+    let got = t
+        .get_trigger(proto::GetTriggerRequest { id: ids[0].clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.event_name, "even");
+    // Kept across a restart, index included.
+    let server = server.restart().await;
+    let mut t = server.triggers().await;
+    assert_eq!(
+        t.list_triggers(list("", 0, String::new()))
+            .await
+            .unwrap()
+            .into_inner()
+            .triggers
+            .len(),
+        7
+    );
+    let mut c = server.events().await;
+    assert_eq!(
+        track(&mut c, event("u", "odd", &[])).await.unwrap().actions_fired,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_condition_round_trips_as_submitted() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut h = history("payment", A::Count, "", Op::Gte, 1.0);
+    h.r#where = Some(Box::new(attr_cond("amount", Op::Gt, n(500.0))));
+    h.within = Some(prost_types::Duration {
+        seconds: 60,
+        nanos: 5,
+    });
+    let mut tr = trigger("payment", "x", "");
+    tr.condition = Some(all(vec![
+        history_cond(h),
+        attr_cond("currency", Op::Eq, s("EUR")),
+    ]));
+    tr.cooldown = Some(prost_types::Duration {
+        seconds: 10,
+        nanos: 0,
+    });
+    let created = create_trigger(&mut t, tr.clone()).await.unwrap();
+    assert_eq!(created.condition, tr.condition);
+    assert_eq!(created.cooldown, tr.cooldown);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_triggers_name_the_part_that_is_wrong_and_store_nothing() {
+    let server = TestServer::start().await;
+    server
+        .schema()
+        .await
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "color".into(),
+            r#type: proto::AttributeType::String as i32,
+            description: String::new(),
+        })
+        .await
+        .unwrap();
+    let with = |edit: &dyn Fn(&mut proto::Trigger)| {
+        let mut t = trigger("purchase", "send_email", "Hi {{ user_id }}");
+        edit(&mut t);
+        t
+    };
+    let cond = |c: proto::Condition| move |t: &mut proto::Trigger| t.condition = Some(c.clone());
+    let in_without_values = proto::Condition {
+        kind: Some(proto::condition::Kind::Attribute(proto::AttributeCondition {
+            attribute: "color".into(),
+            op: Op::In as i32,
+            value: None,
+            values: vec![],
+        })),
+    };
+    let cases: Vec<(proto::Trigger, Code, &str)> = vec![
+        (
+            with(&|t| t.event_name.clear()),
+            Code::InvalidArgument,
+            "trigger.event_name",
+        ),
+        (
+            with(&|t| t.action = None),
+            Code::InvalidArgument,
+            "trigger.action",
+        ),
+        (
+            with(&|t| t.action.as_mut().unwrap().r#type.clear()),
+            Code::InvalidArgument,
+            "trigger.action.type",
+        ),
+        (
+            with(&|t| t.action.as_mut().unwrap().payload_template = "{{ user_id ".into()),
+            Code::InvalidArgument,
+            "trigger.action.payload_template",
+        ),
+        (
+            with(&cond(attr_cond("color", Op::Gt, s("b")))),
+            Code::InvalidArgument,
+            "trigger.condition.attribute.op",
+        ),
+        (
+            with(&cond(attr_cond("color", Op::Unspecified, s("b")))),
+            Code::InvalidArgument,
+            "trigger.condition.attribute.op",
+        ),
+        (
+            with(&cond(in_without_values.clone())),
+            Code::InvalidArgument,
+            "trigger.condition.attribute.values",
+        ),
+        (
+            with(&cond(all(vec![
+                attr_cond("ok", Op::Eq, s("x")),
+                attr_cond("bad name", Op::Eq, s("x")),
+            ]))),
+            Code::InvalidArgument,
+            "trigger.condition.all.conditions[1].attribute.attribute",
+        ),
+        (
+            with(&cond(history_cond(history(
+                "purchase",
+                A::Sum,
+                "color",
+                Op::Gt,
+                1.0,
+            )))),
+            Code::InvalidArgument,
+            "trigger.condition.history.attribute",
+        ),
+        (
+            with(&cond(history_cond(history(
+                "purchase",
+                A::DistinctUsers,
+                "",
+                Op::Gt,
+                1.0,
+            )))),
+            Code::InvalidArgument,
+            "trigger.condition.history.aggregate",
+        ),
+        (
+            with(&cond(history_cond(history(
+                "purchase",
+                A::Count,
+                "",
+                Op::Contains,
+                1.0,
+            )))),
+            Code::InvalidArgument,
+            "trigger.condition.history.op",
+        ),
+        (
+            with(&cond(history_cond(history("", A::Count, "", Op::Gt, 1.0)))),
+            Code::InvalidArgument,
+            "trigger.condition.history.event_name",
+        ),
+        (
+            with(&cond(proto::Condition { kind: None })),
+            Code::InvalidArgument,
+            "trigger.condition",
+        ),
+        (
+            with(&|t| {
+                t.cooldown = Some(prost_types::Duration {
+                    seconds: -1,
+                    nanos: 0,
+                })
+            }),
+            Code::InvalidArgument,
+            "trigger.cooldown",
+        ),
+        (
+            with(&|t| {
+                t.delay = Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                })
+            }),
+            Code::Unimplemented,
+            "trigger.delay",
+        ),
+    ];
+    let mut t = server.triggers().await;
+    for (tr, code, field) in cases {
+        let err = create_trigger(&mut t, tr).await.unwrap_err();
+        assert_eq!(err.code(), code, "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(field),
+            "{:?} should start with {field}",
+            err.message()
+        );
+    }
+    let list = t
+        .list_triggers(proto::ListTriggersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.triggers.is_empty(), "nothing stored");
+    let err = t
+        .create_trigger(proto::CreateTriggerRequest { trigger: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
