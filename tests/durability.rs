@@ -114,3 +114,70 @@ async fn sigkill_under_concurrent_writers_loses_no_acknowledged_event() {
     }
     assert!(acked.lock().unwrap().len() >= 3 * KILL_AFTER_ACKS);
 }
+
+/// The actions of acknowledged events survive SIGKILL, the log stays gap-free, and no action
+/// exists for an event that was not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_keeps_the_actions_of_acknowledged_events() {
+    use engage::proto::action_service_client::ActionServiceClient;
+    use engage::proto::trigger_service_client::TriggerServiceClient;
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = data_dir(&tmp);
+    let acked: Acked = Arc::default();
+    let child = ChildServer::spawn_with(&dir, &["--flush-every-ms", "60000"]);
+    let mut t = TriggerServiceClient::new(connect(child.addr).await);
+    create_trigger(&mut t, trigger("crash_test", "notify", "{{ event.event_id }}"))
+        .await
+        .unwrap();
+    write_until_killed(child, 0, acked.clone()).await;
+
+    let child = ChildServer::spawn(&dir);
+    let mut a = ActionServiceClient::new(connect(child.addr).await);
+    let mut stream = a
+        .subscribe_actions(proto::SubscribeActionsRequest {
+            start: proto::StartFrom::Earliest as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = child.events().await;
+    let mut stored = HashMap::new();
+    for w in 0..WRITERS {
+        for e in timeline(&mut c, &format!("writer-{w}")).await {
+            stored.insert(e.event_id, e.sequence);
+        }
+    }
+    // Every stored event fired exactly one action (the trigger matches them all).
+    let mut by_event = HashMap::new();
+    for expected in 1..=stored.len() as u64 {
+        let action = stream.message().await.unwrap().unwrap();
+        assert_eq!(action.sequence, expected, "the action log is gap-free");
+        assert!(
+            stored.contains_key(&action.event_id),
+            "action for an unstored event"
+        );
+        assert_eq!(action.payload, action.event_id);
+        by_event.insert(action.event_id, action.sequence);
+    }
+    let newest = a
+        .list_fired_actions(proto::ListFiredActionsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        newest.actions[0].sequence,
+        stored.len() as u64,
+        "no action beyond the stored events"
+    );
+    let acked = acked.lock().unwrap().clone();
+    for id in acked.keys() {
+        assert!(
+            by_event.contains_key(id),
+            "the action of acknowledged event {id} was lost"
+        );
+    }
+}
