@@ -72,6 +72,9 @@ struct RunArgs {
     /// The engage binary to start (build it with --release first).
     #[arg(long, default_value = "target/release/engage")]
     engage_bin: PathBuf,
+    /// Events per second for the action latency scenario (default: half the unary rate).
+    #[arg(long, default_value_t = 0.0)]
+    latency_rate: f64,
     /// Only run scenarios whose name contains this text.
     #[arg(long, default_value = "")]
     only: String,
@@ -369,6 +372,130 @@ fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64) ->
     }
 }
 
+/// Creates `matching` triggers on the benchmark's event (each with a condition that holds and a
+/// template) and `other` triggers on other event names, 64 calls at a time.
+async fn create_triggers(addr: SocketAddr, matching: usize, other: usize) {
+    use proto::trigger_service_client::TriggerServiceClient;
+    let client = TriggerServiceClient::new(channel(addr).await);
+    let specs: Vec<(String, bool)> = (0..matching)
+        .map(|_| ("product_purchased".to_string(), true))
+        .chain((0..other).map(|i| (format!("other_event_{i}"), false)))
+        .collect();
+    let mut pending = Vec::new();
+    for chunk in specs.chunks(specs.len().div_ceil(64).max(1)) {
+        let chunk = chunk.to_vec();
+        let mut client = client.clone();
+        pending.push(tokio::spawn(async move {
+            for (event_name, with_condition) in chunk {
+                let condition = with_condition.then(|| proto::Condition {
+                    kind: Some(proto::condition::Kind::Attribute(proto::AttributeCondition {
+                        attribute: "price".into(),
+                        op: proto::Operator::Exists as i32,
+                        value: None,
+                        values: vec![],
+                    })),
+                });
+                let trigger = proto::Trigger {
+                    name: format!("bench {event_name}"),
+                    event_name,
+                    condition,
+                    action: Some(proto::ActionTemplate {
+                        r#type: "webhook".into(),
+                        payload_template:
+                            "{\"user\": \"{{ user_id }}\", \"sku\": \"{{ event.attributes.sku }}\"}".into(),
+                    }),
+                    ..Default::default()
+                };
+                client
+                    .create_trigger(proto::CreateTriggerRequest {
+                        trigger: Some(trigger),
+                    })
+                    .await
+                    .expect("create trigger");
+            }
+        }));
+    }
+    for p in pending {
+        p.await.expect("create triggers");
+    }
+}
+
+/// Open-loop unary TrackEvent at `rate` per second with one subscriber; latency is from sending
+/// an event to receiving its action on the stream.
+async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64) -> Report {
+    use proto::action_service_client::ActionServiceClient;
+    use proto::event_service_client::EventServiceClient;
+    use std::sync::{Arc, Mutex};
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut stream = ActionServiceClient::new(channel(addr).await)
+        .subscribe_actions(proto::SubscribeActionsRequest {
+            start: proto::StartFrom::Latest as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
+    let receiver = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut hist = histogram();
+            loop {
+                tokio::select! {
+                    _ = &mut done => return hist,
+                    msg = stream.message() => match msg {
+                        Ok(Some(action)) => {
+                            let at = sent.lock().expect("sent map").remove(&action.event_id);
+                            if let Some(at) = at {
+                                let _ = hist.record(at.elapsed().as_micros().max(1) as u64);
+                            }
+                        }
+                        _ => return hist,
+                    },
+                }
+            }
+        })
+    };
+    let client = EventServiceClient::new(channel(addr).await);
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        let mut e = wire_event(i, users);
+        e.event_id = format!("lat-{i}");
+        i += 1;
+        sent.lock()
+            .expect("sent map")
+            .insert(e.event_id.clone(), Instant::now());
+        let mut client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client
+                .track_event(proto::TrackEventRequest { event: Some(e) })
+                .await
+                .expect("TrackEvent");
+        }));
+    }
+    for c in calls {
+        c.await.expect("call");
+    }
+    let elapsed = start.elapsed();
+    // Every action arrives; then stop the receiver.
+    while !sent.lock().expect("sent map").is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = done_tx.send(());
+    let hist = receiver.await.expect("receiver");
+    Report {
+        name: "action latency".into(),
+        events: i,
+        elapsed,
+        latency_us: hist,
+    }
+}
+
 /// A child process that printed its address; killed on drop.
 struct Proc {
     child: Child,
@@ -540,15 +667,48 @@ async fn run(args: RunArgs) {
         r.print();
         reports.insert(name, r);
     }
+    for (name, matching, other) in [("10 matching triggers", 10, 0), ("10k other triggers", 0, 10_000)] {
+        if !wanted(name) {
+            continue;
+        }
+        let proc = start_engage(&args.engage_bin);
+        create_triggers(proc.addr, matching, other).await;
+        let r = grpc_load(
+            name,
+            proc.addr,
+            args.secs,
+            args.batch_size,
+            args.batch_in_flight,
+            args.users,
+        )
+        .await;
+        r.print();
+        reports.insert(name, r);
+    }
+    if wanted("action latency") {
+        // Half the sustainable unary rate of this run (or of --latency-rate).
+        let rate = match (args.latency_rate, reports.get("engage unary")) {
+            (r, _) if r > 0.0 => r,
+            (_, Some(unary)) => unary.rate() / 2.0,
+            _ => 5_000.0,
+        };
+        let proc = start_engage(&args.engage_bin);
+        create_triggers(proc.addr, 1, 0).await;
+        let r = action_latency(proc.addr, args.secs, rate, args.users).await;
+        r.print();
+        println!("  (event sent -> its action received by a subscriber, at {rate:.0} events/s)");
+    }
     println!();
     for (a, b) in [
         ("engage batch", "sled batch"),
         ("engage batch", "echo batch"),
         ("engage unary", "echo unary"),
         ("engage unary", "sled unary"),
+        ("10 matching triggers", "engage batch"),
+        ("10k other triggers", "engage batch"),
     ] {
         if let (Some(x), Some(y)) = (reports.get(a), reports.get(b)) {
-            println!("{a:<14} / {b:<12} = {:.2}", x.rate() / y.rate());
+            println!("{a:<20} / {b:<12} = {:.2}", x.rate() / y.rate());
         }
     }
 }

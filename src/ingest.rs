@@ -251,7 +251,11 @@ impl Ingest {
             triggers,
             by_name: HashMap::new(),
             history_triggers: 0,
+            templates: template::Templates::default(),
         };
+        for t in writer.triggers.values() {
+            writer.templates.set(&t.id, &t.action.payload_template);
+        }
         writer.reindex();
         let writer = thread::Builder::new()
             .name("engage-writer".into())
@@ -374,6 +378,7 @@ impl Ingest {
             if writer.triggers.remove(&id).is_none() {
                 return Err(Error::NotFound(format!("id: no trigger {id:?}")));
             }
+            writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
             group.batch.remove_keys(writer.store.firing_state_keys(&id)?);
             group.firing.retain(|(t, _), _| t != &id);
@@ -460,6 +465,7 @@ pub struct Writer {
     by_name: HashMap<String, Vec<Arc<Trigger>>>,
     /// Active triggers with a history condition; when 0, groups keep no event overlay.
     history_triggers: usize,
+    templates: template::Templates,
 }
 
 /// The writes of one group, before they are applied, and what they change in memory.
@@ -598,6 +604,7 @@ impl Writer {
 
     fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) {
         group.batch.put_trigger(&trigger);
+        self.templates.set(&trigger.id, &trigger.action.payload_template);
         self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
         group.triggers_changed = true;
         self.reindex();
@@ -744,13 +751,14 @@ impl Writer {
     }
 
     /// The triggers on `event`'s name whose condition holds and whose once/cooldown allow a
-    /// firing now, with their new firing state.
+    /// firing now, with their firing state (`None` when the trigger has neither limit, so
+    /// nothing needs tracking).
     fn matching_triggers(
         &self,
         event: &Event,
         aggregate: &UserNameAggregate,
         group: &Group,
-    ) -> Result<Vec<(Arc<Trigger>, FiringState)>, Error> {
+    ) -> Result<Vec<(Arc<Trigger>, Option<FiringState>)>, Error> {
         let Some(candidates) = self.by_name.get(&event.name) else {
             return Ok(Vec::new());
         };
@@ -775,6 +783,10 @@ impl Writer {
                     continue;
                 }
             }
+            if !trigger.once_per_user && trigger.cooldown_nanos.is_none() {
+                out.push((trigger.clone(), None));
+                continue;
+            }
             let key = (trigger.id.clone(), event.user_id.clone());
             let state = match group.firing.get(&key) {
                 Some(s) => s.clone(),
@@ -791,7 +803,7 @@ impl Writer {
                     continue;
                 }
             }
-            out.push((trigger.clone(), state));
+            out.push((trigger.clone(), Some(state)));
         }
         Ok(out)
     }
@@ -841,7 +853,7 @@ impl Writer {
         for pos in self.store.named_positions(user, &h.event_name, after, reference) {
             let pos = pos?;
             if needs_event {
-                if let Some(e) = self.store.event_at(user, pos)? {
+                if let Some(e) = self.store.event_at(user, &h.event_name, pos)? {
                     add(&e, &mut acc);
                 }
             } else {
@@ -863,14 +875,12 @@ impl Writer {
     fn fire(
         &mut self,
         event: &Event,
-        firing: Vec<(Arc<Trigger>, FiringState)>,
+        firing: Vec<(Arc<Trigger>, Option<FiringState>)>,
         group: &mut Group,
         now: Timestamp,
     ) -> u32 {
         let mut fired = 0;
-        for (trigger, mut state) in firing {
-            state.firings += 1;
-            state.last_fired_at = Some(now);
+        for (trigger, state) in firing {
             self.last_action_seq += 1;
             let action = FiredAction {
                 sequence: self.last_action_seq,
@@ -890,9 +900,13 @@ impl Writer {
                 event: Some(event.clone()),
             };
             group.batch.put_action(&action);
-            group
-                .firing
-                .insert((trigger.id.clone(), event.user_id.clone()), state);
+            if let Some(mut state) = state {
+                state.firings += 1;
+                state.last_fired_at = Some(now);
+                group
+                    .firing
+                    .insert((trigger.id.clone(), event.user_id.clone()), state);
+            }
             fired += 1;
         }
         fired

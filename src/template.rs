@@ -52,17 +52,14 @@ fn attribute(v: &Value) -> J {
     }
 }
 
-/// Renders `source` for `event` fired by trigger (`trigger_id`, `trigger_name`).
-pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
-    if source.is_empty() {
-        return String::new();
-    }
+/// The variables a payload template sees.
+fn context(event: &Event, trigger_id: &str, trigger_name: &str) -> J {
     let attributes: BTreeMap<&str, J> = event
         .attributes
         .iter()
         .map(|(k, v)| (k.as_str(), attribute(v)))
         .collect();
-    let ctx = minijinja::context! {
+    minijinja::context! {
         user_id => event.user_id.as_str(),
         event => minijinja::context! {
             name => event.name.as_str(),
@@ -71,14 +68,64 @@ pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str)
             attributes => attributes,
         },
         trigger => minijinja::context! { id => trigger_id, name => trigger_name },
-    };
-    match environment().render_str(source, ctx) {
-        Ok(text) => text,
-        Err(e) => {
-            tracing::warn!(trigger_id, error = %e, "payload template failed at fire time; rendering empty");
-            String::new()
+    }
+}
+
+fn rendered(result: Result<String, minijinja::Error>, trigger_id: &str) -> String {
+    result.unwrap_or_else(|e| {
+        tracing::warn!(trigger_id, error = %e, "payload template failed at fire time; rendering empty");
+        String::new()
+    })
+}
+
+/// The compiled payload templates of every trigger, by trigger id: parsed once when a trigger is
+/// stored, not on every firing.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self { env: environment() }
+    }
+}
+
+impl Templates {
+    /// Compiles (or replaces) a trigger's template. Templates are checked at submission, so a
+    /// failure here means stored data no longer parses: the trigger then renders empty.
+    pub fn set(&mut self, trigger_id: &str, source: &str) {
+        if let Err(e) = self
+            .env
+            .add_template_owned(trigger_id.to_string(), source.to_string())
+        {
+            tracing::error!(trigger_id, error = %e, "stored payload template does not parse");
+            self.env.remove_template(trigger_id);
         }
     }
+
+    /// Forgets a trigger's template.
+    pub fn remove(&mut self, trigger_id: &str) {
+        self.env.remove_template(trigger_id);
+    }
+
+    /// Renders a trigger's payload for `event`; never fails (see the module documentation).
+    pub fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event) -> String {
+        match self.env.get_template(trigger_id) {
+            Ok(t) => rendered(t.render(context(event, trigger_id, trigger_name)), trigger_id),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// Renders `source` once (compiling it on the spot) for `event` fired by a trigger.
+pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
+    if source.is_empty() {
+        return String::new();
+    }
+    rendered(
+        environment().render_str(source, context(event, trigger_id, trigger_name)),
+        trigger_id,
+    )
 }
 
 #[cfg(test)]
@@ -136,6 +183,16 @@ mod tests {
             render("{% for i in range(100000) %}x{% endfor %}", &event(), "t", "n"),
             ""
         );
+    }
+
+    #[test]
+    fn compiled_templates_render_like_one_off_ones() {
+        let mut t = Templates::default();
+        let source = "{{ trigger.name }}: {{ event.attributes.price }} for {{ user_id }}";
+        t.set("t1", source);
+        assert_eq!(t.render("t1", "n", &event()), render(source, &event(), "t1", "n"));
+        t.remove("t1");
+        assert_eq!(t.render("t1", "n", &event()), "");
     }
 
     #[test]

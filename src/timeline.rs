@@ -1,6 +1,6 @@
 //! User timelines: one user's events by `occurred_at` (ties by `sequence`), paged with opaque
-//! tokens. A read touches only the requested user's keys (see `store`); an `event_name` filter is
-//! applied while scanning that user's range.
+//! tokens. A read touches only the requested user's keys (see `store`): with an `event_name`
+//! filter exactly one range, without it one range per name the user has, merged.
 
 use std::ops::Bound;
 
@@ -96,8 +96,8 @@ fn decode_token(q: &TimelineQuery) -> Result<Option<TimelinePos>, Error> {
     Ok(Some((ts, u64::from_be_bytes(num(13..21)))))
 }
 
-/// Reads one page of a user's timeline. Costs one range scan of the user's keys, stopping after
-/// `page_size` matching events (one extra to know whether another page exists).
+/// Reads one page of a user's timeline: `page_size` + 1 events read (the extra one tells whether
+/// another page exists), plus, without a name filter, a scan of the user's event names.
 pub fn read(store: &Store, q: &TimelineQuery) -> Result<TimelinePage, Error> {
     if let (Some(from), Some(to)) = (q.from, q.to) {
         if from >= to {
@@ -121,11 +121,9 @@ pub fn read(store: &Store, q: &TimelineQuery) -> Result<TimelinePage, Error> {
     let size = q.page_size.clamp(1, MAX_PAGE_SIZE);
     let mut events = Vec::with_capacity(size.min(64));
     let mut more = false;
-    for event in store.timeline(&q.user_id, lower, upper, !q.oldest_first) {
+    let name = (!q.event_name.is_empty()).then_some(q.event_name.as_str());
+    for event in store.timeline(&q.user_id, name, lower, upper, !q.oldest_first)? {
         let event = event?;
-        if !q.event_name.is_empty() && event.name != q.event_name {
-            continue;
-        }
         if events.len() == size {
             more = true;
             break;

@@ -10,8 +10,7 @@
 //!
 //! | prefix | key                                              | value                       |
 //! |--------|--------------------------------------------------|-----------------------------|
-//! | `T`    | `T` user_id 0x00 occurred_at(12) sequence(8)     | postcard [`Event`]          |
-//! | `N`    | `N` user_id 0x00 name 0x00 occurred_at(12) sequence(8) | empty: a user's events of one name |
+//! | `T`    | `T` user_id 0x00 name 0x00 occurred_at(12) sequence(8) | postcard [`Event`]    |
 //! | `G`    | `G` user_id 0x00 name                            | postcard [`UserNameAggregate`] |
 //! | `I`    | `I` event_id                                     | sequence(8) (client ids only) |
 //! | `A`    | `A` attribute name                               | postcard [`AttributeDefinition`] |
@@ -28,10 +27,12 @@
 //! keeps each prefix's keys contiguous. The action log is keyed by sequence, so replay is a range
 //! scan and retention deletes a prefix.
 //!
-//! The timeline key puts the user first so one user's events are one contiguous range (a
-//! timeline read never touches other users), then time and sequence so the range is already in
-//! timeline order. User ids may not contain NUL, so the 0x00 terminator keeps users apart and
-//! keeps the keys ordered by user id.
+//! An event is stored once, under its user, then its name, then time and sequence: one user's
+//! events of one name are one contiguous range in time order (history conditions and
+//! name-filtered timelines read exactly that range), and all of a user's events are a handful of
+//! such ranges, one per name the user has (listed by the user's `G` keys), which a timeline read
+//! merges by (time, sequence). No read ever touches another user's keys. User ids may not contain
+//! NUL, so the 0x00 terminator keeps users apart and keeps the keys ordered by user id.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -45,7 +46,6 @@ const TIMELINE: u8 = b'T';
 const EVENT_ID: u8 = b'I';
 const ATTRIBUTE: u8 = b'A';
 const NAME_STATS: u8 = b'S';
-const NAMED: u8 = b'N';
 const AGGREGATE: u8 = b'G';
 const TRIGGER: u8 = b'R';
 const ACTION: u8 = b'F';
@@ -103,21 +103,6 @@ pub fn encode_ts(ts: Timestamp) -> [u8; 12] {
     out
 }
 
-fn user_prefix(user_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(user_id.len() + 22);
-    k.push(TIMELINE);
-    k.extend_from_slice(user_id.as_bytes());
-    k.push(0);
-    k
-}
-
-fn timeline_key(user_id: &str, pos: TimelinePos) -> Vec<u8> {
-    let mut k = user_prefix(user_id);
-    k.extend_from_slice(&encode_ts(pos.0));
-    k.extend_from_slice(&pos.1.to_be_bytes());
-    k
-}
-
 /// `prefix` a 0x00 b: the key of a pair of names (user and event name, trigger and user, ...).
 fn pair(prefix: u8, a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(a.len() + b.len() + 2);
@@ -129,7 +114,7 @@ fn pair(prefix: u8, a: &str, b: &str) -> Vec<u8> {
 }
 
 fn named_prefix(user_id: &str, name: &str) -> Vec<u8> {
-    let mut k = pair(NAMED, user_id, name);
+    let mut k = pair(TIMELINE, user_id, name);
     k.push(0);
     k
 }
@@ -224,10 +209,8 @@ impl WriteBatch {
     pub fn put_event(&mut self, event: &Event) {
         let pos = (event.occurred_at, event.sequence);
         self.batch
-            .insert(timeline_key(&event.user_id, pos), encode(event));
-        self.batch
-            .insert(named_key(&event.user_id, &event.name, pos), &[][..]);
-        self.writes += 2;
+            .insert(named_key(&event.user_id, &event.name, pos), encode(event));
+        self.writes += 1;
     }
 
     /// Stores a user's running aggregates for one event name.
@@ -383,39 +366,61 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
-    /// One user's events within `[lower, upper]` bounds, in timeline order (or reversed),
-    /// reading only that user's keys.
+    /// The names of the events a user has (from the user's aggregate keys).
+    pub fn user_event_names(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let mut prefix = prefixed(AGGREGATE, user_id);
+        prefix.push(0);
+        let plen = prefix.len();
+        self.tree
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok(String::from_utf8_lossy(&k[plen..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// One user's events within `[lower, upper]` bounds, of one name or all, in timeline order
+    /// (or reversed). Reads only that user's keys: one range per event name, merged.
     pub fn timeline(
         &self,
         user_id: &str,
+        name: Option<&str>,
         lower: Bound<TimelinePos>,
         upper: Bound<TimelinePos>,
         newest_first: bool,
-    ) -> impl Iterator<Item = Result<Event, StoreError>> + '_ {
-        let prefix = user_prefix(user_id);
-        let map = |b: Bound<TimelinePos>| match b {
-            Bound::Included(p) => Bound::Included(timeline_key(user_id, p)),
-            Bound::Excluded(p) => Bound::Excluded(timeline_key(user_id, p)),
-            Bound::Unbounded => Bound::Unbounded,
+    ) -> Result<TimelineIter, StoreError> {
+        let names = match name {
+            Some(n) => vec![n.to_string()],
+            None => self.user_event_names(user_id)?,
         };
-        let lo = match map(lower) {
-            Bound::Unbounded => Bound::Included(prefix.clone()),
-            b => b,
-        };
-        let hi = match map(upper) {
-            Bound::Unbounded => Bound::Excluded(end_of(&prefix)),
-            b => b,
-        };
-        let iter = self.tree.range::<Vec<u8>, _>((lo, hi));
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if newest_first {
-            Box::new(iter.rev())
-        } else {
-            Box::new(iter)
-        };
-        iter.map(|kv| {
-            let (k, v) = kv?;
-            decode(&k, &v)
-        })
+        let mut ranges = Vec::with_capacity(names.len());
+        for name in &names {
+            let prefix = named_prefix(user_id, name);
+            let map = |b: Bound<TimelinePos>| match b {
+                Bound::Included(p) => Bound::Included(named_key(user_id, name, p)),
+                Bound::Excluded(p) => Bound::Excluded(named_key(user_id, name, p)),
+                Bound::Unbounded => Bound::Unbounded,
+            };
+            let lo = match map(lower) {
+                Bound::Unbounded => Bound::Included(prefix.clone()),
+                b => b,
+            };
+            let hi = match map(upper) {
+                Bound::Unbounded => Bound::Excluded(end_of(&prefix)),
+                b => b,
+            };
+            let iter = self.tree.range::<Vec<u8>, _>((lo, hi));
+            let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send> =
+                if newest_first {
+                    Box::new(iter.rev())
+                } else {
+                    Box::new(iter)
+                };
+            ranges.push((prefix.len(), iter.peekable()));
+        }
+        Ok(TimelineIter { ranges, newest_first })
     }
 
     /// A user's running aggregates for one event name.
@@ -447,9 +452,9 @@ impl Store {
         })
     }
 
-    /// The event of `user_id` at a timeline position.
-    pub fn event_at(&self, user_id: &str, pos: TimelinePos) -> Result<Option<Event>, StoreError> {
-        let key = timeline_key(user_id, pos);
+    /// The event of `user_id` named `name` at a timeline position.
+    pub fn event_at(&self, user_id: &str, name: &str, pos: TimelinePos) -> Result<Option<Event>, StoreError> {
+        let key = named_key(user_id, name, pos);
         self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
 
@@ -561,6 +566,48 @@ impl Store {
             self.tree.apply_batch(batch)?;
         }
         Ok(n)
+    }
+}
+
+/// A user's events in timeline order: a merge of one range per event name.
+pub struct TimelineIter {
+    ranges: Vec<(
+        usize,
+        std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>>,
+    )>,
+    newest_first: bool,
+}
+
+impl Iterator for TimelineIter {
+    type Item = Result<Event, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut best: Option<(usize, TimelinePos)> = None;
+        for (i, (plen, range)) in self.ranges.iter_mut().enumerate() {
+            let pos = match range.peek() {
+                None => continue,
+                Some(Ok((k, _))) => match decode_ts(k, &k[*plen..]) {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(e)),
+                },
+                Some(Err(_)) => match range.next() {
+                    Some(Err(e)) => return Some(Err(e.into())),
+                    _ => continue,
+                },
+            };
+            let better = match best {
+                None => true,
+                Some((_, b)) => (pos > b) == self.newest_first && pos != b,
+            };
+            if better {
+                best = Some((i, pos));
+            }
+        }
+        let (i, _) = best?;
+        match self.ranges[i].1.next()? {
+            Ok((k, v)) => Some(decode(&k, &v)),
+            Err(e) => Some(Err(e.into())),
+        }
     }
 }
 
