@@ -202,8 +202,9 @@ impl IngestThreads {
     }
 }
 
-/// Most events one group may hold before the writer applies it.
-const MAX_GROUP_EVENTS: usize = 8192;
+/// Most writes one group may hold before the writer applies it: larger groups share fsyncs
+/// better but make sled's batch (and the callers' wait) large; measured best around here.
+const MAX_GROUP_WRITES: usize = 4096;
 
 fn unavailable() -> Error {
     Error::Unavailable("storage failed; the server must be restarted".into())
@@ -484,7 +485,6 @@ pub struct Group {
     firing: HashMap<(String, String), FiringState>,
     consumers: HashMap<String, u64>,
     triggers_changed: bool,
-    events: usize,
 }
 
 impl Group {
@@ -500,10 +500,12 @@ impl Group {
             firing: HashMap::new(),
             consumers: HashMap::new(),
             triggers_changed: false,
-            events: 0,
         }
     }
 }
+
+/// A trigger about to fire, with its firing state when it has once_per_user or a cooldown.
+type Firing = (Arc<Trigger>, Option<FiringState>);
 
 fn has_history(c: &Condition) -> bool {
     match c {
@@ -521,7 +523,7 @@ impl Writer {
             let start_seq = self.last_seq;
             let start_action_seq = self.last_action_seq;
             first(&mut self, &mut group);
-            while group.events < MAX_GROUP_EVENTS {
+            while group.batch.len() < MAX_GROUP_WRITES {
                 match rx.try_recv() {
                     Ok(job) => job(&mut self, &mut group),
                     Err(_) => break,
@@ -740,7 +742,6 @@ impl Writer {
         if self.history_triggers > 0 {
             group.recent.entry(key).or_default().push(stored.clone());
         }
-        group.events += 1;
         let actions_fired = self.fire(&stored, firing, group, now);
         Ok(Tracked {
             event_id: stored.event_id,
@@ -758,7 +759,7 @@ impl Writer {
         event: &Event,
         aggregate: &UserNameAggregate,
         group: &Group,
-    ) -> Result<Vec<(Arc<Trigger>, Option<FiringState>)>, Error> {
+    ) -> Result<Vec<Firing>, Error> {
         let Some(candidates) = self.by_name.get(&event.name) else {
             return Ok(Vec::new());
         };
@@ -872,13 +873,7 @@ impl Writer {
     }
 
     /// Writes the actions of `firing` for `event` into the group; answers how many.
-    fn fire(
-        &mut self,
-        event: &Event,
-        firing: Vec<(Arc<Trigger>, Option<FiringState>)>,
-        group: &mut Group,
-        now: Timestamp,
-    ) -> u32 {
+    fn fire(&mut self, event: &Event, firing: Vec<Firing>, group: &mut Group, now: Timestamp) -> u32 {
         let mut fired = 0;
         for (trigger, state) in firing {
             self.last_action_seq += 1;
@@ -891,12 +886,7 @@ impl Writer {
                 user_id: event.user_id.clone(),
                 event_id: event.event_id.clone(),
                 fired_at: now,
-                payload: template::render(
-                    &trigger.action.payload_template,
-                    event,
-                    &trigger.id,
-                    &trigger.name,
-                ),
+                payload: self.templates.render(&trigger.id, &trigger.name, event),
                 event: Some(event.clone()),
             };
             group.batch.put_action(&action);

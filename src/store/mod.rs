@@ -303,6 +303,11 @@ impl WriteBatch {
     pub fn is_empty(&self) -> bool {
         self.writes == 0
     }
+
+    /// How many writes were added.
+    pub fn len(&self) -> usize {
+        self.writes
+    }
 }
 
 impl Store {
@@ -569,12 +574,12 @@ impl Store {
     }
 }
 
+type KvIter = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>;
+
 /// A user's events in timeline order: a merge of one range per event name.
 pub struct TimelineIter {
-    ranges: Vec<(
-        usize,
-        std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>>,
-    )>,
+    /// Per event name: the key prefix length and the range.
+    ranges: Vec<(usize, std::iter::Peekable<KvIter>)>,
     newest_first: bool,
 }
 
