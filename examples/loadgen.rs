@@ -472,15 +472,23 @@ async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64) -> R
             .insert(e.event_id.clone(), Instant::now());
         let mut client = client.clone();
         calls.push(tokio::spawn(async move {
+            let t = Instant::now();
             client
                 .track_event(proto::TrackEventRequest { event: Some(e) })
                 .await
                 .expect("TrackEvent");
+            t.elapsed()
         }));
     }
+    let mut acked = histogram();
     for c in calls {
-        c.await.expect("call");
+        let _ = acked.record(c.await.expect("call").as_micros().max(1) as u64);
     }
+    println!(
+        "  TrackEvent answered: p50 {:.2} ms, p99 {:.2} ms",
+        acked.value_at_quantile(0.5) as f64 / 1000.0,
+        acked.value_at_quantile(0.99) as f64 / 1000.0
+    );
     let elapsed = start.elapsed();
     // Every action arrives; then stop the receiver.
     while !sent.lock().expect("sent map").is_empty() {
@@ -685,9 +693,16 @@ async fn run(args: RunArgs) {
         r.print();
         reports.insert(name, r);
     }
+    if wanted("unary 1 trigger") || wanted("action latency") {
+        let proc = start_engage(&args.engage_bin);
+        create_triggers(proc.addr, 1, 0).await;
+        let r = grpc_load("unary 1 trigger", proc.addr, args.secs, 0, args.unary_in_flight, args.users).await;
+        r.print();
+        reports.insert("unary 1 trigger", r);
+    }
     if wanted("action latency") {
-        // Half the sustainable unary rate of this run (or of --latency-rate).
-        let rate = match (args.latency_rate, reports.get("engage unary")) {
+        // Half the sustainable unary rate with one matching trigger (or --latency-rate).
+        let rate = match (args.latency_rate, reports.get("unary 1 trigger")) {
             (r, _) if r > 0.0 => r,
             (_, Some(unary)) => unary.rate() / 2.0,
             _ => 5_000.0,
