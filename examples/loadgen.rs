@@ -696,7 +696,15 @@ async fn run(args: RunArgs) {
     if wanted("unary 1 trigger") || wanted("action latency") {
         let proc = start_engage(&args.engage_bin);
         create_triggers(proc.addr, 1, 0).await;
-        let r = grpc_load("unary 1 trigger", proc.addr, args.secs, 0, args.unary_in_flight, args.users).await;
+        let r = grpc_load(
+            "unary 1 trigger",
+            proc.addr,
+            args.secs,
+            0,
+            args.unary_in_flight,
+            args.users,
+        )
+        .await;
         r.print();
         reports.insert("unary 1 trigger", r);
     }

@@ -12,12 +12,16 @@
 //! evaluated here too, on each newly stored event, and the actions they fire join the event's
 //! batch, so an action never exists without its event and both are durable together.
 //!
-//! Cost of one event: its stateless checks, typing, one aggregate read for its (user, name)
-//! (cached for the group), and for each trigger on its name (found through an in-memory index,
-//! so triggers on other names cost nothing) the condition: attribute conditions read the event
-//! only; a history condition without window and `where` reads one aggregate; one with a window
-//! or `where` reads the user's events of that name inside the window (index keys, plus one event
-//! read each when `where` or a number aggregate needs attributes), never other names or users.
+//! Cost of one event: its stateless checks, typing, one write, and for each trigger on its name
+//! (found through an in-memory index, so triggers on other names cost nothing) the condition:
+//! attribute conditions read the event only; a history condition without window and `where`
+//! reads one running aggregate of (user, name); one with a window or `where` reads the user's
+//! events of that name inside the window, never other names or users.
+//!
+//! Running aggregates are maintained only for the names such all-history conditions use (one
+//! read and one write per event of those names). A name starts a new maintenance *epoch* each
+//! time it enters that set; an aggregate from an older epoch, or a missing one, is rebuilt from
+//! the user's events of that name the first time it is needed, so no stale count is ever used.
 //!
 //! Stateless checks ([`prepare`]) run on the caller's task, so they use every core.
 
@@ -252,12 +256,17 @@ impl Ingest {
             triggers,
             by_name: HashMap::new(),
             history_triggers: 0,
+            maintained: HashMap::new(),
+            epochs: loaded.epochs.into_iter().collect(),
             templates: template::Templates::default(),
         };
         for t in writer.triggers.values() {
             writer.templates.set(&t.id, &t.action.payload_template);
         }
-        writer.reindex();
+        // Names maintained before the restart keep their epoch (their triggers wrote it).
+        let mut at_start = WriteBatch::default();
+        writer.reindex(&mut at_start);
+        store.apply(at_start)?;
         let writer = thread::Builder::new()
             .name("engage-writer".into())
             .spawn(move || writer.run(rx, commit_tx))
@@ -384,7 +393,7 @@ impl Ingest {
             group.batch.remove_keys(writer.store.firing_state_keys(&id)?);
             group.firing.retain(|(t, _), _| t != &id);
             group.triggers_changed = true;
-            writer.reindex();
+            writer.reindex(&mut group.batch);
             Ok(())
         })
         .await
@@ -466,6 +475,10 @@ pub struct Writer {
     by_name: HashMap<String, Vec<Arc<Trigger>>>,
     /// Active triggers with a history condition; when 0, groups keep no event overlay.
     history_triggers: usize,
+    /// Names whose running aggregates are maintained, with their current epoch.
+    maintained: HashMap<String, u64>,
+    /// The last epoch of every name ever maintained.
+    epochs: HashMap<String, u64>,
     templates: template::Templates,
 }
 
@@ -507,6 +520,21 @@ impl Group {
 /// A trigger about to fire, with its firing state when it has once_per_user or a cooldown.
 type Firing = (Arc<Trigger>, Option<FiringState>);
 
+/// Adds the event names of `c`'s history conditions that read all history without `where`
+/// (those a running aggregate answers).
+fn all_history_names(c: &Condition, out: &mut std::collections::HashSet<String>) {
+    match c {
+        Condition::All(v) | Condition::Any(v) => v.iter().for_each(|c| all_history_names(c, out)),
+        Condition::Not(c) => all_history_names(c, out),
+        Condition::Attribute(_) => {}
+        Condition::History(h) => {
+            if h.within_nanos.is_none() && h.filter.is_none() {
+                out.insert(h.event_name.clone());
+            }
+        }
+    }
+}
+
 fn has_history(c: &Condition) -> bool {
     match c {
         Condition::All(v) | Condition::Any(v) => v.iter().any(has_history),
@@ -523,7 +551,9 @@ impl Writer {
             let start_seq = self.last_seq;
             let start_action_seq = self.last_action_seq;
             first(&mut self, &mut group);
-            while group.batch.len() < MAX_GROUP_WRITES {
+            // A trigger change ends the group: later events are then evaluated against a store
+            // that holds every earlier event, whatever overlay the old trigger set kept.
+            while group.batch.len() < MAX_GROUP_WRITES && !group.triggers_changed {
                 match rx.try_recv() {
                     Ok(job) => job(&mut self, &mut group),
                     Err(_) => break,
@@ -589,19 +619,63 @@ impl Writer {
         None
     }
 
-    /// Rebuilds the by-name index from the trigger map (on trigger changes only).
-    fn reindex(&mut self) {
+    /// Rebuilds the by-name index and the set of maintained names from the trigger map (on
+    /// trigger changes only). A name entering the set starts a new epoch, written to `batch`.
+    fn reindex(&mut self, batch: &mut WriteBatch) {
         self.by_name.clear();
         self.history_triggers = 0;
+        let mut wanted = std::collections::HashSet::new();
         for t in self.triggers.values().filter(|t| !t.paused) {
-            if t.condition.as_ref().is_some_and(has_history) {
-                self.history_triggers += 1;
+            if let Some(c) = &t.condition {
+                if has_history(c) {
+                    self.history_triggers += 1;
+                }
+                all_history_names(c, &mut wanted);
             }
             self.by_name
                 .entry(t.event_name.clone())
                 .or_default()
                 .push(t.clone());
         }
+        self.maintained.retain(|name, _| wanted.contains(name));
+        for name in wanted {
+            if !self.maintained.contains_key(&name) {
+                let epoch = self.epochs.get(&name).copied().unwrap_or(0) + 1;
+                self.epochs.insert(name.clone(), epoch);
+                batch.put_epoch(&name, epoch);
+                self.maintained.insert(name, epoch);
+            }
+        }
+    }
+
+    /// The running aggregate of (user, name) in the current epoch, including everything stored
+    /// (and this group's events), rebuilt from the events when missing or stale.
+    fn aggregate(
+        &self,
+        user: &str,
+        name: &str,
+        epoch: u64,
+        group: &Group,
+    ) -> Result<UserNameAggregate, Error> {
+        let key = (user.to_string(), name.to_string());
+        let known = match group.aggregates.get(&key) {
+            Some(a) => Some(a.clone()),
+            None => self.store.user_aggregate(user, name)?,
+        };
+        if let Some(agg) = known.filter(|a| a.epoch == epoch) {
+            return Ok(agg);
+        }
+        let mut agg = UserNameAggregate {
+            epoch,
+            ..Default::default()
+        };
+        for e in self.store.named_events(user, name) {
+            agg.add(&e?);
+        }
+        for e in group.recent.get(&key).into_iter().flatten() {
+            agg.add(e);
+        }
+        Ok(agg)
     }
 
     fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) {
@@ -609,7 +683,7 @@ impl Writer {
         self.templates.set(&trigger.id, &trigger.action.payload_template);
         self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
         group.triggers_changed = true;
-        self.reindex();
+        self.reindex(&mut group.batch);
     }
 
     fn consumer(&self, name: &str, group: &Group) -> Result<Option<u64>, Error> {
@@ -720,12 +794,15 @@ impl Writer {
         };
         // Reads that may fail come before any change to the group.
         let key = (stored.user_id.clone(), stored.name.clone());
-        let mut aggregate = match group.aggregates.get(&key) {
-            Some(a) => a.clone(),
-            None => self.store.user_aggregate(&key.0, &key.1)?.unwrap_or_default(),
+        let aggregate = match self.maintained.get(&stored.name) {
+            Some(epoch) => {
+                let mut agg = self.aggregate(&key.0, &key.1, *epoch, group)?;
+                agg.add(&stored);
+                Some(agg)
+            }
+            None => None,
         };
-        aggregate.add(&stored);
-        let firing = self.matching_triggers(&stored, &aggregate, group)?;
+        let firing = self.matching_triggers(&stored, aggregate.as_ref(), group)?;
 
         self.last_seq += 1;
         if let Some(id) = event.event_id {
@@ -738,7 +815,9 @@ impl Writer {
         }
         group.batch.put_event(&stored);
         self.count_name(&stored, group);
-        group.aggregates.insert(key.clone(), aggregate);
+        if let Some(agg) = aggregate {
+            group.aggregates.insert(key.clone(), agg);
+        }
         if self.history_triggers > 0 {
             group.recent.entry(key).or_default().push(stored.clone());
         }
@@ -757,7 +836,7 @@ impl Writer {
     fn matching_triggers(
         &self,
         event: &Event,
-        aggregate: &UserNameAggregate,
+        aggregate: Option<&UserNameAggregate>,
         group: &Group,
     ) -> Result<Vec<Firing>, Error> {
         let Some(candidates) = self.by_name.get(&event.name) else {
@@ -815,23 +894,19 @@ impl Writer {
         &self,
         h: &HistoryCondition,
         event: &Event,
-        current: &UserNameAggregate,
+        current: Option<&UserNameAggregate>,
         group: &Group,
     ) -> Result<bool, Error> {
         let user = &event.user_id;
         let reference = event.occurred_at;
         let same_name = h.event_name == event.name;
-        if h.within_nanos.is_none() && h.filter.is_none() {
-            let key = (user.clone(), h.event_name.clone());
-            let agg = if same_name {
-                Some(current.clone())
-            } else {
-                match group.aggregates.get(&key) {
-                    Some(a) => Some(a.clone()),
-                    None => self.store.user_aggregate(user, &h.event_name)?,
-                }
+        let epoch = self.maintained.get(&h.event_name);
+        if let (None, None, Some(epoch)) = (h.within_nanos, &h.filter, epoch) {
+            let agg = match (same_name, current) {
+                (true, Some(agg)) => agg.clone(),
+                _ => self.aggregate(user, &h.event_name, *epoch, group)?,
             };
-            let agg = agg.unwrap_or_default();
+            // It answers "all history up to the reference" unless a later event is in it.
             if agg.last_occurred_at.is_none_or(|t| t <= reference) {
                 return Ok(h.holds(&Accumulator::from_aggregate(&agg, &h.attribute)));
             }

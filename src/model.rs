@@ -253,10 +253,13 @@ pub struct NumberAggregate {
     pub max: f64,
 }
 
-/// Everything-so-far aggregates of one user's events of one name, maintained on ingest so that
-/// history conditions without a window or `where` cost one read.
+/// Everything-so-far aggregates of one user's events of one name, maintained on ingest for the
+/// names that all-history trigger conditions use, so that evaluating one costs one read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserNameAggregate {
+    /// The maintenance epoch of the name it was built in; a record from an older epoch (the name
+    /// stopped being maintained for a while) is stale and rebuilt from the events.
+    pub epoch: u64,
     pub count: u64,
     /// Latest `occurred_at` included: the aggregate answers "all history up to T" only when
     /// `last_occurred_at <= T`.

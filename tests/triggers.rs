@@ -632,3 +632,85 @@ async fn invalid_triggers_name_the_part_that_is_wrong_and_store_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn running_aggregates_are_rebuilt_after_maintenance_pauses() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut c = server.events().await;
+    let count_over = |n: f64| {
+        let mut tr = trigger("buy", "milestone", "");
+        tr.condition = Some(history_cond(history("buy", A::Count, "", Op::Gt, n)));
+        tr
+    };
+    // Maintained while the first trigger exists...
+    let first = create_trigger(&mut t, count_over(100.0)).await.unwrap();
+    for i in 0..3 {
+        track(&mut c, event_at("jo", "buy", "", 1_000 + i)).await.unwrap();
+    }
+    // ...not while no trigger needs it...
+    t.delete_trigger(proto::DeleteTriggerRequest { id: first.id })
+        .await
+        .unwrap();
+    for i in 3..6 {
+        track(&mut c, event_at("jo", "buy", "", 1_000 + i)).await.unwrap();
+    }
+    // ...and a new trigger must count all six, not the three the old aggregate saw.
+    create_trigger(&mut t, count_over(6.0)).await.unwrap();
+    assert_eq!(
+        track(&mut c, event_at("jo", "buy", "", 2_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+    let server = server.restart().await;
+    let mut c = server.events().await;
+    assert_eq!(
+        track(&mut c, event_at("jo", "buy", "", 2_001))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn all_history_ignores_events_after_the_reference_time() {
+    // A backfilled event (older occurred_at) must not count events that happened after it.
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut tr = trigger("buy", "third", "");
+    tr.condition = Some(history_cond(history("buy", A::Count, "", Op::Gte, 3.0)));
+    create_trigger(&mut t, tr).await.unwrap();
+    let mut c = server.events().await;
+    assert_eq!(
+        track(&mut c, event_at("kai", "buy", "", 5_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    assert_eq!(
+        track(&mut c, event_at("kai", "buy", "", 6_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    // Third event overall, but at its time only one earlier purchase existed.
+    assert_eq!(
+        track(&mut c, event_at("kai", "buy", "", 1_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    assert_eq!(
+        track(&mut c, event_at("kai", "buy", "", 7_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+}

@@ -21,6 +21,7 @@
 //! | `V`    | `V` trigger_id 0x00 action sequence(8)           | empty: a trigger's actions  |
 //! | `L`    | `L` trigger_id 0x00 user_id                      | postcard [`FiringState`]    |
 //! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
+//! | `E`    | `E` event name                                   | aggregate maintenance epoch(8) |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`)        | u64(8)                      |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -53,6 +54,7 @@ const USER_ACTION: u8 = b'U';
 const TRIGGER_ACTION: u8 = b'V';
 const FIRING: u8 = b'L';
 const CONSUMER: u8 = b'C';
+const EPOCH: u8 = b'E';
 const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 
@@ -85,6 +87,8 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct LoadedState {
     pub last_event_seq: u64,
+    /// Aggregate maintenance epochs by event name.
+    pub epochs: Vec<(String, u64)>,
     pub last_action_seq: u64,
     pub triggers: Vec<Trigger>,
     pub attributes: Vec<AttributeDefinition>,
@@ -261,6 +265,12 @@ impl WriteBatch {
         }
     }
 
+    /// Stores an event name's aggregate maintenance epoch.
+    pub fn put_epoch(&mut self, name: &str, epoch: u64) {
+        self.batch.insert(prefixed(EPOCH, name), &epoch.to_be_bytes()[..]);
+        self.writes += 1;
+    }
+
     /// Stores a consumer's acknowledged position.
     pub fn put_consumer(&mut self, name: &str, acked: u64) {
         self.batch
@@ -331,6 +341,11 @@ impl Store {
         if let Some(v) = self.tree.get(META_ACTION_SEQ)? {
             state.last_action_seq = decode_u64(META_ACTION_SEQ, &v)?;
         }
+        for kv in self.tree.scan_prefix([EPOCH]) {
+            let (k, v) = kv?;
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            state.epochs.push((name, decode_u64(&k, &v)?));
+        }
         for kv in self.tree.scan_prefix([TRIGGER]) {
             let (k, v) = kv?;
             state.triggers.push(decode(&k, &v)?);
@@ -371,19 +386,28 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
-    /// The names of the events a user has (from the user's aggregate keys).
+    /// The names of the events a user has: one seek per name over the user's event keys, which
+    /// are grouped by name.
     pub fn user_event_names(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let mut prefix = prefixed(AGGREGATE, user_id);
+        let mut prefix = prefixed(TIMELINE, user_id);
         prefix.push(0);
-        let plen = prefix.len();
-        self.tree
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|k| {
-                let k = k?;
-                Ok(String::from_utf8_lossy(&k[plen..]).into_owned())
-            })
-            .collect()
+        let end = end_of(&prefix);
+        let mut names = Vec::new();
+        let mut from = prefix.clone();
+        while let Some(kv) = self.tree.range(from.clone()..end.clone()).next() {
+            let (k, _) = kv?;
+            let rest = &k[prefix.len()..];
+            let Some(len) = rest.iter().position(|b| *b == 0) else {
+                return Err(StoreError::Corrupt {
+                    key: k.to_vec(),
+                    reason: "event key without a name terminator".into(),
+                });
+            };
+            let name = String::from_utf8_lossy(&rest[..len]).into_owned();
+            from = end_of(&named_prefix(user_id, &name));
+            names.push(name);
+        }
+        Ok(names)
     }
 
     /// One user's events within `[lower, upper]` bounds, of one name or all, in timeline order
@@ -454,6 +478,18 @@ impl Store {
         self.tree.range::<Vec<u8>, _>((lo, hi)).map(move |kv| {
             let (k, _) = kv?;
             decode_ts(&k, &k[plen..])
+        })
+    }
+
+    /// All of a user's events of one name, oldest first.
+    pub fn named_events(
+        &self,
+        user_id: &str,
+        name: &str,
+    ) -> impl Iterator<Item = Result<Event, StoreError>> + '_ {
+        self.tree.scan_prefix(named_prefix(user_id, name)).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
         })
     }
 
