@@ -428,25 +428,37 @@ async fn create_triggers(addr: SocketAddr, matching: usize, other: usize) {
 
 /// Open-loop unary TrackEvent at `rate` per second with one subscriber; latency is from sending
 /// an event to receiving its action on the stream.
-async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64) -> Report {
+/// Without `subscribe` (the echo server has no actions) only the TrackEvent latency is measured:
+/// the floor this open-loop client and the transport put under every figure.
+async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe: bool) -> Report {
     use proto::action_service_client::ActionServiceClient;
     use proto::event_service_client::EventServiceClient;
     use std::sync::{Arc, Mutex};
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut stream = ActionServiceClient::new(channel(addr).await)
-        .subscribe_actions(proto::SubscribeActionsRequest {
-            start: proto::StartFrom::Latest as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("subscribe")
-        .into_inner();
+    let mut stream = if subscribe {
+        Some(
+            ActionServiceClient::new(channel(addr).await)
+                .subscribe_actions(proto::SubscribeActionsRequest {
+                    start: proto::StartFrom::Latest as i32,
+                    ..Default::default()
+                })
+                .await
+                .expect("subscribe")
+                .into_inner(),
+        )
+    } else {
+        None
+    };
     let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
     let receiver = {
         let sent = sent.clone();
         tokio::spawn(async move {
             let mut hist = histogram();
             loop {
+                let Some(stream) = stream.as_mut() else {
+                    let _ = (&mut done).await;
+                    return hist;
+                };
                 tokio::select! {
                     _ = &mut done => return hist,
                     msg = stream.message() => match msg {
@@ -491,9 +503,10 @@ async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64) -> R
         let _ = acked.record(c.await.expect("call").as_micros().max(1) as u64);
     }
     println!(
-        "  TrackEvent answered: p50 {:.2} ms, p99 {:.2} ms",
+        "  TrackEvent answered: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
         acked.value_at_quantile(0.5) as f64 / 1000.0,
-        acked.value_at_quantile(0.99) as f64 / 1000.0
+        acked.value_at_quantile(0.99) as f64 / 1000.0,
+        acked.value_at_quantile(0.999) as f64 / 1000.0
     );
     let elapsed = start.elapsed();
     // Every action arrives; then stop the receiver.
@@ -694,7 +707,15 @@ async fn run(args: RunArgs) {
         let proc = start_engage(&args.engage_bin);
         create_triggers(proc.addr, matching, other).await;
         settle().await;
-        let r = grpc_load(name, proc.addr, args.secs, args.batch_size, args.batch_in_flight, args.users).await;
+        let r = grpc_load(
+            name,
+            proc.addr,
+            args.secs,
+            args.batch_size,
+            args.batch_in_flight,
+            args.users,
+        )
+        .await;
         r.print();
         reports.insert(name, r);
     }
@@ -722,9 +743,14 @@ async fn run(args: RunArgs) {
         };
         let proc = start_engage(&args.engage_bin);
         create_triggers(proc.addr, 1, 0).await;
-        let r = action_latency(proc.addr, args.secs, rate, args.users).await;
+        let r = action_latency(proc.addr, args.secs, rate, args.users, true).await;
         r.print();
         println!("  (event sent -> its action received by a subscriber, at {rate:.0} events/s)");
+        drop(proc);
+        settle().await;
+        let echo = start_echo();
+        println!("echo, same rate:");
+        action_latency(echo.addr, args.secs, rate, args.users, false).await;
     }
     println!();
     for (a, b) in [
