@@ -7,27 +7,6 @@ use engage::proto;
 use engage::proto::attribute_value::Value as V;
 use tonic::Code;
 
-async fn try_define(
-    server: &TestServer,
-    name: &str,
-    t: i32,
-) -> Result<proto::AttributeDefinition, tonic::Status> {
-    server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: name.into(),
-            r#type: t,
-            description: String::new(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn define(server: &TestServer, name: &str, t: proto::AttributeType) -> proto::AttributeDefinition {
-    try_define(server, name, t as i32).await.expect("define")
-}
-
 async fn attributes(server: &TestServer) -> Vec<proto::AttributeDefinition> {
     server
         .schema()

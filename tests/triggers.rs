@@ -10,16 +10,7 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread")]
 async fn two_triggers_on_one_event_both_fire_with_rendered_payloads() {
     let server = TestServer::start().await;
-    server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "price".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+    define(&server, "price", proto::AttributeType::Number).await;
     let mut t = server.triggers().await;
     let email = create_trigger(
         &mut t,
@@ -152,16 +143,7 @@ async fn history_count_fires_on_the_nth_event() {
 #[tokio::test(flavor = "multi_thread")]
 async fn history_windows_where_and_number_aggregates() {
     let server = TestServer::start().await;
-    server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "amount".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+    define(&server, "amount", proto::AttributeType::Number).await;
     let mut t = server.triggers().await;
     // One payment over 500 within the last hour (the event itself counts).
     let mut big = history("payment", A::Count, "", Op::Gte, 1.0);
@@ -224,16 +206,7 @@ async fn attribute_conditions_read_the_triggering_event() {
     let mut c = server.events().await;
     let buy = |color: &str, price: f64| event("fay", "purchase", &[("color", s(color)), ("price", n(price))]);
     // price is not defined, so a number creates... a STRING attribute: define it first.
-    server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "price".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+    define(&server, "price", proto::AttributeType::Number).await;
     assert_eq!(track(&mut c, buy("blue", 200.0)).await.unwrap().actions_fired, 1);
     assert_eq!(track(&mut c, buy("blue", 100.0)).await.unwrap().actions_fired, 0);
     assert_eq!(track(&mut c, buy("red", 200.0)).await.unwrap().actions_fired, 0);
@@ -478,16 +451,7 @@ async fn the_condition_round_trips_as_submitted() {
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_triggers_name_the_part_that_is_wrong_and_store_nothing() {
     let server = TestServer::start().await;
-    server
-        .schema()
-        .await
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "color".into(),
-            r#type: proto::AttributeType::String as i32,
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+    define(&server, "color", proto::AttributeType::String).await;
     let with = |edit: &dyn Fn(&mut proto::Trigger)| {
         let mut t = trigger("purchase", "send_email", "Hi {{ user_id }}");
         edit(&mut t);

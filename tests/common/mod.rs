@@ -396,3 +396,26 @@ pub async fn user_actions(c: &mut ActionServiceClient<Channel>, user: &str) -> V
         token = page.next_page_token;
     }
 }
+
+/// DefineAttribute with a raw type number (to test bad ones).
+pub async fn try_define(
+    server: &TestServer,
+    name: &str,
+    t: i32,
+) -> Result<proto::AttributeDefinition, tonic::Status> {
+    server
+        .schema()
+        .await
+        .define_attribute(proto::DefineAttributeRequest {
+            name: name.into(),
+            r#type: t,
+            description: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Defines an attribute's type.
+pub async fn define(server: &TestServer, name: &str, t: proto::AttributeType) -> proto::AttributeDefinition {
+    try_define(server, name, t as i32).await.expect("define")
+}
