@@ -171,8 +171,13 @@ pub struct Tracked {
 /// A reply waiting for its group's flush: answers the result, or the flush's fault.
 type Reply = Box<dyn FnOnce(Option<&Error>) + Send>;
 
-/// Work for the writer thread.
-type Job = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
+/// Work for the writer thread. A *barrier* runs alone in its group, after every earlier write is
+/// applied: trigger changes (later events must see every earlier one in the store, whatever
+/// overlay the old trigger set kept) and user erasure (no write of that user may be in flight).
+struct Job {
+    run: Box<dyn FnOnce(&mut Writer, &mut Group) + Send>,
+    barrier: bool,
+}
 
 /// Read views of the writer's state, for the read RPCs.
 #[derive(Default)]
@@ -301,19 +306,38 @@ impl Ingest {
         &self,
         job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
+        self.submit(job, false).await
+    }
+
+    /// Like [`Ingest::run`], as a barrier (see [`Job`]).
+    async fn run_alone<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.submit(job, true).await
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+        barrier: bool,
+    ) -> Result<T, Error> {
         if self.failed.load(Ordering::Acquire) {
             return Err(unavailable());
         }
         let (tx, rx) = oneshot::channel::<Result<T, Error>>();
-        let job: Job = Box::new(move |writer, group| {
-            let result = job(writer, group);
-            group.replies.push(Box::new(move |fault| {
-                let _ = tx.send(match fault {
-                    Some(e) => Err(e.clone()),
-                    None => result,
-                });
-            }));
-        });
+        let job = Job {
+            run: Box::new(move |writer, group| {
+                let result = job(writer, group);
+                group.replies.push(Box::new(move |fault| {
+                    let _ = tx.send(match fault {
+                        Some(e) => Err(e.clone()),
+                        None => result,
+                    });
+                }));
+            }),
+            barrier,
+        };
         self.tx
             .send(job)
             .await
@@ -350,7 +374,7 @@ impl Ingest {
 
     /// Stores a new trigger (already validated); the writer assigns its id and times.
     pub async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
-        self.run(move |writer, group| {
+        self.run_alone(move |writer, group| {
             let now = Timestamp::now();
             let trigger = Trigger {
                 id: writer.generate_id(),
@@ -366,7 +390,7 @@ impl Ingest {
 
     /// Replaces a trigger by id, keeping its creation time and its firing history.
     pub async fn update_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
-        self.run(move |writer, group| {
+        self.run_alone(move |writer, group| {
             let existing = writer
                 .triggers
                 .get(&trigger.id)
@@ -384,7 +408,7 @@ impl Ingest {
 
     /// Deletes a trigger and its per-user firing state.
     pub async fn delete_trigger(&self, id: String) -> Result<(), Error> {
-        self.run(move |writer, group| {
+        self.run_alone(move |writer, group| {
             if writer.triggers.remove(&id).is_none() {
                 return Err(Error::NotFound(format!("id: no trigger {id:?}")));
             }
@@ -397,6 +421,14 @@ impl Ingest {
             Ok(())
         })
         .await
+    }
+
+    /// Erases a user everywhere (SPEC §3 DeleteUser): events, event ids, running aggregates,
+    /// firing state and event-name counts; the user's fired actions keep their sequence but lose
+    /// user id, payload and event. Answers the number of events erased.
+    pub async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
+        self.run_alone(move |writer, group| writer.erase(&user_id, group))
+            .await
     }
 
     /// A named consumer's position, creating the consumer at `initial` when it is new.
@@ -546,16 +578,23 @@ fn has_history(c: &Condition) -> bool {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Job>, commit: std_mpsc::SyncSender<(Vec<Reply>, u64)>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut held: Option<Job> = None;
+        loop {
+            let Some(first) = held.take().or_else(|| rx.blocking_recv()) else {
+                break;
+            };
             let mut group = Group::new();
             let start_seq = self.last_seq;
             let start_action_seq = self.last_action_seq;
-            first(&mut self, &mut group);
-            // A trigger change ends the group: later events are then evaluated against a store
-            // that holds every earlier event, whatever overlay the old trigger set kept.
-            while group.batch.len() < MAX_GROUP_WRITES && !group.triggers_changed {
+            let alone = first.barrier;
+            (first.run)(&mut self, &mut group);
+            while !alone && group.batch.len() < MAX_GROUP_WRITES {
                 match rx.try_recv() {
-                    Ok(job) => job(&mut self, &mut group),
+                    Ok(job) if job.barrier => {
+                        held = Some(job);
+                        break;
+                    }
+                    Ok(job) => (job.run)(&mut self, &mut group),
                     Err(_) => break,
                 }
             }
@@ -945,6 +984,49 @@ impl Writer {
             add(event, &mut acc);
         }
         Ok(h.holds(&acc))
+    }
+
+    /// Erases `user` (run alone in its group, so nothing of the user is in flight).
+    fn erase(&mut self, user: &str, group: &mut Group) -> Result<u64, Error> {
+        let mut erased = 0u64;
+        let mut names: HashMap<String, u64> = HashMap::new();
+        let mut keys = Vec::new();
+        for item in self.store.user_events(user) {
+            let (key, event) = item?;
+            keys.push(key);
+            if self.store.sequence_of_event_id(&event.event_id)? == Some(event.sequence) {
+                group.batch.remove_event_id(&event.event_id);
+            }
+            *names.entry(event.name).or_default() += 1;
+            erased += 1;
+        }
+        group.batch.remove_keys(keys);
+        for (name, count) in names {
+            group.batch.remove_user_aggregate(user, &name);
+            let known = self
+                .shared
+                .event_names
+                .read()
+                .ok()
+                .and_then(|m| m.get(&name).cloned());
+            if let Some(mut stats) = known {
+                stats.count = stats.count.saturating_sub(count);
+                group.name_stats.insert(name, stats);
+            }
+        }
+        for trigger_id in self.triggers.keys() {
+            group.batch.remove_firing_state(trigger_id, user);
+        }
+        for item in self.store.user_actions(user) {
+            let (index_key, mut action) = item?;
+            action.user_id.clear();
+            action.payload.clear();
+            action.event = None;
+            group.batch.put_action_record(&action);
+            group.batch.remove_keys(vec![index_key]);
+        }
+        tracing::info!(events = erased, "user erased");
+        Ok(erased)
     }
 
     /// Writes the actions of `firing` for `event` into the group; answers how many.

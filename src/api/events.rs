@@ -127,8 +127,11 @@ impl EventService for EventApi {
 
     async fn delete_user(
         &self,
-        _request: Request<proto::DeleteUserRequest>,
+        request: Request<proto::DeleteUserRequest>,
     ) -> Result<Response<proto::DeleteUserResponse>, Status> {
-        Err(crate::api::pending::unimplemented("EventService.DeleteUser", 4))
+        let user_id = request.into_inner().user_id;
+        ingest::check_user_id("user_id", &user_id)?;
+        let events_deleted = self.ingest.delete_user(user_id).await?;
+        Ok(Response::new(proto::DeleteUserResponse { events_deleted }))
     }
 }

@@ -265,6 +265,31 @@ impl WriteBatch {
         }
     }
 
+    /// Forgets a client event id.
+    pub fn remove_event_id(&mut self, event_id: &str) {
+        self.batch.remove(prefixed(EVENT_ID, event_id));
+        self.writes += 1;
+    }
+
+    /// Removes a user's running aggregates for one event name.
+    pub fn remove_user_aggregate(&mut self, user_id: &str, name: &str) {
+        self.batch.remove(pair(AGGREGATE, user_id, name));
+        self.writes += 1;
+    }
+
+    /// Removes a trigger's firing state for one user.
+    pub fn remove_firing_state(&mut self, trigger_id: &str, user_id: &str) {
+        self.batch.remove(pair(FIRING, trigger_id, user_id));
+        self.writes += 1;
+    }
+
+    /// Rewrites an action's log record (its index entries are left as they are).
+    pub fn put_action_record(&mut self, action: &FiredAction) {
+        self.batch
+            .insert(&action_key(action.sequence)[..], encode(action));
+        self.writes += 1;
+    }
+
     /// Stores an event name's aggregate maintenance epoch.
     pub fn put_epoch(&mut self, name: &str, epoch: u64) {
         self.batch.insert(prefixed(EPOCH, name), &epoch.to_be_bytes()[..]);
@@ -478,6 +503,40 @@ impl Store {
         self.tree.range::<Vec<u8>, _>((lo, hi)).map(move |kv| {
             let (k, _) = kv?;
             decode_ts(&k, &k[plen..])
+        })
+    }
+
+    /// Every event of a user, with its key, grouped by name.
+    pub fn user_events(
+        &self,
+        user_id: &str,
+    ) -> impl Iterator<Item = Result<(sled::IVec, Event), StoreError>> + '_ {
+        let mut prefix = prefixed(TIMELINE, user_id);
+        prefix.push(0);
+        self.tree.scan_prefix(prefix).map(|kv| {
+            let (k, v) = kv?;
+            let event = decode(&k, &v)?;
+            Ok((k, event))
+        })
+    }
+
+    /// A user's fired actions (still in the log), with their by-user index key.
+    pub fn user_actions(
+        &self,
+        user_id: &str,
+    ) -> impl Iterator<Item = Result<(sled::IVec, FiredAction), StoreError>> + '_ {
+        let mut prefix = prefixed(USER_ACTION, user_id);
+        prefix.push(0);
+        self.tree.scan_prefix(prefix).filter_map(move |kv| {
+            let step = || -> Result<Option<(sled::IVec, FiredAction)>, StoreError> {
+                let (k, _) = kv?;
+                let seq = decode_u64(&k, &k[k.len() - 8..])?;
+                match self.tree.get(action_key(seq))? {
+                    Some(v) => Ok(Some((k, decode(&action_key(seq), &v)?))),
+                    None => Ok(None),
+                }
+            };
+            step().transpose()
         })
     }
 

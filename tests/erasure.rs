@@ -1,0 +1,167 @@
+//! DeleteUser (SPEC §3): right to erasure.
+
+mod common;
+
+use common::*;
+use engage::proto;
+use tonic::Code;
+
+async fn delete(server: &TestServer, user: &str) -> Result<u64, tonic::Status> {
+    server
+        .events()
+        .await
+        .delete_user(proto::DeleteUserRequest { user_id: user.into() })
+        .await
+        .map(|r| r.into_inner().events_deleted)
+}
+
+async fn names(server: &TestServer) -> Vec<(String, u64)> {
+    server
+        .schema()
+        .await
+        .list_event_names(proto::ListEventNamesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .event_names
+        .into_iter()
+        .map(|n| (n.name, n.count))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_user_erases_the_user_everywhere_and_nobody_else() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut once = trigger("buy", "welcome", "Hello {{ user_id }}");
+    once.once_per_user = true;
+    let once = create_trigger(&mut t, once).await.unwrap();
+    let mut c = server.events().await;
+    for user in ["ann", "bob"] {
+        for i in 0..3 {
+            track(
+                &mut c,
+                event_at(user, "buy", &format!("{user}-buy-{i}"), 1_000 + i),
+            )
+            .await
+            .unwrap();
+        }
+        track(&mut c, event_at(user, "view", &format!("{user}-view"), 2_000))
+            .await
+            .unwrap();
+    }
+    let mut a = server.actions().await;
+    let ann_action = user_actions(&mut a, "ann").await.remove(0);
+    assert_eq!(
+        names(&server).await,
+        [("buy".to_string(), 6), ("view".to_string(), 2)]
+    );
+
+    assert_eq!(delete(&server, "ann").await.unwrap(), 4);
+
+    assert!(timeline(&mut c, "ann").await.is_empty());
+    assert_eq!(timeline(&mut c, "bob").await.len(), 4, "other users untouched");
+    assert_eq!(
+        names(&server).await,
+        [("buy".to_string(), 3), ("view".to_string(), 1)]
+    );
+    // Actions keep their sequence but lose the user's data.
+    assert!(user_actions(&mut a, "ann").await.is_empty());
+    assert_eq!(user_actions(&mut a, "bob").await[0].payload, "Hello bob");
+    let by_trigger = a
+        .list_fired_actions(proto::ListFiredActionsRequest {
+            trigger_id: once.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    let erased = by_trigger
+        .iter()
+        .find(|x| x.sequence == ann_action.sequence)
+        .unwrap();
+    assert!(erased.user_id.is_empty() && erased.payload.is_empty() && erased.event.is_none());
+    let mut stream = a
+        .subscribe_actions(proto::SubscribeActionsRequest {
+            start: proto::StartFrom::Earliest as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.sequence, ann_action.sequence);
+    assert!(
+        first.user_id.is_empty() && first.event.is_none(),
+        "the log stays gap-free"
+    );
+
+    // Erasure forgets event ids and firing history: a retry is a new event, and fires again.
+    let retry = track(&mut c, event_at("ann", "buy", "ann-buy-0", 1_000))
+        .await
+        .unwrap();
+    assert!(!retry.duplicate);
+    assert_eq!(retry.actions_fired, 1, "once_per_user starts over");
+    let bob_retry = track(&mut c, event_at("bob", "buy", "bob-buy-0", 1_000))
+        .await
+        .unwrap();
+    assert!(bob_retry.duplicate, "other users' ids are kept");
+
+    // Kept across a restart.
+    let server = server.restart().await;
+    let mut c = server.events().await;
+    assert_eq!(timeline(&mut c, "ann").await.len(), 1);
+    assert_eq!(timeline(&mut c, "bob").await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_forgets_an_erased_user() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let mut third = trigger("buy", "third", "");
+    third.condition = Some(history_cond(history(
+        "buy",
+        proto::Aggregate::Count,
+        "",
+        proto::Operator::Eq,
+        3.0,
+    )));
+    create_trigger(&mut t, third).await.unwrap();
+    let mut c = server.events().await;
+    for i in 0..2 {
+        track(&mut c, event_at("cy", "buy", "", 1_000 + i)).await.unwrap();
+    }
+    delete(&server, "cy").await.unwrap();
+    // Two more: the count restarts from zero, so the third purchase overall does not fire.
+    assert_eq!(
+        track(&mut c, event_at("cy", "buy", "", 2_000))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    assert_eq!(
+        track(&mut c, event_at("cy", "buy", "", 2_001))
+            .await
+            .unwrap()
+            .actions_fired,
+        0
+    );
+    assert_eq!(
+        track(&mut c, event_at("cy", "buy", "", 2_002))
+            .await
+            .unwrap()
+            .actions_fired,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_an_unknown_user_answers_zero_and_a_bad_id_names_the_field() {
+    let server = TestServer::start().await;
+    assert_eq!(delete(&server, "nobody").await.unwrap(), 0);
+    let err = delete(&server, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("user_id"));
+}
