@@ -175,9 +175,11 @@ type Reply = Box<dyn FnOnce(Option<&Error>) + Send>;
 /// applied: trigger changes (later events must see every earlier one in the store, whatever
 /// overlay the old trigger set kept) and user erasure (no write of that user may be in flight).
 struct Job {
-    run: Box<dyn FnOnce(&mut Writer, &mut Group) + Send>,
+    run: JobFn,
     barrier: bool,
 }
+
+type JobFn = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
 
 /// Read views of the writer's state, for the read RPCs.
 #[derive(Default)]
