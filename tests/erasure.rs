@@ -134,27 +134,9 @@ async fn history_forgets_an_erased_user() {
     }
     delete(&server, "cy").await.unwrap();
     // Two more: the count restarts from zero, so the third purchase overall does not fire.
-    assert_eq!(
-        track(&mut c, event_at("cy", "buy", "", 2_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
-    assert_eq!(
-        track(&mut c, event_at("cy", "buy", "", 2_001))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
-    assert_eq!(
-        track(&mut c, event_at("cy", "buy", "", 2_002))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event_at("cy", "buy", "", 2_000)).await, 0);
+    assert_eq!(fired(&mut c, event_at("cy", "buy", "", 2_001)).await, 0);
+    assert_eq!(fired(&mut c, event_at("cy", "buy", "", 2_002)).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -55,13 +55,7 @@ async fn two_triggers_on_one_event_both_fire_with_rendered_payloads() {
     assert_eq!(ev.sequence, r.sequence);
     assert!(!actions[0].action_id.is_empty() && actions[0].action_id != actions[1].action_id);
     // Another event name fires nothing; a duplicate fires nothing.
-    assert_eq!(
-        track(&mut c, event("ann", "view", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, event("ann", "view", &[])).await, 0);
     let again = track(&mut c, event_at("ann", "purchase", "order-7", 1_700_000_000))
         .await
         .unwrap();
@@ -89,13 +83,7 @@ async fn triggers_never_fire_retroactively() {
         "nothing fires on creation"
     );
     // The next event fires, and history includes the events stored before the trigger.
-    assert_eq!(
-        track(&mut c, event_at("bob", "purchase", "", 2_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event_at("bob", "purchase", "", 2_000)).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -115,12 +103,7 @@ async fn history_count_fires_on_the_nth_event() {
     let fired: Vec<u32> = {
         let mut v = Vec::new();
         for i in 0..5 {
-            v.push(
-                track(&mut c, event_at("cy", "purchase", "", 1_000 + i))
-                    .await
-                    .unwrap()
-                    .actions_fired,
-            );
+            v.push(fired(&mut c, event_at("cy", "purchase", "", 1_000 + i)).await);
         }
         v
     };
@@ -207,16 +190,10 @@ async fn attribute_conditions_read_the_triggering_event() {
     let buy = |color: &str, price: f64| event("fay", "purchase", &[("color", s(color)), ("price", n(price))]);
     // price is not defined, so a number creates... a STRING attribute: define it first.
     define(&server, "price", proto::AttributeType::Number).await;
-    assert_eq!(track(&mut c, buy("blue", 200.0)).await.unwrap().actions_fired, 1);
-    assert_eq!(track(&mut c, buy("blue", 100.0)).await.unwrap().actions_fired, 0);
-    assert_eq!(track(&mut c, buy("red", 200.0)).await.unwrap().actions_fired, 0);
-    assert_eq!(
-        track(&mut c, event("fay", "purchase", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, buy("blue", 200.0)).await, 1);
+    assert_eq!(fired(&mut c, buy("blue", 100.0)).await, 0);
+    assert_eq!(fired(&mut c, buy("red", 200.0)).await, 0);
+    assert_eq!(fired(&mut c, event("fay", "purchase", &[])).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -236,34 +213,16 @@ async fn cooldown_and_once_per_user_limit_firings_per_user() {
     let fired: Vec<u32> = {
         let mut v = Vec::new();
         for _ in 0..3 {
-            v.push(
-                track(&mut c, event("gus", "login", &[]))
-                    .await
-                    .unwrap()
-                    .actions_fired,
-            );
+            v.push(fired(&mut c, event("gus", "login", &[])).await);
         }
         v
     };
     assert_eq!(fired, [2, 0, 0]);
-    assert_eq!(
-        track(&mut c, event("hal", "login", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        2,
-        "per user"
-    );
+    assert_eq!(fired(&mut c, event("hal", "login", &[])).await, 2, "per user");
     // Kept across a restart.
     let server = server.restart().await;
     let mut c = server.events().await;
-    assert_eq!(
-        track(&mut c, event("gus", "login", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, event("gus", "login", &[])).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,13 +233,7 @@ async fn pause_update_and_delete_change_what_fires() {
     let created = create_trigger(&mut t, trigger("click", "ping", "v1"))
         .await
         .unwrap();
-    assert_eq!(
-        track(&mut c, event("ida", "click", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event("ida", "click", &[])).await, 1);
 
     let mut paused = created.clone();
     paused.paused = true;
@@ -295,13 +248,7 @@ async fn pause_update_and_delete_change_what_fires() {
     assert_eq!(updated.created_at, created.created_at);
     let secs = |t: &Option<prost_types::Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
     assert!(secs(&updated.updated_at) >= secs(&created.updated_at));
-    assert_eq!(
-        track(&mut c, event("ida", "click", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, event("ida", "click", &[])).await, 0);
 
     let mut v2 = created.clone();
     v2.action = Some(proto::ActionTemplate {
@@ -312,20 +259,8 @@ async fn pause_update_and_delete_change_what_fires() {
     t.update_trigger(proto::UpdateTriggerRequest { trigger: Some(v2) })
         .await
         .unwrap();
-    assert_eq!(
-        track(&mut c, event("ida", "click", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
-    assert_eq!(
-        track(&mut c, event("ida", "tap", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event("ida", "click", &[])).await, 0);
+    assert_eq!(fired(&mut c, event("ida", "tap", &[])).await, 1);
     let mut a = server.actions().await;
     assert_eq!(user_actions(&mut a, "ida").await[0].payload, "v2");
 
@@ -334,13 +269,7 @@ async fn pause_update_and_delete_change_what_fires() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        track(&mut c, event("ida", "tap", &[]))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, event("ida", "tap", &[])).await, 0);
     let err = t
         .get_trigger(proto::GetTriggerRequest {
             id: created.id.clone(),
@@ -418,10 +347,7 @@ async fn crud_lists_in_creation_order_with_paging_and_a_name_filter() {
         7
     );
     let mut c = server.events().await;
-    assert_eq!(
-        track(&mut c, event("u", "odd", &[])).await.unwrap().actions_fired,
-        3
-    );
+    assert_eq!(fired(&mut c, event("u", "odd", &[])).await, 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -621,22 +547,10 @@ async fn running_aggregates_are_rebuilt_after_maintenance_pauses() {
     }
     // ...and a new trigger must count all six, not the three the old aggregate saw.
     create_trigger(&mut t, count_over(6.0)).await.unwrap();
-    assert_eq!(
-        track(&mut c, event_at("jo", "buy", "", 2_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event_at("jo", "buy", "", 2_000)).await, 1);
     let server = server.restart().await;
     let mut c = server.events().await;
-    assert_eq!(
-        track(&mut c, event_at("jo", "buy", "", 2_001))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event_at("jo", "buy", "", 2_001)).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -648,33 +562,9 @@ async fn all_history_ignores_events_after_the_reference_time() {
     tr.condition = Some(history_cond(history("buy", A::Count, "", Op::Gte, 3.0)));
     create_trigger(&mut t, tr).await.unwrap();
     let mut c = server.events().await;
-    assert_eq!(
-        track(&mut c, event_at("kai", "buy", "", 5_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
-    assert_eq!(
-        track(&mut c, event_at("kai", "buy", "", 6_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
+    assert_eq!(fired(&mut c, event_at("kai", "buy", "", 5_000)).await, 0);
+    assert_eq!(fired(&mut c, event_at("kai", "buy", "", 6_000)).await, 0);
     // Third event overall, but at its time only one earlier purchase existed.
-    assert_eq!(
-        track(&mut c, event_at("kai", "buy", "", 1_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        0
-    );
-    assert_eq!(
-        track(&mut c, event_at("kai", "buy", "", 7_000))
-            .await
-            .unwrap()
-            .actions_fired,
-        1
-    );
+    assert_eq!(fired(&mut c, event_at("kai", "buy", "", 1_000)).await, 0);
+    assert_eq!(fired(&mut c, event_at("kai", "buy", "", 7_000)).await, 1);
 }

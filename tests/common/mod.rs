@@ -271,6 +271,11 @@ pub async fn track(
         .map(|r| r.into_inner())
 }
 
+/// Tracks an event and answers how many actions it fired.
+pub async fn fired(client: &mut EventServiceClient<Channel>, e: proto::Event) -> u32 {
+    track(client, e).await.expect("track").actions_fired
+}
+
 /// Every event of a user, oldest first, read through paging.
 pub async fn timeline(client: &mut EventServiceClient<Channel>, user: &str) -> Vec<proto::Event> {
     let mut out = Vec::new();
