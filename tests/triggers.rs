@@ -100,14 +100,14 @@ async fn history_count_fires_on_the_nth_event() {
     )));
     create_trigger(&mut t, nth).await.unwrap();
     let mut c = server.events().await;
-    let fired: Vec<u32> = {
+    let counts: Vec<u32> = {
         let mut v = Vec::new();
         for i in 0..5 {
             v.push(fired(&mut c, event_at("cy", "purchase", "", 1_000 + i)).await);
         }
         v
     };
-    assert_eq!(fired, [0, 0, 1, 1, 1]);
+    assert_eq!(counts, [0, 0, 1, 1, 1]);
     // Within one batch too: the group sees its own earlier events.
     let results = c
         .track_events(proto::TrackEventsRequest {
@@ -119,8 +119,8 @@ async fn history_count_fires_on_the_nth_event() {
         .unwrap()
         .into_inner()
         .results;
-    let fired: Vec<u32> = results.iter().map(|r| r.actions_fired).collect();
-    assert_eq!(fired, [0, 0, 1, 1]);
+    let counts: Vec<u32> = results.iter().map(|r| r.actions_fired).collect();
+    assert_eq!(counts, [0, 0, 1, 1]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -210,14 +210,14 @@ async fn cooldown_and_once_per_user_limit_firings_per_user() {
     });
     create_trigger(&mut t, cool).await.unwrap();
     let mut c = server.events().await;
-    let fired: Vec<u32> = {
+    let counts: Vec<u32> = {
         let mut v = Vec::new();
         for _ in 0..3 {
             v.push(fired(&mut c, event("gus", "login", &[])).await);
         }
         v
     };
-    assert_eq!(fired, [2, 0, 0]);
+    assert_eq!(counts, [2, 0, 0]);
     assert_eq!(fired(&mut c, event("hal", "login", &[])).await, 2, "per user");
     // Kept across a restart.
     let server = server.restart().await;
