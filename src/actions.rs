@@ -125,20 +125,31 @@ impl ActionLog {
                 Some(seq)
             }
         };
+        // Check an explicit start before a new consumer is created at it: a refused subscription
+        // leaves nothing behind.
+        let check = |cursor: u64| -> Result<(), Error> {
+            match self.too_old(cursor + 1)? {
+                Some(e) if cursor < durable => Err(e),
+                _ => Ok(()),
+            }
+        };
         let cursor = match (consumer, explicit) {
             (None, None) => durable,
-            (None, Some(c)) => c,
-            (Some(name), None) => self.ingest.ensure_consumer(name, durable).await?,
+            (None, Some(c)) => {
+                check(c)?;
+                c
+            }
+            (Some(name), None) => {
+                let c = self.ingest.ensure_consumer(name, durable).await?;
+                check(c)?;
+                c
+            }
             (Some(name), Some(c)) => {
+                check(c)?;
                 self.ingest.ensure_consumer(name, c).await?;
                 c
             }
         };
-        if let Some(e) = self.too_old(cursor + 1)? {
-            if cursor < durable {
-                return Err(e);
-            }
-        }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let task = Subscription {
             store: self.store.clone(),
@@ -168,12 +179,13 @@ impl ActionLog {
         Ok(self.store.actions_newest_first(owner, before, page_size)?)
     }
 
-    /// Deletes the actions older than the retention period; answers how many.
-    pub fn expire(&self) -> Result<usize, Error> {
+    /// Deletes the actions older than the retention period; answers how many. Runs through the
+    /// writer, like every other write, so it never races an erasure rewriting an action.
+    pub async fn expire(&self) -> Result<usize, Error> {
         let cutoff = Timestamp::now().plus_secs(-(self.retention_secs.min(i64::MAX as u64) as i64));
         let mut total = 0;
         loop {
-            let n = self.store.expire_actions(cutoff, 1024)?;
+            let n = self.ingest.expire_actions(cutoff, 1024).await?;
             total += n;
             if n < 1024 {
                 return Ok(total);
@@ -205,16 +217,16 @@ impl Subscription {
                     Ok(a) => a,
                     Err(e) => return self.fail(e.into()).await,
                 };
-                if actions.first().map(|a| a.sequence) != Some(from) {
-                    // Retention removed what this subscriber had not read yet.
-                    let e = match self.log.too_old(from) {
-                        Ok(Some(e)) => e,
-                        Ok(None) => Error::Internal(format!("action {from} missing from the log")),
-                        Err(e) => e,
-                    };
-                    return self.fail(e).await;
+                if actions.is_empty() {
+                    return self.gap(from).await;
                 }
                 for a in actions {
+                    // A sled range is not a snapshot: if retention removed entries while this
+                    // chunk was read, the next entry is not the one expected. Never skip.
+                    if a.sequence != self.cursor + 1 {
+                        let missing = self.cursor + 1;
+                        return self.gap(missing).await;
+                    }
                     self.cursor = a.sequence;
                     if !self.filter.matches(&a) {
                         continue;
@@ -224,6 +236,12 @@ impl Subscription {
                         _ = self.shutdown.wait_for(|s| *s) => return,
                         sent = self.tx.send(Ok(a)) => if sent.is_err() { return },
                     }
+                }
+                // A filtered replay may send nothing for a long time: stay cooperative and
+                // notice shutdown or a departed client between chunks.
+                tokio::task::yield_now().await;
+                if *self.shutdown.borrow() || self.tx.is_closed() {
+                    return;
                 }
             }
             tokio::select! {
@@ -235,8 +253,23 @@ impl Subscription {
         }
     }
 
-    async fn fail(self, e: Error) {
-        let _ = self.tx.send(Err(e)).await;
+    /// Ends the stream because `missing` is not in the log (retention removed it).
+    async fn gap(self, missing: u64) {
+        let e = match self.log.too_old(missing) {
+            Ok(Some(e)) => e,
+            Ok(None) => Error::Internal(format!("action {missing} missing from the log")),
+            Err(e) => e,
+        };
+        self.fail(e).await
+    }
+
+    /// Sends a final error, unless the client is gone or the server is stopping.
+    async fn fail(mut self, e: Error) {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|s| *s) => {}
+            _ = self.tx.send(Err(e)) => {}
+        }
     }
 }
 

@@ -363,8 +363,24 @@ impl AttributeCondition {
     /// Evaluates on one event. A missing attribute makes NE and NOT_EXISTS true and every other
     /// operator false; a stored value of another type than the comparison value never matches.
     pub fn matches(&self, event: &Event) -> bool {
-        let Some(actual) = event.attributes.get(&self.attribute) else {
+        let Some(stored) = event.attributes.get(&self.attribute) else {
             return matches!(self.op, Operator::Ne | Operator::NotExists);
+        };
+        // An attribute that was not defined when the condition was submitted may since have
+        // been created with another type (events create it as STRING): compare the stored value
+        // coerced to the comparison's type, as the comparison value was.
+        let aligned;
+        let actual = match self.values.first() {
+            Some(v) if std::mem::discriminant(v) != std::mem::discriminant(stored) => {
+                match schema::coerce(natural_type(v), stored) {
+                    Ok(c) => {
+                        aligned = c;
+                        &aligned
+                    }
+                    Err(_) => stored,
+                }
+            }
+            _ => stored,
         };
         match self.op {
             Operator::Exists => true,
@@ -567,6 +583,32 @@ mod tests {
         }
         // An undefined attribute compared with a number is a NUMBER comparison.
         assert!(check(&attr("fresh", Operator::Lt, Value::Number(3.0)), Place::Trigger).is_ok());
+    }
+
+    #[test]
+    fn undefined_attributes_compare_by_the_comparison_type_even_after_auto_creation() {
+        // `amount` was undefined at submission (NUMBER by its value); events then created it
+        // as STRING, so the stored value is text.
+        let c = check(
+            &attr("amount", Operator::Gt, Value::Number(500.0)),
+            Place::Trigger,
+        )
+        .unwrap();
+        assert!(eval(
+            &c,
+            &event(&[("amount", Value::String("600".into()))]),
+            &mut |_| false
+        ));
+        assert!(!eval(
+            &c,
+            &event(&[("amount", Value::String("400".into()))]),
+            &mut |_| false
+        ));
+        assert!(!eval(
+            &c,
+            &event(&[("amount", Value::String("lots".into()))]),
+            &mut |_| false
+        ));
     }
 
     #[test]

@@ -270,7 +270,19 @@ impl Ingest {
         for t in writer.triggers.values() {
             writer.templates.set(&t.id, &t.action.payload_template);
         }
-        // Names maintained before the restart keep their epoch (their triggers wrote it).
+        // The triggers are the ones that were live when the server stopped, so every name they
+        // maintain was maintained without a break: it keeps its stored epoch (no rebuild).
+        for t in writer.triggers.values().filter(|t| !t.paused) {
+            let mut names = std::collections::HashSet::new();
+            if let Some(c) = &t.condition {
+                all_history_names(c, &mut names);
+            }
+            for name in names {
+                if let Some(epoch) = writer.epochs.get(&name) {
+                    writer.maintained.insert(name, *epoch);
+                }
+            }
+        }
         let mut at_start = WriteBatch::default();
         writer.reindex(&mut at_start);
         store.apply(at_start)?;
@@ -411,12 +423,14 @@ impl Ingest {
     /// Deletes a trigger and its per-user firing state.
     pub async fn delete_trigger(&self, id: String) -> Result<(), Error> {
         self.run_alone(move |writer, group| {
-            if writer.triggers.remove(&id).is_none() {
+            if !writer.triggers.contains_key(&id) {
                 return Err(Error::NotFound(format!("id: no trigger {id:?}")));
             }
+            let firing_keys = writer.store.firing_state_keys(&id)?;
+            writer.triggers.remove(&id);
             writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
-            group.batch.remove_keys(writer.store.firing_state_keys(&id)?);
+            group.batch.remove_keys(firing_keys);
             group.firing.retain(|(t, _), _| t != &id);
             group.triggers_changed = true;
             writer.reindex(&mut group.batch);
@@ -430,6 +444,12 @@ impl Ingest {
     /// user id, payload and event. Answers the number of events erased.
     pub async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
         self.run_alone(move |writer, group| writer.erase(&user_id, group))
+            .await
+    }
+
+    /// Deletes up to `max` actions fired before `cutoff` from the start of the log.
+    pub async fn expire_actions(&self, cutoff: Timestamp, max: usize) -> Result<usize, Error> {
+        self.run(move |writer, group| Ok(writer.store.expire_actions(&mut group.batch, cutoff, max)?))
             .await
     }
 
@@ -1133,15 +1153,17 @@ fn run_committer(
                 Some(unavailable())
             }
         };
-        for r in replies {
-            r(fault.as_ref());
-        }
+        // Publish before answering: a client that read sequence N from an answer can subscribe
+        // from N at once.
         if fault.is_none() {
             durable.send_if_modified(|v| {
                 let moved = *v < last_action;
                 *v = (*v).max(last_action);
                 moved
             });
+        }
+        for r in replies {
+            r(fault.as_ref());
         }
     }
     if let Err(e) = store.flush() {

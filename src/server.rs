@@ -178,12 +178,10 @@ async fn expire_actions(log: ActionLog, every: Duration, mut stopped: tokio::syn
             _ = stopped.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let log = log.clone();
-        match tokio::task::spawn_blocking(move || log.expire()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(deleted = n, "expired fired actions"),
-            Ok(Err(e)) => tracing::error!(error = %e, "expiring fired actions failed"),
-            Err(e) => tracing::error!(error = %e, "expiry task failed"),
+        match log.expire().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired fired actions"),
+            Err(e) => tracing::error!(error = %e, "expiring fired actions failed"),
         }
     }
 }

@@ -336,6 +336,20 @@ async fn expired_actions_are_gone_and_older_starts_are_out_of_range() {
         "{}",
         err.message()
     );
+    // A refused subscription leaves nothing behind: the named consumer was not created.
+    let err = a
+        .subscribe_actions(sub("late", StartFrom::Sequence, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = a
+        .ack_actions(proto::AckActionsRequest {
+            consumer: "late".into(),
+            up_to_sequence: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
     // EARLIEST starts at what is kept: the next action, 4.
     let mut s = open(&server, sub("", StartFrom::Earliest, 0)).await;
     ticks(&server, "u", 1).await;

@@ -568,3 +568,27 @@ async fn all_history_ignores_events_after_the_reference_time() {
     assert_eq!(fired(&mut c, event_at("kai", "buy", "", 1_000)).await, 0);
     assert_eq!(fired(&mut c, event_at("kai", "buy", "", 7_000)).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_condition_on_a_not_yet_defined_attribute_keeps_matching_after_auto_creation() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    // `amount` is not defined: compared as a NUMBER because 500 is one.
+    let mut big = trigger("payment", "big", "{{ event.attributes.amount }}");
+    big.condition = Some(attr_cond("amount", Op::Gt, n(500.0)));
+    create_trigger(&mut t, big).await.unwrap();
+    let mut c = server.events().await;
+    // The first event creates `amount` as STRING ("600"); the trigger still compares numbers.
+    assert_eq!(
+        fired(&mut c, event("lu", "payment", &[("amount", n(600.0))])).await,
+        1
+    );
+    assert_eq!(
+        fired(&mut c, event("lu", "payment", &[("amount", s("450"))])).await,
+        0
+    );
+    assert_eq!(
+        fired(&mut c, event("lu", "payment", &[("amount", s("1000.5"))])).await,
+        1
+    );
+}

@@ -646,10 +646,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes up to `max` actions from the start of the log fired before `cutoff`, with their
-    /// index entries. Returns how many were deleted.
-    pub fn expire_actions(&self, cutoff: Timestamp, max: usize) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
+    /// Adds to `batch` the deletion of up to `max` actions from the start of the log fired
+    /// before `cutoff`, with their index entries. Returns how many.
+    pub fn expire_actions(
+        &self,
+        batch: &mut WriteBatch,
+        cutoff: Timestamp,
+        max: usize,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         for kv in self.tree.scan_prefix([ACTION]).take(max) {
             let (k, v) = kv?;
@@ -657,13 +661,15 @@ impl Store {
             if action.fired_at >= cutoff {
                 break;
             }
-            batch.remove(k);
-            batch.remove(seq_index_key(USER_ACTION, &action.user_id, action.sequence));
-            batch.remove(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
+            batch.batch.remove(k);
+            batch
+                .batch
+                .remove(seq_index_key(USER_ACTION, &action.user_id, action.sequence));
+            batch
+                .batch
+                .remove(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
+            batch.writes += 3;
             n += 1;
-        }
-        if n > 0 {
-            self.tree.apply_batch(batch)?;
         }
         Ok(n)
     }
