@@ -711,20 +711,21 @@ impl Writer {
 
     /// The running aggregate of (user, name) in the current epoch, including everything stored
     /// (and this group's events), rebuilt from the events when missing or stale.
+    /// The flag tells whether it was rebuilt (and so should be written back).
     fn aggregate(
         &self,
         user: &str,
         name: &str,
         epoch: u64,
         group: &Group,
-    ) -> Result<UserNameAggregate, Error> {
+    ) -> Result<(UserNameAggregate, bool), Error> {
         let key = (user.to_string(), name.to_string());
         let known = match group.aggregates.get(&key) {
             Some(a) => Some(a.clone()),
             None => self.store.user_aggregate(user, name)?,
         };
         if let Some(agg) = known.filter(|a| a.epoch == epoch) {
-            return Ok(agg);
+            return Ok((agg, false));
         }
         let mut agg = UserNameAggregate {
             epoch,
@@ -736,7 +737,7 @@ impl Writer {
         for e in group.recent.get(&key).into_iter().flatten() {
             agg.add(e);
         }
-        Ok(agg)
+        Ok((agg, true))
     }
 
     fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) {
@@ -857,7 +858,7 @@ impl Writer {
         let key = (stored.user_id.clone(), stored.name.clone());
         let aggregate = match self.maintained.get(&stored.name) {
             Some(epoch) => {
-                let mut agg = self.aggregate(&key.0, &key.1, *epoch, group)?;
+                let (mut agg, _) = self.aggregate(&key.0, &key.1, *epoch, group)?;
                 agg.add(&stored);
                 Some(agg)
             }
@@ -898,7 +899,7 @@ impl Writer {
         &self,
         event: &Event,
         aggregate: Option<&UserNameAggregate>,
-        group: &Group,
+        group: &mut Group,
     ) -> Result<Vec<Firing>, Error> {
         let Some(candidates) = self.by_name.get(&event.name) else {
             return Ok(Vec::new());
@@ -956,7 +957,7 @@ impl Writer {
         h: &HistoryCondition,
         event: &Event,
         current: Option<&UserNameAggregate>,
-        group: &Group,
+        group: &mut Group,
     ) -> Result<bool, Error> {
         let user = &event.user_id;
         let reference = event.occurred_at;
@@ -965,7 +966,16 @@ impl Writer {
         if let (None, None, Some(epoch)) = (h.within_nanos, &h.filter, epoch) {
             let agg = match (same_name, current) {
                 (true, Some(agg)) => agg.clone(),
-                _ => self.aggregate(user, &h.event_name, *epoch, group)?,
+                _ => {
+                    let (agg, rebuilt) = self.aggregate(user, &h.event_name, *epoch, group)?;
+                    if rebuilt {
+                        // Written back with the group: the next evaluation reads it.
+                        group
+                            .aggregates
+                            .insert((user.clone(), h.event_name.clone()), agg.clone());
+                    }
+                    agg
+                }
             };
             // It answers "all history up to the reference" unless a later event is in it.
             if agg.last_occurred_at.is_none_or(|t| t <= reference) {

@@ -592,3 +592,24 @@ async fn a_condition_on_a_not_yet_defined_attribute_keeps_matching_after_auto_cr
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_of_another_event_name_counts_that_name() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    // On checkout: fire when the user bought at least twice before (all history).
+    let mut repeat = trigger("checkout", "repeat_buyer", "");
+    repeat.condition = Some(history_cond(history("buy", A::Count, "", Op::Gte, 2.0)));
+    create_trigger(&mut t, repeat).await.unwrap();
+    let mut c = server.events().await;
+    track(&mut c, event_at("mo", "buy", "", 1_000)).await.unwrap();
+    assert_eq!(fired(&mut c, event_at("mo", "checkout", "", 1_001)).await, 0);
+    track(&mut c, event_at("mo", "buy", "", 1_002)).await.unwrap();
+    assert_eq!(fired(&mut c, event_at("mo", "checkout", "", 1_003)).await, 1);
+    // The aggregate written back by that evaluation stays right as more purchases come in and
+    // across a restart.
+    let server = server.restart().await;
+    let mut c = server.events().await;
+    assert_eq!(fired(&mut c, event_at("mo", "checkout", "", 1_004)).await, 1);
+    assert_eq!(fired(&mut c, event_at("nell", "checkout", "", 1_004)).await, 0);
+}
