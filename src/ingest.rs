@@ -904,7 +904,8 @@ impl Writer {
         let Some(candidates) = self.by_name.get(&event.name) else {
             return Ok(Vec::new());
         };
-        let now = Timestamp::now();
+        // Actions fire when the event is received (the time `fire` stamps them with).
+        let now = event.received_at;
         let mut out = Vec::new();
         for trigger in candidates {
             if let Some(cond) = &trigger.condition {

@@ -117,7 +117,9 @@ impl Templates {
     }
 }
 
-/// Renders `source` once (compiling it on the spot) for `event` fired by a trigger.
+/// Renders `source` once (compiling it on the spot) for `event` fired by a trigger; the tests'
+/// reference for [`Templates::render`].
+#[cfg(test)]
 pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
     if source.is_empty() {
         return String::new();
