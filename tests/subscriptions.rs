@@ -396,3 +396,27 @@ async fn a_disconnected_subscriber_releases_its_slot() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_is_not_held_by_a_subscriber_that_stopped_reading() {
+    // A grace period far longer than the guard below: only ending the stream can let it stop.
+    let server = TestServer::start_with(|a| a.shutdown_grace_secs = 3600).await;
+    let mut t = server.triggers().await;
+    create_trigger(&mut t, trigger("tick", "count", ""))
+        .await
+        .unwrap();
+    let stalled = open(&server, sub("", StartFrom::Earliest, 0)).await;
+    let mut c = server.events().await;
+    for _ in 0..4 {
+        let events = (0..500).map(|_| event("u", "tick", &[])).collect();
+        c.track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    drop(c);
+    // The stream's buffers are full and nobody reads: stopping must still complete, with the
+    // stream still held by the client. (The timeout is a hang guard, not a speed check.)
+    let stopped = tokio::time::timeout(Duration::from_secs(120), server.stop()).await;
+    assert!(stopped.is_ok(), "shutdown waited for a stalled subscriber");
+    drop(stalled);
+}
