@@ -855,10 +855,9 @@ impl Writer {
             attributes,
         };
         // Reads that may fail come before any change to the group.
-        let key = (stored.user_id.clone(), stored.name.clone());
         let aggregate = match self.maintained.get(&stored.name) {
             Some(epoch) => {
-                let (mut agg, _) = self.aggregate(&key.0, &key.1, *epoch, group)?;
+                let (mut agg, _) = self.aggregate(&stored.user_id, &stored.name, *epoch, group)?;
                 agg.add(&stored);
                 Some(agg)
             }
@@ -877,11 +876,19 @@ impl Writer {
         }
         group.batch.put_event(&stored);
         self.count_name(&stored, group);
+        // (user, name) keys are built only when something is kept per pair: most events of a
+        // batch need neither.
         if let Some(agg) = aggregate {
-            group.aggregates.insert(key.clone(), agg);
+            group
+                .aggregates
+                .insert((stored.user_id.clone(), stored.name.clone()), agg);
         }
         if self.history_triggers > 0 {
-            group.recent.entry(key).or_default().push(stored.clone());
+            group
+                .recent
+                .entry((stored.user_id.clone(), stored.name.clone()))
+                .or_default()
+                .push(stored.clone());
         }
         let actions_fired = self.fire(&stored, firing, group, now);
         Ok(Tracked {
