@@ -152,7 +152,6 @@ impl ActionLog {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let task = Subscription {
-            store: self.store.clone(),
             log: self.clone(),
             durable: self.ingest.durable_actions(),
             shutdown: self.shutdown.clone(),
@@ -167,16 +166,45 @@ impl ActionLog {
         Ok(rx)
     }
 
-    /// One page of actions, newest first: all, a user's or a trigger's. `before` is the
-    /// sequence to continue below (0: from the newest).
+    /// Up to `limit` durable actions newest first, with sequence below `before` (0: from the
+    /// newest): all, a user's, a trigger's, or a user's of one trigger (read through the user's
+    /// index, keeping the trigger's). Actions not yet durable are never listed.
     pub fn list(
         &self,
-        owner: ActionOwner<'_>,
+        user: Option<&str>,
+        trigger: Option<&str>,
         before: u64,
-        page_size: usize,
+        limit: usize,
     ) -> Result<Vec<FiredAction>, Error> {
-        let before = if before == 0 { u64::MAX } else { before };
-        Ok(self.store.actions_newest_first(owner, before, page_size)?)
+        let durable_end = self.ingest.durable_actions().borrow().saturating_add(1);
+        let mut cursor = if before == 0 {
+            durable_end
+        } else {
+            before.min(durable_end)
+        };
+        let owner = match (user, trigger) {
+            (Some(u), _) => ActionOwner::User(u),
+            (None, Some(t)) => ActionOwner::Trigger(t),
+            (None, None) => ActionOwner::All,
+        };
+        let keep = |a: &FiredAction| user.is_none() || trigger.is_none_or(|t| a.trigger_id == t);
+        let mut out = Vec::new();
+        loop {
+            let chunk = self.store.actions_newest_first(owner, cursor, limit)?;
+            let exhausted = chunk.len() < limit;
+            for a in chunk {
+                cursor = a.sequence;
+                if keep(&a) {
+                    out.push(a);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(out);
+            }
+        }
     }
 
     /// Deletes the actions older than the retention period; answers how many. Runs through the
@@ -196,7 +224,6 @@ impl ActionLog {
 
 /// One subscriber's reader task.
 struct Subscription {
-    store: Store,
     log: ActionLog,
     durable: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
@@ -213,7 +240,7 @@ impl Subscription {
                 let from = self.cursor + 1;
                 // A bounded read of recent, cached entries: cheaper inline than a hop to a
                 // blocking thread, which showed in the event-to-subscriber latency.
-                let actions = match self.store.actions(from, durable, READ_CHUNK) {
+                let actions = match self.log.store.actions(from, durable, READ_CHUNK) {
                     Ok(a) => a,
                     Err(e) => return self.fail(e.into()).await,
                 };

@@ -12,7 +12,6 @@ use crate::error::invalid;
 use crate::ingest::{self, Ingest};
 use crate::proto;
 use crate::proto::action_service_server::ActionService;
-use crate::store::ActionOwner;
 
 /// The ActionService handlers.
 pub struct ActionApi {
@@ -89,33 +88,15 @@ impl ActionService for ActionApi {
         };
         let log = self.log.clone();
         let (user, trigger) = (r.user_id, r.trigger_id);
+        // One more than a page tells whether another page exists.
         let mut page = crate::api::blocking(move || {
-            let owner = if !user.is_empty() {
-                ActionOwner::User(&user)
-            } else if !trigger.is_empty() {
-                ActionOwner::Trigger(&trigger)
-            } else {
-                ActionOwner::All
-            };
-            // With both filters, page through the user's actions and keep the trigger's.
-            let mut out = Vec::new();
-            let mut cursor = before;
-            loop {
-                let chunk = log.list(owner, cursor, size + 1)?;
-                let exhausted = chunk.len() <= size;
-                for a in chunk {
-                    cursor = a.sequence;
-                    if user.is_empty() || trigger.is_empty() || a.trigger_id == trigger {
-                        out.push(a);
-                    }
-                    if out.len() > size {
-                        return Ok(out);
-                    }
-                }
-                if exhausted {
-                    return Ok(out);
-                }
-            }
+            let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+            log.list(
+                some(&user).as_deref(),
+                some(&trigger).as_deref(),
+                before,
+                size + 1,
+            )
         })
         .await?;
         let next_page_token = if page.len() > size {
