@@ -363,7 +363,12 @@ impl AttributeCondition {
     /// Evaluates on one event. A missing attribute makes NE and NOT_EXISTS true and every other
     /// operator false; a stored value of another type than the comparison value never matches.
     pub fn matches(&self, event: &Event) -> bool {
-        let Some(stored) = event.attributes.get(&self.attribute) else {
+        self.matches_value(event.attributes.get(&self.attribute))
+    }
+
+    /// Evaluates on a stored value (`None`: the event lacks the attribute).
+    pub fn matches_value(&self, stored: Option<&Value>) -> bool {
+        let Some(stored) = stored else {
             return matches!(self.op, Operator::Ne | Operator::NotExists);
         };
         // An attribute that was not defined when the condition was submitted may since have
@@ -435,6 +440,18 @@ pub fn eval(cond: &Condition, event: &Event, history: &mut dyn FnMut(&HistoryCon
     }
 }
 
+/// Evaluates a `where` (attribute conditions combined with all/any/not) on an event whose
+/// attributes `get` reads. History conditions cannot appear there (validation) and are false.
+pub fn eval_where(cond: &Condition, get: &mut dyn FnMut(&str) -> Option<Value>) -> bool {
+    match cond {
+        Condition::All(items) => items.iter().all(|c| eval_where(c, get)),
+        Condition::Any(items) => items.iter().any(|c| eval_where(c, get)),
+        Condition::Not(inner) => !eval_where(inner, get),
+        Condition::Attribute(a) => a.matches_value(get(&a.attribute).as_ref()),
+        Condition::History(_) => false,
+    }
+}
+
 /// Folds the matching events of a history condition into its aggregate.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Accumulator {
@@ -461,13 +478,37 @@ impl Accumulator {
 
     /// Adds one matching event, reading `attribute` when the aggregate needs it.
     pub fn add(&mut self, event: &Event, attribute: &str) {
+        let number = match event.attributes.get(attribute) {
+            Some(Value::Number(n)) => Some(*n),
+            _ => None,
+        };
+        self.add_number(number);
+    }
+
+    /// Adds one matching event carrying `number` for the aggregated attribute (or none).
+    pub fn add_number(&mut self, number: Option<f64>) {
         self.count += 1;
-        if let Some(Value::Number(n)) = event.attributes.get(attribute) {
+        if let Some(n) = number {
             self.numbers += 1;
             self.sum += n;
-            self.min = Some(self.min.map_or(*n, |m| m.min(*n)));
-            self.max = Some(self.max.map_or(*n, |m| m.max(*n)));
+            self.min = Some(self.min.map_or(n, |m| m.min(n)));
+            self.max = Some(self.max.map_or(n, |m| m.max(n)));
         }
+    }
+
+    /// Adds everything another accumulator holds.
+    pub fn merge(&mut self, other: &Accumulator) {
+        self.count += other.count;
+        self.numbers += other.numbers;
+        self.sum += other.sum;
+        self.min = match (self.min, other.min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max = match (self.max, other.max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
     }
 
     /// The aggregate's value; `None` when it has none (MIN/MAX/AVG over no numbers).

@@ -41,6 +41,7 @@ use crate::model::{
     Trigger, UserNameAggregate, Value,
 };
 use crate::schema;
+use crate::store::columns::{self, ColumnWrites, Columns};
 use crate::store::{Store, WriteBatch};
 use crate::template;
 
@@ -266,7 +267,9 @@ impl Ingest {
             maintained: HashMap::new(),
             epochs: loaded.epochs.into_iter().collect(),
             templates: template::Templates::default(),
+            columns: Columns::default(),
         };
+        writer.backfill_columns()?;
         for t in writer.triggers.values() {
             writer.templates.set(&t.id, &t.action.payload_template);
         }
@@ -534,6 +537,8 @@ pub struct Writer {
     /// The last epoch of every name ever maintained.
     epochs: HashMap<String, u64>,
     templates: template::Templates,
+    /// The by-name index's write state (see `store::columns`).
+    columns: Columns,
 }
 
 /// The writes of one group, before they are applied, and what they change in memory.
@@ -552,6 +557,8 @@ pub struct Group {
     firing: HashMap<(String, String), FiringState>,
     consumers: HashMap<String, u64>,
     triggers_changed: bool,
+    /// What the group's events add to the by-name index and statistics.
+    columns: ColumnWrites,
 }
 
 impl Group {
@@ -567,6 +574,7 @@ impl Group {
             firing: HashMap::new(),
             consumers: HashMap::new(),
             triggers_changed: false,
+            columns: ColumnWrites::default(),
         }
     }
 }
@@ -640,6 +648,13 @@ impl Writer {
             return Some(unavailable());
         }
         let mut batch = group.batch;
+        if !group.columns.is_empty() {
+            if let Err(e) = self.columns.write(&self.store, &mut batch, group.columns) {
+                tracing::error!(error = %e, "indexing a write group failed; refusing further writes");
+                self.failed.store(true, Ordering::Release);
+                return Some(unavailable());
+            }
+        }
         for (name, stats) in &group.name_stats {
             batch.put_name_stats(name, stats);
         }
@@ -875,6 +890,7 @@ impl Writer {
             group.new_attributes.push(def);
         }
         group.batch.put_event(&stored);
+        group.columns.add(&stored);
         self.count_name(&stored, group);
         // (user, name) keys are built only when something is kept per pair: most events of a
         // batch need neither.
@@ -1031,9 +1047,14 @@ impl Writer {
         let mut erased = 0u64;
         let mut names: HashMap<String, u64> = HashMap::new();
         let mut keys = Vec::new();
+        let mut hours = std::collections::BTreeSet::new();
         for item in self.store.user_events(user) {
             let (key, event) = item?;
             keys.push(key);
+            hours.insert((
+                event.name.clone(),
+                columns::bucket_of(event.occurred_at, columns::Level::Hour),
+            ));
             if self.store.sequence_of_event_id(&event.event_id)? == Some(event.sequence) {
                 group.batch.remove_event_id(&event.event_id);
             }
@@ -1041,6 +1062,7 @@ impl Writer {
             erased += 1;
         }
         group.batch.remove_keys(keys);
+        self.columns.erase(&self.store, &mut group.batch, user, &hours)?;
         for (name, count) in names {
             group.batch.remove_user_aggregate(user, &name);
             let known = self
@@ -1136,6 +1158,40 @@ impl Writer {
             None => EventNameStats::first(event.occurred_at),
         };
         group.name_stats.insert(event.name.clone(), stats);
+    }
+
+    /// Builds the by-name index from the stored events when the data directory predates it
+    /// (once; in batches of 10 000 events, then marked built).
+    fn backfill_columns(&mut self) -> Result<(), Error> {
+        if self.store.columns_built()? {
+            return Ok(());
+        }
+        self.store.clear_columns()?;
+        let mut events = 0u64;
+        let mut writes = ColumnWrites::default();
+        let mut pending = 0;
+        let store = self.store.clone();
+        for event in store.all_events() {
+            writes.add(&event?);
+            pending += 1;
+            events += 1;
+            if pending == 10_000 {
+                let mut batch = WriteBatch::default();
+                self.columns
+                    .write(&self.store, &mut batch, std::mem::take(&mut writes))?;
+                self.store.apply(batch)?;
+                pending = 0;
+            }
+        }
+        let mut batch = WriteBatch::default();
+        self.columns.write(&self.store, &mut batch, writes)?;
+        batch.put_columns_built();
+        self.store.apply(batch)?;
+        self.store.flush()?;
+        if events > 0 {
+            tracing::info!(events, "built the by-name index of existing events");
+        }
+        Ok(())
     }
 
     /// A ULID: sorts by time, monotonic within a millisecond.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod model;
+pub mod query;
 pub mod schema;
 pub mod server;
 pub mod store;

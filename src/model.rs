@@ -253,6 +253,36 @@ pub struct NumberAggregate {
     pub max: f64,
 }
 
+impl NumberAggregate {
+    /// Adds one number.
+    pub fn add(&mut self, n: f64) {
+        if self.count == 0 {
+            self.min = n;
+            self.max = n;
+        } else {
+            self.min = self.min.min(n);
+            self.max = self.max.max(n);
+        }
+        self.count += 1;
+        self.sum += n;
+    }
+
+    /// Adds every number of `other`.
+    pub fn merge(&mut self, other: &NumberAggregate) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return;
+        }
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        self.count += other.count;
+        self.sum += other.sum;
+    }
+}
+
 /// Everything-so-far aggregates of one user's events of one name, maintained on ingest for the
 /// names that all-history trigger conditions use, so that evaluating one costs one read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -277,16 +307,7 @@ impl UserNameAggregate {
         );
         for (name, value) in &event.attributes {
             if let Value::Number(n) = value {
-                let agg = self.numbers.entry(name.clone()).or_default();
-                if agg.count == 0 {
-                    agg.min = *n;
-                    agg.max = *n;
-                } else {
-                    agg.min = agg.min.min(*n);
-                    agg.max = agg.max.max(*n);
-                }
-                agg.count += 1;
-                agg.sum += n;
+                self.numbers.entry(name.clone()).or_default().add(*n);
             }
         }
     }

@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 use crate::actions::ActionLog;
 use crate::api::actions::ActionApi;
 use crate::api::events::EventApi;
-use crate::api::pending::PendingQueries;
+use crate::api::query::QueryApi;
 use crate::api::schema::SchemaApi;
 use crate::api::triggers::TriggerApi;
 use crate::config::ServeArgs;
@@ -108,7 +108,12 @@ pub async fn serve(
         Duration::from_secs(args.retention_check_secs.max(1)),
         streams_stopped,
     ));
-    let queries = proto::query_service_server::QueryServiceServer::new(PendingQueries);
+    let queries = proto::query_service_server::QueryServiceServer::new(QueryApi {
+        ingest: ingest.clone(),
+        store: store.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 

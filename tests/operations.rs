@@ -147,17 +147,6 @@ reflection_test!(reflection_v1_lists_every_service_with_json_names, v1);
 reflection_test!(reflection_v1alpha_serves_old_grpcurl, v1alpha);
 
 #[tokio::test(flavor = "multi_thread")]
-async fn later_rpcs_answer_unimplemented_with_a_clear_message() {
-    let server = TestServer::start().await;
-    let mut queries = proto::query_service_client::QueryServiceClient::new(server.channel().await);
-    let err = queries
-        .filter_users(proto::FilterUsersRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_restart_keeps_events_schema_and_sequences() {
     let server = TestServer::start().await;
     let mut c = server.events().await;

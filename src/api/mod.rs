@@ -4,7 +4,7 @@
 pub mod actions;
 pub mod convert;
 pub mod events;
-pub mod pending;
+pub mod query;
 pub mod schema;
 pub mod triggers;
 

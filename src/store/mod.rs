@@ -22,7 +22,11 @@
 //! | `L`    | `L` trigger_id 0x00 user_id                      | postcard [`FiringState`]    |
 //! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
 //! | `E`    | `E` event name                                   | aggregate maintenance epoch(8) |
-//! | `M`    | `M` meta name (`event_seq`, `action_seq`)        | u64(8)                      |
+//! | `B`    | `B` name 0x00 hour(8) block(8)                   | a block of [`columns::Record`]s |
+//! | `K`    | `K` name 0x00 minute(8)                          | postcard [`columns::BucketSummary`] |
+//! | `H`    | `H` name 0x00 hour(8)                            | postcard [`columns::BucketSummary`] |
+//! | `W`    | `W` user_id                                      | empty: a user with events   |
+//! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
 //! keeps each prefix's keys contiguous. The action log is keyed by sequence, so replay is a range
@@ -34,6 +38,12 @@
 //! such ranges, one per name the user has (listed by the user's `G` keys), which a timeline read
 //! merges by (time, sequence). No read ever touches another user's keys. User ids may not contain
 //! NUL, so the 0x00 terminator keeps users apart and keeps the keys ordered by user id.
+//!
+//! Queries across users (FilterUsers, GetEventStats) read the by-name index of [`columns`]
+//! instead: every event is also copied into a block of its name and UTC hour (`B`), with
+//! per-minute and per-hour statistics (`K`, `H`) and the user registry (`W`).
+
+pub mod columns;
 
 use std::ops::Bound;
 use std::path::Path;
@@ -331,6 +341,16 @@ impl WriteBatch {
     /// Stores the last event sequence handed out.
     pub fn put_last_event_seq(&mut self, seq: u64) {
         self.batch.insert(META_EVENT_SEQ, &seq.to_be_bytes()[..]);
+        self.writes += 1;
+    }
+
+    fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key, value);
+        self.writes += 1;
+    }
+
+    fn remove_raw(&mut self, key: Vec<u8>) {
+        self.batch.remove(key);
         self.writes += 1;
     }
 

@@ -16,6 +16,8 @@
 //! Latency is per call (microseconds, HDR histogram). Ratios are printed at the end; only ratios
 //! are meaningful across machines.
 
+mod segments;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+    /// The segments benchmark: FilterUsers and GetEventStats against PostgreSQL 15.
+    Segments(segments::SegmentArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -781,5 +785,6 @@ fn main() {
     match cli.command {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::EchoServer { listen } => rt.block_on(echo_server(listen)),
+        Cmd::Segments(args) => rt.block_on(segments::run(args)),
     }
 }

@@ -1,0 +1,14 @@
+-- q5 "spent over 1000 in total": users whose payments' amounts sum to more than 1000
+-- (all history).
+WITH m AS (
+    SELECT user_id
+    FROM events
+    WHERE name = 'payment'
+      AND occurred_at <= :'as_of'::timestamptz
+    GROUP BY user_id
+    HAVING sum((attributes->>'amount')::float8) > 1000
+)
+SELECT user_id, count(*) OVER () AS total
+FROM m
+ORDER BY user_id
+LIMIT 100;

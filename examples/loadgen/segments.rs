@@ -1,0 +1,463 @@
+//! The segments benchmark (issue 4): the same 1M events in engage and in PostgreSQL 15, the five
+//! example filters and the 24-hour hourly chart timed in both, reported as engage/PostgreSQL.
+//!
+//! ```text
+//! cargo build --release --bin engage --example loadgen
+//! target/release/examples/loadgen segments
+//! ```
+//!
+//! The dataset is generated here (deterministic, seed `--seed`): `--users` users `u000000`...,
+//! `--events` events uniform over the 30 days before AS_OF = 2026-11-01T00:00:00Z, 10 event names
+//! (product_purchased: product, category, color, price; payment: amount, method; cart_added:
+//! product, category, price; 7 others with a page). The events are written as CSV for
+//! `bench/pg/run.sh` (which loads them into a throwaway PostgreSQL 15 cluster with the indexes
+//! a competent user would create, see `bench/pg/indexes.sql`) and sent to a fresh engage in
+//! time order, 1000 per TrackEvents, 4 calls in flight. Every query then runs 2 times untimed
+//! and 7 times timed in each system (client wall time: gRPC over loopback for engage, psql over
+//! a Unix socket for PostgreSQL); medians are compared. Both systems' totals are printed side by
+//! side: they must agree.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use engage::proto;
+use engage::proto::condition::Kind;
+use engage::proto::query_service_client::QueryServiceClient;
+
+/// 2026-11-01T00:00:00Z.
+const AS_OF: i64 = 1_793_491_200;
+const SPAN: i64 = 30 * 86_400;
+
+#[derive(clap::Args, Clone)]
+pub struct SegmentArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 100_000)]
+    users: u64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to write the CSV for PostgreSQL.
+    #[arg(long, default_value = "/tmp/engage-segments.csv")]
+    csv: PathBuf,
+    /// Skip PostgreSQL (engage figures only).
+    #[arg(long)]
+    no_pg: bool,
+    #[arg(long, default_value = "target/release/engage")]
+    engage_bin: PathBuf,
+}
+
+/// splitmix64: a tiny deterministic generator (the dataset must be the same on every run).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+    /// A price-like number with two decimals in [lo, hi).
+    fn money(&mut self, lo: u64, hi: u64) -> f64 {
+        (lo * 100 + self.below((hi - lo) * 100)) as f64 / 100.0
+    }
+}
+
+const NAMES: [&str; 10] = [
+    "product_purchased",
+    "payment",
+    "cart_added",
+    "page_viewed",
+    "signup",
+    "login",
+    "search",
+    "wishlist_added",
+    "review_posted",
+    "refund",
+];
+
+enum Attr {
+    S(String),
+    N(f64),
+}
+
+struct Generated {
+    id: String,
+    user: String,
+    name: &'static str,
+    at: i64,
+    attrs: Vec<(&'static str, Attr)>,
+}
+
+fn generate(a: &SegmentArgs) -> Vec<Generated> {
+    let mut rng = Rng(a.seed);
+    let cats = ["shoes", "shirts", "hats", "bags", "socks"];
+    let colors = ["blue", "red", "green", "black", "white"];
+    let methods = ["card", "paypal", "bank", "apple_pay"];
+    let mut out: Vec<Generated> = (0..a.events)
+        .map(|i| {
+            let user = format!("u{:06}", rng.below(a.users));
+            let name = NAMES[rng.below(10) as usize];
+            // (AS_OF - 30 days, AS_OF]
+            let at = AS_OF - rng.below(SPAN as u64) as i64;
+            let attrs = match name {
+                "product_purchased" => vec![
+                    ("product", Attr::S(format!("p{:04}", rng.below(1000)))),
+                    ("category", Attr::S(rng.pick(&cats).into())),
+                    ("color", Attr::S(rng.pick(&colors).into())),
+                    ("price", Attr::N(rng.money(5, 300))),
+                ],
+                "payment" => vec![
+                    ("amount", Attr::N(rng.money(1, 1000))),
+                    ("method", Attr::S(rng.pick(&methods).into())),
+                ],
+                "cart_added" => vec![
+                    ("product", Attr::S(format!("p{:04}", rng.below(1000)))),
+                    ("category", Attr::S(rng.pick(&cats).into())),
+                    ("price", Attr::N(rng.money(5, 300))),
+                ],
+                _ => vec![("page", Attr::S(format!("/page/{}", rng.below(500))))],
+            };
+            Generated {
+                id: format!("e{i:08}"),
+                user,
+                name,
+                at,
+                attrs,
+            }
+        })
+        .collect();
+    // Events arrive roughly in time order, as from a live source.
+    out.sort_by_key(|e| e.at);
+    out
+}
+
+fn rfc3339(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn write_csv(events: &[Generated], path: &PathBuf) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "event_id,user_id,name,occurred_at,attributes")?;
+    for e in events {
+        let mut json = serde_json::Map::new();
+        for (k, v) in &e.attrs {
+            let v = match v {
+                Attr::S(s) => serde_json::Value::String(s.clone()),
+                Attr::N(n) => serde_json::json!(n),
+            };
+            json.insert(k.to_string(), v);
+        }
+        let json = serde_json::Value::Object(json).to_string().replace('"', "\"\"");
+        writeln!(f, "{},{},{},{},\"{json}\"", e.id, e.user, e.name, rfc3339(e.at))?;
+    }
+    f.flush()
+}
+
+fn wire(e: &Generated) -> proto::Event {
+    proto::Event {
+        event_id: e.id.clone(),
+        user_id: e.user.clone(),
+        name: e.name.into(),
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: e.at,
+            nanos: 0,
+        }),
+        attributes: e
+            .attrs
+            .iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Attr::S(s) => proto::attribute_value::Value::StringValue(s.clone()),
+                    Attr::N(n) => proto::attribute_value::Value::NumberValue(*n),
+                };
+                (k.to_string(), proto::AttributeValue { value: Some(value) })
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn history(
+    name: &str,
+    filter: Option<proto::Condition>,
+    agg: proto::Aggregate,
+    attr: &str,
+    op: proto::Operator,
+    value: f64,
+    within_days: i64,
+) -> proto::Condition {
+    proto::Condition {
+        kind: Some(Kind::History(Box::new(proto::HistoryCondition {
+            event_name: name.into(),
+            r#where: filter.map(Box::new),
+            aggregate: agg as i32,
+            attribute: attr.into(),
+            op: op as i32,
+            value,
+            within: (within_days > 0).then(|| prost_types::Duration {
+                seconds: within_days * 86_400,
+                nanos: 0,
+            }),
+        }))),
+    }
+}
+
+fn attr(name: &str, op: proto::Operator, value: proto::attribute_value::Value) -> proto::Condition {
+    proto::Condition {
+        kind: Some(Kind::Attribute(proto::AttributeCondition {
+            attribute: name.into(),
+            op: op as i32,
+            value: Some(proto::AttributeValue { value: Some(value) }),
+            values: vec![],
+        })),
+    }
+}
+
+fn all(conditions: Vec<proto::Condition>) -> proto::Condition {
+    proto::Condition {
+        kind: Some(Kind::All(proto::ConditionList { conditions })),
+    }
+}
+
+fn not(c: proto::Condition) -> proto::Condition {
+    proto::Condition {
+        kind: Some(Kind::Not(Box::new(c))),
+    }
+}
+
+/// The five example filters of issue 4.
+pub fn filters() -> Vec<(&'static str, &'static str, proto::Condition)> {
+    use proto::attribute_value::Value as V;
+    use proto::Aggregate as A;
+    use proto::Operator as O;
+    vec![
+        (
+            "q1",
+            "bought more than five products",
+            history("product_purchased", None, A::Count, "", O::Gt, 5.0, 0),
+        ),
+        (
+            "q2",
+            "one payment over 500",
+            history(
+                "payment",
+                Some(attr("amount", O::Gt, V::NumberValue(500.0))),
+                A::Count,
+                "",
+                O::Gte,
+                1.0,
+                0,
+            ),
+        ),
+        (
+            "q3",
+            "bought blue shoes over $150 this week",
+            history(
+                "product_purchased",
+                Some(all(vec![
+                    attr("color", O::Eq, V::StringValue("blue".into())),
+                    attr("category", O::Eq, V::StringValue("shoes".into())),
+                    attr("price", O::Gt, V::NumberValue(150.0)),
+                ])),
+                A::Count,
+                "",
+                O::Gte,
+                1.0,
+                7,
+            ),
+        ),
+        (
+            "q4",
+            "added to cart but bought nothing in 3 days",
+            all(vec![
+                history("cart_added", None, A::Count, "", O::Gte, 1.0, 3),
+                not(history("product_purchased", None, A::Count, "", O::Gte, 1.0, 3)),
+            ]),
+        ),
+        (
+            "q5",
+            "spent over 1000 in total",
+            history("payment", None, A::Sum, "amount", O::Gt, 1000.0, 0),
+        ),
+    ]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+async fn time<F, Fut, T>(mut f: F) -> (f64, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    for _ in 0..2 {
+        f().await;
+    }
+    let mut runs = Vec::new();
+    let mut last = None;
+    for _ in 0..7 {
+        let t = Instant::now();
+        last = Some(f().await);
+        runs.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    (median(runs), last.expect("seven runs"))
+}
+
+pub async fn run(a: SegmentArgs) {
+    let t = Instant::now();
+    let events = generate(&a);
+    eprintln!("generated {} events in {:.1?}", events.len(), t.elapsed());
+    if !a.no_pg {
+        write_csv(&events, &a.csv).expect("write csv");
+    }
+    let engage = super::start_engage(&a.engage_bin);
+    let channel = super::channel(engage.addr).await;
+    let ingest = proto::event_service_client::EventServiceClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20);
+    // Numbers must be defined as NUMBER: an undefined attribute is created as STRING (SPEC §2).
+    let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
+    for name in ["price", "amount"] {
+        schema
+            .define_attribute(proto::DefineAttributeRequest {
+                name: name.into(),
+                r#type: proto::AttributeType::Number as i32,
+                description: String::new(),
+            })
+            .await
+            .expect("define attribute");
+    }
+    let t = Instant::now();
+    let batches: Vec<Vec<proto::Event>> = events
+        .chunks(1000)
+        .map(|c| c.iter().map(wire).collect())
+        .collect();
+    let mut in_flight = Vec::new();
+    let mut sent = 0u64;
+    for batch in batches {
+        let mut client = ingest.clone();
+        sent += batch.len() as u64;
+        in_flight.push(tokio::spawn(async move {
+            let r = client
+                .track_events(proto::TrackEventsRequest { events: batch })
+                .await
+                .expect("track events")
+                .into_inner();
+            assert!(r.results.iter().all(|r| r.accepted), "an event was rejected");
+        }));
+        if in_flight.len() == 4 {
+            in_flight.remove(0).await.expect("load task");
+        }
+    }
+    for task in in_flight {
+        task.await.expect("load task");
+    }
+    let load = t.elapsed();
+    println!(
+        "engage load: {sent} events in {:.1} s = {:.0} events/s (TrackEvents of 1000, 4 in flight, time order)",
+        load.as_secs_f64(),
+        sent as f64 / load.as_secs_f64()
+    );
+    let client = QueryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let as_of = Some(prost_types::Timestamp {
+        seconds: AS_OF,
+        nanos: 0,
+    });
+    let mut engage_ms: HashMap<&str, (f64, u64)> = HashMap::new();
+    for (id, _, filter) in filters() {
+        let (ms, total) = time(|| {
+            let mut c = client.clone();
+            let filter = filter.clone();
+            async move {
+                c.filter_users(proto::FilterUsersRequest {
+                    filter: Some(filter),
+                    as_of,
+                    page_size: 100,
+                    page_token: String::new(),
+                })
+                .await
+                .expect("filter users")
+                .into_inner()
+                .total_count
+            }
+        })
+        .await;
+        engage_ms.insert(id, (ms, total));
+    }
+    let (ms, total) = time(|| {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .get_event_stats(proto::GetEventStatsRequest {
+                    event_name: "product_purchased".into(),
+                    from: Some(prost_types::Timestamp {
+                        seconds: AS_OF - 86_400,
+                        nanos: 0,
+                    }),
+                    to: as_of,
+                    granularity: proto::Granularity::Hour as i32,
+                    aggregate: proto::Aggregate::Count as i32,
+                    attribute: String::new(),
+                })
+                .await
+                .expect("stats")
+                .into_inner();
+            assert_eq!(r.buckets.len(), 24);
+            r.total as u64
+        }
+    })
+    .await;
+    engage_ms.insert("stats24h", (ms, total));
+    drop(client);
+    drop(engage);
+    let mut pg: HashMap<String, (f64, u64)> = HashMap::new();
+    if !a.no_pg {
+        let out = Command::new("bash")
+            .arg("bench/pg/run.sh")
+            .arg(&a.csv)
+            .output()
+            .expect("run bench/pg/run.sh");
+        assert!(
+            out.status.success(),
+            "bench/pg/run.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in BufReader::new(&out.stdout[..]).lines().map_while(Result::ok) {
+            let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if let (Some(q), Some(ms)) = (j["query"].as_str(), j["median_ms"].as_f64()) {
+                pg.insert(q.to_string(), (ms, j["total"].as_u64().unwrap_or(0)));
+            } else {
+                println!("postgres: {line}");
+            }
+        }
+    }
+    println!("\n| query | engage ms | PostgreSQL ms | engage/PostgreSQL | engage total | PostgreSQL total |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut names: Vec<(&str, &str)> = filters().iter().map(|(id, what, _)| (*id, *what)).collect();
+    names.push(("stats24h", "products sold in the last 24 hours, per hour"));
+    for (id, what) in names {
+        let (ems, etotal) = engage_ms[id];
+        match pg.get(id) {
+            Some((pms, ptotal)) => println!(
+                "| {id} {what} | {ems:.2} | {pms:.2} | {:.2} | {etotal} | {ptotal} |",
+                ems / pms
+            ),
+            None => println!("| {id} {what} | {ems:.2} | - | - | {etotal} | - |"),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! QueryService: FilterUsers and GetEventStats (the work is in [`crate::query`]).
+
+use tonic::{Request, Response, Status};
+
+use crate::api::{blocking, convert, page_size, PageToken};
+use crate::condition::{self, Aggregate, Place};
+use crate::error::{invalid, Error};
+use crate::ingest::Ingest;
+use crate::model::{AttributeType, Timestamp};
+use crate::proto;
+use crate::proto::query_service_server::QueryService;
+use crate::query::{self, Granularity, StatsQuery, MAX_BUCKETS};
+use crate::schema;
+use crate::store::Store;
+
+/// FilterUsers' default page size (SPEC §3).
+const DEFAULT_PAGE_SIZE: usize = 100;
+
+/// The QueryService handlers.
+pub struct QueryApi {
+    pub ingest: Ingest,
+    pub store: Store,
+}
+
+impl QueryApi {
+    fn stats_query(&self, r: proto::GetEventStatsRequest) -> Result<StatsQuery, Error> {
+        let event_name = schema::normalize_event_name("event_name", &r.event_name)?;
+        let from = convert::opt_timestamp("from", &r.from)?.ok_or_else(|| invalid("from: required"))?;
+        let to = convert::opt_timestamp("to", &r.to)?.ok_or_else(|| invalid("to: required"))?;
+        if from >= to {
+            return Err(invalid(format!("from: {from} must be before to: {to}")));
+        }
+        let granularity = match proto::Granularity::try_from(r.granularity) {
+            Ok(proto::Granularity::Unspecified | proto::Granularity::Hour) => Granularity::Hour,
+            Ok(proto::Granularity::Minute) => Granularity::Minute,
+            Ok(proto::Granularity::Day) => Granularity::Day,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "granularity: unknown granularity {}",
+                    r.granularity
+                )))
+            }
+        };
+        let (_, buckets) = query::bucket_span(from, to, granularity);
+        if buckets > MAX_BUCKETS {
+            return Err(invalid(format!(
+                "to: [from, to) spans {buckets} buckets of this granularity, at most {MAX_BUCKETS} allowed"
+            )));
+        }
+        let aggregate = convert::aggregate("aggregate", r.aggregate)?.unwrap_or(Aggregate::Count);
+        let attribute = match aggregate {
+            Aggregate::Count | Aggregate::DistinctUsers => String::new(),
+            Aggregate::Sum | Aggregate::Min | Aggregate::Max | Aggregate::Avg => {
+                schema::check_attribute_name(
+                    || "attribute".to_string(),
+                    &r.attribute,
+                    self.ingest.limits().max_attribute_name_chars,
+                )?;
+                if let Some(t) = self
+                    .ingest
+                    .attribute_type(&r.attribute)
+                    .filter(|t| *t != AttributeType::Number)
+                {
+                    return Err(invalid(format!(
+                        "attribute: {aggregate} needs a NUMBER attribute, {:?} is {t}",
+                        r.attribute
+                    )));
+                }
+                r.attribute
+            }
+        };
+        Ok(StatsQuery {
+            event_name,
+            from,
+            to,
+            granularity,
+            aggregate,
+            attribute,
+        })
+    }
+}
+
+/// A FilterUsers position: the reference time (pinned by the first page) and the last user.
+fn encode_position(as_of: Timestamp, last_user: &str) -> String {
+    format!("{}/{last_user}", as_of.as_nanos())
+}
+
+fn decode_position(position: &str) -> Result<(Timestamp, String), Error> {
+    let bad = || invalid("page_token: not a token this request issued");
+    let (nanos, user) = position.split_once('/').ok_or_else(bad)?;
+    let nanos: i128 = nanos.parse().map_err(|_| bad())?;
+    Ok((Timestamp::from_nanos(nanos), user.to_string()))
+}
+
+#[tonic::async_trait]
+impl QueryService for QueryApi {
+    async fn filter_users(
+        &self,
+        request: Request<proto::FilterUsersRequest>,
+    ) -> Result<Response<proto::FilterUsersResponse>, Status> {
+        let r = request.into_inner();
+        let filter = r.filter.ok_or_else(|| invalid("filter: required"))?;
+        let raw = convert::raw_condition("filter", &filter)?;
+        let ingest = &self.ingest;
+        let valid = condition::validate(
+            &raw,
+            "filter",
+            Place::Filter,
+            &|name| ingest.attribute_type(name),
+            ingest.limits().max_attribute_name_chars,
+        )?;
+        let requested_as_of = convert::opt_timestamp("as_of", &r.as_of)?;
+        // A token continues the listing of exactly this filter and as_of.
+        let scope = format!("{raw:?}|{requested_as_of:?}");
+        let (as_of, after) = match PageToken::decode(&r.page_token, &scope)? {
+            Some(position) => {
+                let (as_of, user) = decode_position(&position)?;
+                (as_of, Some(user))
+            }
+            None => (requested_as_of.unwrap_or_else(Timestamp::now), None),
+        };
+        let size = page_size(r.page_size, DEFAULT_PAGE_SIZE);
+        let store = self.store.clone();
+        let users = blocking(move || query::filter_users(&store, &valid, as_of)).await?;
+        let start = after.map_or(0, |a| users.partition_point(|u| u.as_str() <= a.as_str()));
+        let page: Vec<String> = users.iter().skip(start).take(size).cloned().collect();
+        let next_page_token = match page.last() {
+            Some(last) if start + page.len() < users.len() => {
+                PageToken::encode(&encode_position(as_of, last), &scope)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::FilterUsersResponse {
+            user_ids: page,
+            next_page_token,
+            total_count: users.len() as u64,
+        }))
+    }
+
+    async fn get_event_stats(
+        &self,
+        request: Request<proto::GetEventStatsRequest>,
+    ) -> Result<Response<proto::GetEventStatsResponse>, Status> {
+        let q = self.stats_query(request.into_inner())?;
+        let store = self.store.clone();
+        let stats = blocking(move || query::event_stats(&store, &q)).await?;
+        Ok(Response::new(proto::GetEventStatsResponse {
+            buckets: stats
+                .buckets
+                .into_iter()
+                .map(|b| proto::StatsBucket {
+                    start: Some(convert::to_proto_ts(b.start)),
+                    value: b.value,
+                    events: b.events,
+                })
+                .collect(),
+            total: stats.total,
+        }))
+    }
+}

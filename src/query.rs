@@ -1,0 +1,446 @@
+//! Segments and statistics (QueryService): FilterUsers and GetEventStats, read from the by-name
+//! index of [`crate::store::columns`], never from the per-user event keys.
+//!
+//! **What a filter costs.** Each history condition reads the blocks of its event name for the
+//! hours its window touches (all hours without `within`), decoding each record of that name once
+//! (about 0.3 µs) and folding the ones inside the window that match `where` into one
+//! [`Accumulator`] per user: events of other names are never read. The conditions then combine
+//! as sets of users. A condition that users without matching events satisfy (`COUNT < 3`,
+//! `not ...`) is kept as the complement of the users who fail it, so no list of all users is
+//! needed until the end, and only when the whole filter matches users without events: then the
+//! user registry (one key per user) is read once.
+//!
+//! Every page evaluates the filter again: `as_of` is pinned in the page token, so pages agree
+//! with each other as long as no event inside the windows arrives in between.
+//!
+//! **What statistics cost.** COUNT, SUM, MIN, MAX and AVG read the maintained per-hour summaries
+//! of whole hours, per-minute summaries of whole minutes at the range's ends, and the records
+//! of at most two partial minutes: a 24-hour hourly chart reads about 24 to 140 small keys.
+//! DISTINCT_USERS cannot be summed across buckets, so it reads the name's records in the range.
+
+use std::collections::HashSet;
+
+use crate::condition::{self, Accumulator, Aggregate, Condition, HistoryCondition};
+use crate::error::Error;
+use crate::model::{NumberAggregate, Timestamp, Value};
+use crate::store::columns::{self, bucket_of, BucketSummary, Level, Record, Row, ValueRef, HOUR, MINUTE};
+use crate::store::Store;
+use rustc_hash::FxHashMap;
+use sled::IVec;
+
+/// A set of users: listed, or everyone with events except those listed. Lists are sorted.
+#[derive(Debug)]
+enum Users {
+    Only(Vec<String>),
+    AllBut(Vec<String>),
+}
+
+fn intersect(a: &[String], b: &[String]) -> Vec<String> {
+    let set: HashSet<&str> = b.iter().map(String::as_str).collect();
+    a.iter().filter(|u| set.contains(u.as_str())).cloned().collect()
+}
+
+fn minus(a: &[String], b: &[String]) -> Vec<String> {
+    let set: HashSet<&str> = b.iter().map(String::as_str).collect();
+    a.iter().filter(|u| !set.contains(u.as_str())).cloned().collect()
+}
+
+fn union(a: Vec<String>, b: Vec<String>) -> Vec<String> {
+    let mut out = a;
+    out.extend(b);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+impl Users {
+    fn and(self, other: Users) -> Users {
+        use Users::*;
+        match (self, other) {
+            (Only(a), Only(b)) => Only(intersect(&a, &b)),
+            (Only(a), AllBut(b)) | (AllBut(b), Only(a)) => Only(minus(&a, &b)),
+            (AllBut(a), AllBut(b)) => AllBut(union(a, b)),
+        }
+    }
+
+    fn or(self, other: Users) -> Users {
+        use Users::*;
+        match (self, other) {
+            (Only(a), Only(b)) => Only(union(a, b)),
+            (Only(a), AllBut(b)) | (AllBut(b), Only(a)) => AllBut(minus(&b, &a)),
+            (AllBut(a), AllBut(b)) => AllBut(intersect(&a, &b)),
+        }
+    }
+
+    fn not(self) -> Users {
+        match self {
+            Users::Only(a) => Users::AllBut(a),
+            Users::AllBut(a) => Users::Only(a),
+        }
+    }
+}
+
+/// The users whose history matches `filter` at `as_of`, ascending. `filter` was validated with
+/// [`condition::Place::Filter`].
+pub fn filter_users(store: &Store, filter: &Condition, as_of: Timestamp) -> Result<Vec<String>, Error> {
+    match eval(store, filter, as_of)? {
+        Users::Only(users) => Ok(users),
+        Users::AllBut(excluded) => {
+            let excluded: HashSet<&str> = excluded.iter().map(String::as_str).collect();
+            let mut out = Vec::new();
+            for user in store.users() {
+                let user = user?;
+                if !excluded.contains(user.as_str()) {
+                    out.push(user);
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn eval(store: &Store, cond: &Condition, as_of: Timestamp) -> Result<Users, Error> {
+    match cond {
+        Condition::All(items) => {
+            let mut acc = Users::AllBut(Vec::new());
+            for c in items {
+                acc = acc.and(eval(store, c, as_of)?);
+                if matches!(&acc, Users::Only(v) if v.is_empty()) {
+                    break;
+                }
+            }
+            Ok(acc)
+        }
+        Condition::Any(items) => {
+            let mut acc = Users::Only(Vec::new());
+            for c in items {
+                acc = acc.or(eval(store, c, as_of)?);
+            }
+            Ok(acc)
+        }
+        Condition::Not(inner) => Ok(eval(store, inner, as_of)?.not()),
+        Condition::History(h) => history(store, h, as_of),
+        Condition::Attribute(_) => Err(Error::Internal(
+            "an attribute condition outside a where reached FilterUsers".into(),
+        )),
+    }
+}
+
+/// The blocks of `name` holding the events of `[from, to]` (and more, whole hours).
+fn blocks(
+    store: &Store,
+    name: &str,
+    from: Option<Timestamp>,
+    to: Timestamp,
+) -> Result<Vec<(IVec, IVec)>, Error> {
+    let from_hour = from.map_or(i64::MIN, |t| bucket_of(t, Level::Hour));
+    let to_hour = bucket_of(to, Level::Hour);
+    Ok(store.blocks(name, from_hour, to_hour).collect::<Result<_, _>>()?)
+}
+
+/// Calls `f` for every row of `blocks` with `occurred_at` in `[from, to)` (or `[from, to]` when
+/// `inclusive_to`), hour by hour (rows of one hour are not in global time order).
+fn each_row<'a>(
+    blocks: &'a [(IVec, IVec)],
+    from: Option<Timestamp>,
+    to: Timestamp,
+    inclusive_to: bool,
+    f: &mut dyn FnMut(Row<'a>),
+) -> Result<(), Error> {
+    for (key, value) in blocks {
+        for r in columns::decode_block(key, value)? {
+            let before_end = if inclusive_to {
+                r.occurred_at <= to
+            } else {
+                r.occurred_at < to
+            };
+            if before_end && from.is_none_or(|f| r.occurred_at >= f) {
+                f(r);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the rows of `name` in `[from, to)` and calls `f` with each (whole record).
+fn for_records(
+    store: &Store,
+    name: &str,
+    from: Option<Timestamp>,
+    to: Timestamp,
+    f: &mut dyn FnMut(&Record<'_>),
+) -> Result<(), Error> {
+    let blocks = blocks(store, name, from, to)?;
+    each_row(&blocks, from, to, false, &mut |r| f(&r.record()))
+}
+
+fn lookup(attributes: &[(&str, ValueRef<'_>)], name: &str) -> Option<Value> {
+    attributes
+        .binary_search_by(|(k, _)| (*k).cmp(name))
+        .ok()
+        .map(|i| attributes[i].1.to_value())
+}
+
+/// Folds rows into one accumulator per user for a history condition.
+fn fold<'a>(
+    h: &HistoryCondition,
+    blocks: &'a [(IVec, IVec)],
+    from: Option<Timestamp>,
+    to: Timestamp,
+) -> Result<FxHashMap<&'a str, Accumulator>, Error> {
+    let mut accs: FxHashMap<&str, Accumulator> = FxHashMap::default();
+    let needs_attributes = h.filter.is_some() || !matches!(h.aggregate, Aggregate::Count);
+    each_row(blocks, from, to, true, &mut |r| {
+        let mut number = None;
+        if needs_attributes {
+            let attributes = r.attributes();
+            if let Some(filter) = &h.filter {
+                if !condition::eval_where(filter, &mut |name| lookup(&attributes, name)) {
+                    return;
+                }
+            }
+            if let Ok(i) = attributes.binary_search_by(|(k, _)| (*k).cmp(h.attribute.as_str())) {
+                if let ValueRef::Number(n) = attributes[i].1 {
+                    number = Some(n);
+                }
+            }
+        }
+        accs.entry(r.user_id).or_default().add_number(number);
+    })?;
+    Ok(accs)
+}
+
+/// Blocks above which a history condition is folded on two threads (this many blocks hold
+/// thousands of events; below it a thread costs more than it saves).
+const PARALLEL_BLOCKS: usize = 64;
+
+/// The users for whom one history condition holds at `as_of`: window (as_of − within, as_of].
+/// Reads the name's blocks of the window's hours; decodes attributes only when `where` or the
+/// aggregate needs them. Large scans are split over two threads.
+fn history(store: &Store, h: &HistoryCondition, as_of: Timestamp) -> Result<Users, Error> {
+    // (as_of − within, as_of] as [from, as_of] with from one nanosecond after the open end.
+    let from = h
+        .within_nanos
+        .map(|w| Timestamp::from_nanos(as_of.as_nanos() - w + 1));
+    let blocks = blocks(store, &h.event_name, from, as_of)?;
+    let accs = if blocks.len() >= PARALLEL_BLOCKS {
+        let (left, right) = blocks.split_at(blocks.len() / 2);
+        let (a, b) = std::thread::scope(|s| {
+            let other = s.spawn(|| fold(h, right, from, as_of));
+            let mine = fold(h, left, from, as_of);
+            (mine, other.join())
+        });
+        let mut a = a?;
+        let b = b.map_err(|_| Error::Internal("a filter thread panicked".into()))??;
+        for (user, acc) in b {
+            a.entry(user).or_default().merge(&acc);
+        }
+        a
+    } else {
+        fold(h, &blocks, from, as_of)?
+    };
+    let zero_holds = h.holds(&Accumulator::default());
+    let mut users: Vec<String> = accs
+        .into_iter()
+        .filter(|(_, acc)| h.holds(acc) != zero_holds)
+        .map(|(u, _)| u.to_string())
+        .collect();
+    users.sort_unstable();
+    Ok(if zero_holds {
+        Users::AllBut(users)
+    } else {
+        Users::Only(users)
+    })
+}
+
+/// The size of a statistics bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    pub fn seconds(self) -> i64 {
+        match self {
+            Granularity::Minute => MINUTE,
+            Granularity::Hour => HOUR,
+            Granularity::Day => 24 * HOUR,
+        }
+    }
+}
+
+/// Most buckets one GetEventStats call may ask for (a week of minutes is 10 080).
+pub const MAX_BUCKETS: i64 = 20_000;
+
+/// A validated statistics request over `[from, to)`.
+#[derive(Clone, Debug)]
+pub struct StatsQuery {
+    pub event_name: String,
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub granularity: Granularity,
+    pub aggregate: Aggregate,
+    /// The NUMBER attribute of SUM, MIN, MAX and AVG.
+    pub attribute: String,
+}
+
+/// One bucket: its start, the aggregate's value and the number of events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatsBucket {
+    pub start: Timestamp,
+    pub value: f64,
+    pub events: u64,
+}
+
+/// Buckets covering the range and the aggregate over all of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    pub buckets: Vec<StatsBucket>,
+    pub total: f64,
+}
+
+/// The first bucket's start (`from` aligned down) and the number of buckets covering
+/// `[from, to)`; `from < to` is checked by the caller.
+pub fn bucket_span(from: Timestamp, to: Timestamp, g: Granularity) -> (i64, i64) {
+    let w = g.seconds();
+    let first = from.secs.div_euclid(w) * w;
+    // The last bucket starts before `to`.
+    let last_secs = if to.nanos == 0 { to.secs - 1 } else { to.secs };
+    let last = last_secs.div_euclid(w) * w;
+    (first, (last - first) / w + 1)
+}
+
+fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_nanos(secs as i128 * 1_000_000_000)
+}
+
+fn ceil_to(t: Timestamp, w: i64) -> i64 {
+    let down = t.secs.div_euclid(w) * w;
+    if down == t.secs && t.nanos == 0 {
+        down
+    } else {
+        down + w
+    }
+}
+
+fn value_of(summary: &BucketSummary, aggregate: Aggregate, attribute: &str) -> f64 {
+    let none = NumberAggregate::default();
+    let n = summary.numbers.get(attribute).unwrap_or(&none);
+    match aggregate {
+        Aggregate::Count | Aggregate::DistinctUsers => summary.events as f64,
+        Aggregate::Sum => n.sum,
+        Aggregate::Min if n.count > 0 => n.min,
+        Aggregate::Max if n.count > 0 => n.max,
+        Aggregate::Avg if n.count > 0 => n.sum / n.count as f64,
+        _ => 0.0,
+    }
+}
+
+/// Computes GetEventStats.
+pub fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
+    let w = q.granularity.seconds();
+    let (first, count) = bucket_span(q.from, q.to, q.granularity);
+    let index = |at: Timestamp| ((at.secs - first).div_euclid(w)) as usize;
+    let mut summaries = vec![BucketSummary::default(); count as usize];
+    let mut total = BucketSummary::default();
+    if q.aggregate == Aggregate::DistinctUsers {
+        let blocks = blocks(store, &q.event_name, Some(q.from), q.to)?;
+        let mut users: Vec<HashSet<&str>> = vec![HashSet::new(); count as usize];
+        let mut all: HashSet<&str> = HashSet::new();
+        each_row(&blocks, Some(q.from), q.to, false, &mut |r| {
+            let i = index(r.occurred_at);
+            if let (Some(s), Some(u)) = (summaries.get_mut(i), users.get_mut(i)) {
+                s.events += 1;
+                u.insert(r.user_id);
+            }
+            all.insert(r.user_id);
+        })?;
+        let buckets = summaries
+            .iter()
+            .zip(&users)
+            .enumerate()
+            .map(|(i, (s, u))| StatsBucket {
+                start: ts(first + i as i64 * w),
+                value: u.len() as f64,
+                events: s.events,
+            })
+            .collect();
+        return Ok(Stats {
+            buckets,
+            total: all.len() as f64,
+        });
+    }
+    // Pieces: partial minutes at both ends from records, whole minutes from minute summaries,
+    // whole hours from hour summaries. No piece straddles a bucket: buckets are whole minutes,
+    // hours or days.
+    let m0 = ceil_to(q.from, MINUTE);
+    let m1 = q.to.secs.div_euclid(MINUTE) * MINUTE;
+    let mut add = |at: Timestamp, s: &BucketSummary| {
+        if let Some(b) = summaries.get_mut(index(at)) {
+            b.merge(s);
+        }
+        total.merge(s);
+    };
+    if m0 >= m1 {
+        // The whole range lies inside one minute (or two partial ones).
+        for_records(store, &q.event_name, Some(q.from), q.to, &mut |r| {
+            let mut s = BucketSummary::default();
+            s.add(r);
+            add(r.occurred_at, &s);
+        })?;
+    } else {
+        for_records(store, &q.event_name, Some(q.from), ts(m0), &mut |r| {
+            let mut s = BucketSummary::default();
+            s.add(r);
+            add(r.occurred_at, &s);
+        })?;
+        for_records(store, &q.event_name, Some(ts(m1)), q.to, &mut |r| {
+            let mut s = BucketSummary::default();
+            s.add(r);
+            add(r.occurred_at, &s);
+        })?;
+        let (h0, h1) = if q.granularity == Granularity::Minute {
+            (m1, m1)
+        } else {
+            let h0 = ceil_to(ts(m0), HOUR);
+            let h1 = m1.div_euclid(HOUR) * HOUR;
+            if h0 < h1 {
+                (h0, h1)
+            } else {
+                (m1, m1)
+            }
+        };
+        let minute_ranges = if h0 < h1 {
+            vec![(m0, h0), (h1, m1)]
+        } else {
+            vec![(m0, m1)]
+        };
+        for (a, b) in minute_ranges {
+            if a < b {
+                for (minute, s) in store.buckets(Level::Minute, &q.event_name, a / MINUTE, b / MINUTE)? {
+                    add(ts(minute * MINUTE), &s);
+                }
+            }
+        }
+        if h0 < h1 {
+            for (hour, s) in store.buckets(Level::Hour, &q.event_name, h0 / HOUR, h1 / HOUR)? {
+                add(ts(hour * HOUR), &s);
+            }
+        }
+    }
+    let buckets = summaries
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StatsBucket {
+            start: ts(first + i as i64 * w),
+            value: value_of(s, q.aggregate, &q.attribute),
+            events: s.events,
+        })
+        .collect();
+    Ok(Stats {
+        buckets,
+        total: value_of(&total, q.aggregate, &q.attribute),
+    })
+}
