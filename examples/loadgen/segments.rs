@@ -45,6 +45,10 @@ pub struct SegmentArgs {
     /// Skip PostgreSQL (engage figures only).
     #[arg(long)]
     no_pg: bool,
+    /// Only load the events into engage and report the ingest rate (works with binaries that
+    /// predate QueryService, for comparing ingest).
+    #[arg(long)]
+    load_only: bool,
     #[arg(long, default_value = "target/release/engage")]
     engage_bin: PathBuf,
 }
@@ -321,7 +325,7 @@ pub async fn run(a: SegmentArgs) {
     let t = Instant::now();
     let events = generate(&a);
     eprintln!("generated {} events in {:.1?}", events.len(), t.elapsed());
-    if !a.no_pg {
+    if !a.no_pg && !a.load_only {
         write_csv(&events, &a.csv).expect("write csv");
     }
     let engage = super::start_engage(&a.engage_bin);
@@ -371,6 +375,9 @@ pub async fn run(a: SegmentArgs) {
         load.as_secs_f64(),
         sent as f64 / load.as_secs_f64()
     );
+    if a.load_only {
+        return;
+    }
     let client = QueryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let as_of = Some(prost_types::Timestamp {
         seconds: AS_OF,

@@ -361,11 +361,17 @@ impl ColumnWrites {
     }
 }
 
-/// The writer's view of the index: the small blocks of the hours it touched.
+/// The writer's view of the index: the small blocks of the hours it touched, and users it
+/// knows are registered (so a returning user costs no read).
 #[derive(Default)]
 pub struct Columns {
     small: HashMap<(String, i64), Vec<SmallBlock>>,
+    registered: HashSet<Box<str>>,
 }
+
+/// Users remembered as registered before the memory is dropped (about 16 MB at most); a user
+/// not remembered costs one read when next seen.
+const MAX_REMEMBERED_USERS: usize = 262_144;
 
 /// Hours whose small blocks are remembered before the memory is dropped (and re-read lazily).
 const MAX_REMEMBERED_HOURS: usize = 100_000;
@@ -399,11 +405,18 @@ impl Columns {
                 batch.put_raw(key, encode(&summary));
             }
         }
+        if self.registered.len() > MAX_REMEMBERED_USERS {
+            self.registered.clear();
+        }
         for user in writes.users {
+            if self.registered.contains(user.as_str()) {
+                continue;
+            }
             let key = prefixed(USER, &user);
             if !store.tree.contains_key(&key)? {
                 batch.put_raw(key, Vec::new());
             }
+            self.registered.insert(user.into_boxed_str());
         }
         Ok(())
     }
@@ -571,6 +584,7 @@ impl Columns {
             self.forget(name, *hour);
         }
         batch.remove_raw(prefixed(USER, user));
+        self.registered.remove(user);
         Ok(())
     }
 }
