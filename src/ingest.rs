@@ -23,6 +23,10 @@
 //! time it enters that set; an aggregate from an older epoch, or a missing one, is rebuilt from
 //! the user's events of that name the first time it is needed, so no stale count is ever used.
 //!
+//! Every stored event is also added to the by-name index of `store::columns` (FilterUsers and
+//! GetEventStats read it): one compact record per event, and per write group one block per
+//! (name, hour) and one bucket update per (name, minute) and (name, hour) it touches.
+//!
 //! Stateless checks ([`prepare`]) run on the caller's task, so they use every core.
 
 use std::collections::{BTreeMap, HashMap};
