@@ -450,8 +450,16 @@ impl Ingest {
     /// firing state and event-name counts; the user's fired actions keep their sequence but lose
     /// user id, payload and event. Answers the number of events erased.
     pub async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
-        self.run_alone(move |writer, group| writer.erase(&user_id, group))
-            .await
+        // Erasure runs alone in its group: if any read fails half-way, dropping the group's
+        // writes leaves the user exactly as before (and a retry starts from scratch).
+        self.run_alone(move |writer, group| {
+            let erased = writer.erase(&user_id, group);
+            if erased.is_err() {
+                group.discard_writes();
+            }
+            erased
+        })
+        .await
     }
 
     /// Deletes up to `max` actions fired before `cutoff` from the start of the log.
@@ -580,6 +588,15 @@ impl Group {
             triggers_changed: false,
             columns: ColumnWrites::default(),
         }
+    }
+}
+
+impl Group {
+    /// Drops every write of the group (its replies stay).
+    fn discard_writes(&mut self) {
+        let replies = std::mem::take(&mut self.replies);
+        *self = Group::new();
+        self.replies = replies;
     }
 }
 

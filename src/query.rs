@@ -126,52 +126,69 @@ fn eval(store: &Store, cond: &Condition, as_of: Timestamp) -> Result<Users, Erro
     }
 }
 
-/// The blocks of `name` holding the events of `[from, to]` (and more, whole hours).
-fn blocks(
-    store: &Store,
-    name: &str,
-    from: Option<Timestamp>,
-    to: Timestamp,
-) -> Result<Vec<(IVec, IVec)>, Error> {
-    let from_hour = from.map_or(i64::MIN, |t| bucket_of(t, Level::Hour));
-    let to_hour = bucket_of(to, Level::Hour);
-    Ok(store.blocks(name, from_hour, to_hour).collect::<Result<_, _>>()?)
-}
-
-/// Calls `f` for every row of `blocks` with `occurred_at` in `[from, to)` (or `[from, to]` when
-/// `inclusive_to`), hour by hour (rows of one hour are not in global time order).
-fn each_row<'a>(
-    blocks: &'a [(IVec, IVec)],
+/// A time range of events: `[from, to]`, or `[from, to)` unless `inclusive_to`.
+#[derive(Clone, Copy)]
+struct Span {
     from: Option<Timestamp>,
     to: Timestamp,
     inclusive_to: bool,
-    f: &mut dyn FnMut(Row<'a>),
+}
+
+impl Span {
+    fn until(from: Option<Timestamp>, to: Timestamp) -> Self {
+        Span {
+            from,
+            to,
+            inclusive_to: false,
+        }
+    }
+
+    /// The last instant inside the span.
+    fn last(self) -> Timestamp {
+        if self.inclusive_to {
+            self.to
+        } else {
+            Timestamp::from_nanos(self.to.as_nanos() - 1)
+        }
+    }
+
+    fn contains(self, at: Timestamp) -> bool {
+        at <= self.last() && self.from.is_none_or(|f| at >= f)
+    }
+}
+
+/// The blocks of `name` for the hours `span` touches.
+fn blocks(store: &Store, name: &str, span: Span) -> Result<Vec<(IVec, IVec)>, Error> {
+    let from_hour = span.from.map_or(i64::MIN, |t| bucket_of(t, Level::Hour));
+    let to_hour = bucket_of(span.last(), Level::Hour);
+    Ok(store.blocks(name, from_hour, to_hour)?)
+}
+
+/// Calls `f` for every row of `blocks` inside `span`, block by block (rows of one hour are not
+/// in global time order); blocks entirely outside the span are skipped undecoded.
+fn each_row<'a>(
+    blocks: &'a [(IVec, IVec)],
+    span: Span,
+    f: &mut dyn FnMut(Row<'a>) -> Result<(), Error>,
 ) -> Result<(), Error> {
+    let last = span.last();
     for (key, value) in blocks {
-        for r in columns::decode_block(key, value)? {
-            let before_end = if inclusive_to {
-                r.occurred_at <= to
-            } else {
-                r.occurred_at < to
-            };
-            if before_end && from.is_none_or(|f| r.occurred_at >= f) {
-                f(r);
+        for r in columns::decode_block(key, value, span.from, last)? {
+            if span.contains(r.occurred_at) {
+                f(r)?;
             }
         }
     }
     Ok(())
 }
 
-/// Reads the rows of `name` in `[from, to)` and calls `f` with each (whole record).
-fn for_records(
-    store: &Store,
-    name: &str,
-    from: Option<Timestamp>,
-    to: Timestamp,
-    f: &mut dyn FnMut(&Record<'_>),
-) -> Result<(), Error> {
-    let blocks = blocks(store, name, from, to)?;
-    each_row(&blocks, from, to, false, &mut |r| f(&r.record()))
+/// Reads the records of `name` in `span` and calls `f` with each.
+fn for_records(store: &Store, name: &str, span: Span, f: &mut dyn FnMut(&Record<'_>)) -> Result<(), Error> {
+    let blocks = blocks(store, name, span)?;
+    each_row(&blocks, span, &mut |r| {
+        f(&r.record()?);
+        Ok(())
+    })
 }
 
 fn lookup(attributes: &[(&str, ValueRef<'_>)], name: &str) -> Option<Value> {
@@ -185,18 +202,17 @@ fn lookup(attributes: &[(&str, ValueRef<'_>)], name: &str) -> Option<Value> {
 fn fold<'a>(
     h: &HistoryCondition,
     blocks: &'a [(IVec, IVec)],
-    from: Option<Timestamp>,
-    to: Timestamp,
+    span: Span,
 ) -> Result<FxHashMap<&'a str, Accumulator>, Error> {
     let mut accs: FxHashMap<&str, Accumulator> = FxHashMap::default();
     let needs_attributes = h.filter.is_some() || !matches!(h.aggregate, Aggregate::Count);
-    each_row(blocks, from, to, true, &mut |r| {
+    each_row(blocks, span, &mut |r| {
         let mut number = None;
         if needs_attributes {
-            let attributes = r.attributes();
+            let attributes = r.attributes()?;
             if let Some(filter) = &h.filter {
                 if !condition::eval_where(filter, &mut |name| lookup(&attributes, name)) {
-                    return;
+                    return Ok(());
                 }
             }
             if let Ok(i) = attributes.binary_search_by(|(k, _)| (*k).cmp(h.attribute.as_str())) {
@@ -206,6 +222,7 @@ fn fold<'a>(
             }
         }
         accs.entry(r.user_id).or_default().add_number(number);
+        Ok(())
     })?;
     Ok(accs)
 }
@@ -222,12 +239,17 @@ fn history(store: &Store, h: &HistoryCondition, as_of: Timestamp) -> Result<User
     let from = h
         .within_nanos
         .map(|w| Timestamp::from_nanos(as_of.as_nanos() - w + 1));
-    let blocks = blocks(store, &h.event_name, from, as_of)?;
+    let span = Span {
+        from,
+        to: as_of,
+        inclusive_to: true,
+    };
+    let blocks = blocks(store, &h.event_name, span)?;
     let accs = if blocks.len() >= PARALLEL_BLOCKS {
         let (left, right) = blocks.split_at(blocks.len() / 2);
         let (a, b) = std::thread::scope(|s| {
-            let other = s.spawn(|| fold(h, right, from, as_of));
-            let mine = fold(h, left, from, as_of);
+            let other = s.spawn(|| fold(h, right, span));
+            let mine = fold(h, left, span);
             (mine, other.join())
         });
         let mut a = a?;
@@ -237,7 +259,7 @@ fn history(store: &Store, h: &HistoryCondition, as_of: Timestamp) -> Result<User
         }
         a
     } else {
-        fold(h, &blocks, from, as_of)?
+        fold(h, &blocks, span)?
     };
     let zero_holds = h.holds(&Accumulator::default());
     let mut users: Vec<String> = accs
@@ -346,16 +368,18 @@ pub fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
     let mut summaries = vec![BucketSummary::default(); count as usize];
     let mut total = BucketSummary::default();
     if q.aggregate == Aggregate::DistinctUsers {
-        let blocks = blocks(store, &q.event_name, Some(q.from), q.to)?;
+        let span = Span::until(Some(q.from), q.to);
+        let blocks = blocks(store, &q.event_name, span)?;
         let mut users: Vec<HashSet<&str>> = vec![HashSet::new(); count as usize];
         let mut all: HashSet<&str> = HashSet::new();
-        each_row(&blocks, Some(q.from), q.to, false, &mut |r| {
+        each_row(&blocks, span, &mut |r| {
             let i = index(r.occurred_at);
             if let (Some(s), Some(u)) = (summaries.get_mut(i), users.get_mut(i)) {
                 s.events += 1;
                 u.insert(r.user_id);
             }
             all.insert(r.user_id);
+            Ok(())
         })?;
         let buckets = summaries
             .iter()
@@ -385,18 +409,23 @@ pub fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
     };
     if m0 >= m1 {
         // The whole range lies inside one minute (or two partial ones).
-        for_records(store, &q.event_name, Some(q.from), q.to, &mut |r| {
+        for_records(store, &q.event_name, Span::until(Some(q.from), q.to), &mut |r| {
             let mut s = BucketSummary::default();
             s.add(r);
             add(r.occurred_at, &s);
         })?;
     } else {
-        for_records(store, &q.event_name, Some(q.from), ts(m0), &mut |r| {
-            let mut s = BucketSummary::default();
-            s.add(r);
-            add(r.occurred_at, &s);
-        })?;
-        for_records(store, &q.event_name, Some(ts(m1)), q.to, &mut |r| {
+        for_records(
+            store,
+            &q.event_name,
+            Span::until(Some(q.from), ts(m0)),
+            &mut |r| {
+                let mut s = BucketSummary::default();
+                s.add(r);
+                add(r.occurred_at, &s);
+            },
+        )?;
+        for_records(store, &q.event_name, Span::until(Some(ts(m1)), q.to), &mut |r| {
             let mut s = BucketSummary::default();
             s.add(r);
             add(r.occurred_at, &s);
@@ -443,4 +472,79 @@ pub fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
         buckets,
         total: value_of(&total, q.aggregate, &q.attribute),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::condition::Operator;
+    use crate::model::Event;
+    use crate::store::columns::{ColumnWrites, Columns};
+    use crate::store::{StoreOptions, WriteBatch};
+
+    /// A writer adds one user per batch in one hour, so blocks merge all the time; a reader
+    /// filters meanwhile. Every user applied before a read started must be in its answer.
+    #[test]
+    fn a_merge_never_hides_records_from_a_running_filter() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = StoreOptions {
+            cache_capacity: 64 << 20,
+            flush_every_ms: 500,
+        };
+        let store = Store::open(dir.path(), &opts).expect("open");
+        let applied = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (store, applied, done) = (store.clone(), applied.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut columns = Columns::default();
+                for i in 1..=6000u64 {
+                    let mut writes = ColumnWrites::default();
+                    writes.add(&Event {
+                        event_id: format!("e{i}"),
+                        user_id: format!("u{i:06}"),
+                        name: "n".into(),
+                        occurred_at: Timestamp {
+                            secs: 1_000_000 * 3600 + (i as i64 % 3600),
+                            nanos: 0,
+                        },
+                        received_at: Timestamp { secs: 0, nanos: 0 },
+                        sequence: i,
+                        attributes: BTreeMap::new(),
+                    });
+                    let mut batch = WriteBatch::default();
+                    columns.write(&store, &mut batch, writes).expect("index");
+                    store.apply(batch).expect("apply");
+                    applied.fetch_add(1, Ordering::SeqCst);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let cond = Condition::History(HistoryCondition {
+            event_name: "n".into(),
+            filter: None,
+            aggregate: Aggregate::Count,
+            attribute: String::new(),
+            op: Operator::Gte,
+            value: 1.0,
+            within_nanos: None,
+        });
+        let far = Timestamp {
+            secs: 2_000_000 * 3600,
+            nanos: 0,
+        };
+        while !done.load(Ordering::SeqCst) {
+            let before = applied.load(Ordering::SeqCst);
+            let found = filter_users(&store, &cond, far).expect("filter").len();
+            assert!(
+                found >= before,
+                "{found} users found, {before} applied before the read"
+            );
+        }
+        writer.join().expect("writer");
+    }
 }

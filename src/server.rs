@@ -108,12 +108,10 @@ pub async fn serve(
         Duration::from_secs(args.retention_check_secs.max(1)),
         streams_stopped,
     ));
-    let queries = proto::query_service_server::QueryServiceServer::new(QueryApi {
-        ingest: ingest.clone(),
-        store: store.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let queries =
+        proto::query_service_server::QueryServiceServer::new(QueryApi::new(ingest.clone(), store.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 

@@ -1076,3 +1076,55 @@ async fn stats_fill_empty_buckets_and_count_distinct_users_over_the_range() {
     let avg = get(A::Avg, "price").await;
     assert_eq!(avg.total, 13.0 / 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filters_see_every_acknowledged_event_while_blocks_merge() {
+    // One writer adds a new user per write group in one hour (so small blocks keep merging);
+    // a reader filters that hour all along. Every user acknowledged before a query started must
+    // be in its answer: a merge must never hide records from a running scan.
+    let server = TestServer::start().await;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut c = server.events().await;
+        let acked = acked.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            for i in 0..1200 {
+                let e = proto::Event {
+                    occurred_at: Some(ts(T0 + 60 + i % 3000)),
+                    ..event(&format!("w{i:05}"), "tick", &[])
+                };
+                track(&mut c, e).await.expect("track");
+                acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut q = QueryServiceClient::new(server.channel().await);
+    let mut queries = 0u64;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+        // A distinct as_of per query: no cached answer is reused.
+        let as_of = proto_ts((T0 + 3 * 3600) as i128 * 1_000_000_000 + queries as i128);
+        let total = q
+            .filter_users(proto::FilterUsersRequest {
+                filter: Some(h("tick", None, A::Count, "", O::Gte, 1.0, 0)),
+                as_of: Some(as_of),
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .expect("filter")
+            .into_inner()
+            .total_count;
+        let after = acked.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            total >= before && total <= after + 1,
+            "query {queries}: {total} users, {before} acknowledged before, {after} after"
+        );
+        queries += 1;
+    }
+    writer.await.expect("writer");
+    assert!(queries > 10, "only {queries} queries ran during the writes");
+}

@@ -1,5 +1,10 @@
 //! QueryService: FilterUsers and GetEventStats (the work is in [`crate::query`]).
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::api::{blocking, convert, page_size, PageToken};
@@ -16,13 +21,54 @@ use crate::store::Store;
 /// FilterUsers' default page size (SPEC §3).
 const DEFAULT_PAGE_SIZE: usize = 100;
 
+/// FilterUsers evaluations kept for the following pages, and for how long.
+const CACHED_RESULTS: usize = 8;
+const CACHE_FOR: Duration = Duration::from_secs(60);
+/// Queries evaluated at once; more wait their turn (each may use two threads).
+const CONCURRENT_QUERIES: usize = 4;
+
+/// A FilterUsers evaluation: its key (filter and as_of), when, and the matching users.
+type CachedResult = (String, Instant, Arc<Vec<String>>);
+
 /// The QueryService handlers.
 pub struct QueryApi {
-    pub ingest: Ingest,
-    pub store: Store,
+    ingest: Ingest,
+    store: Store,
+    /// Recent FilterUsers results by (filter, as_of): the pages after the first are served from
+    /// here instead of evaluating the filter again (as_of is pinned, so the answer is the same
+    /// but for events that arrived since with an earlier occurred_at).
+    results: Mutex<VecDeque<CachedResult>>,
+    permits: Arc<Semaphore>,
 }
 
 impl QueryApi {
+    pub fn new(ingest: Ingest, store: Store) -> Self {
+        Self {
+            ingest,
+            store,
+            results: Mutex::new(VecDeque::new()),
+            permits: Arc::new(Semaphore::new(CONCURRENT_QUERIES)),
+        }
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<Vec<String>>> {
+        let mut cache = self.results.lock().ok()?;
+        cache.retain(|(_, at, _)| at.elapsed() < CACHE_FOR);
+        cache
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, users)| users.clone())
+    }
+
+    fn remember(&self, key: String, users: Arc<Vec<String>>) {
+        if let Ok(mut cache) = self.results.lock() {
+            if cache.len() >= CACHED_RESULTS {
+                cache.pop_front();
+            }
+            cache.push_back((key, Instant::now(), users));
+        }
+    }
+
     fn stats_query(&self, r: proto::GetEventStatsRequest) -> Result<StatsQuery, Error> {
         let event_name = schema::normalize_event_name("event_name", &r.event_name)?;
         let from = convert::opt_timestamp("from", &r.from)?.ok_or_else(|| invalid("from: required"))?;
@@ -120,8 +166,22 @@ impl QueryService for QueryApi {
             None => (requested_as_of.unwrap_or_else(Timestamp::now), None),
         };
         let size = page_size(r.page_size, DEFAULT_PAGE_SIZE);
-        let store = self.store.clone();
-        let users = blocking(move || query::filter_users(&store, &valid, as_of)).await?;
+        let key = format!("{scope}|{}", as_of.as_nanos());
+        let users = match self.cached(&key) {
+            Some(users) => users,
+            None => {
+                let _permit = self
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+                let store = self.store.clone();
+                let users = Arc::new(blocking(move || query::filter_users(&store, &valid, as_of)).await?);
+                self.remember(key, users.clone());
+                users
+            }
+        };
         let start = after.map_or(0, |a| users.partition_point(|u| u.as_str() <= a.as_str()));
         let page: Vec<String> = users.iter().skip(start).take(size).cloned().collect();
         let next_page_token = match page.last() {
@@ -142,6 +202,12 @@ impl QueryService for QueryApi {
         request: Request<proto::GetEventStatsRequest>,
     ) -> Result<Response<proto::GetEventStatsResponse>, Status> {
         let q = self.stats_query(request.into_inner())?;
+        let _permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
         let store = self.store.clone();
         let stats = blocking(move || query::event_stats(&store, &q)).await?;
         Ok(Response::new(proto::GetEventStatsResponse {

@@ -145,20 +145,19 @@ impl<'a> Row<'a> {
         })
     }
 
-    /// The attributes, by name ascending (empty when they do not decode, which `decode_block`
-    /// has already ruled out for blocks it returned).
-    pub fn attributes(&self) -> Vec<(&'a str, ValueRef<'a>)> {
-        postcard::from_bytes(self.attributes).unwrap_or_default()
+    /// The attributes, by name ascending.
+    pub fn attributes(&self) -> Result<Vec<(&'a str, ValueRef<'a>)>, StoreError> {
+        postcard::from_bytes(self.attributes).map_err(|e| corrupt(self.user_id.as_bytes(), e))
     }
 
     /// The whole record.
-    pub fn record(&self) -> Record<'a> {
-        Record {
+    pub fn record(&self) -> Result<Record<'a>, StoreError> {
+        Ok(Record {
             user_id: self.user_id,
             occurred_at: self.occurred_at,
             sequence: self.sequence,
-            attributes: self.attributes(),
-        }
+            attributes: self.attributes()?,
+        })
     }
 }
 
@@ -258,9 +257,25 @@ fn blockno_of(key: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-/// The rows of a block, in (time, sequence) order, borrowed from `bytes`.
-pub fn decode_block<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<Row<'a>>, StoreError> {
-    Ok(split_block(key, bytes)?.into_iter().map(|(row, _)| row).collect())
+/// The rows of a block, in (time, sequence) order, borrowed from `bytes`; none when the block
+/// holds no record in `[from, to]` (checked on its first and last record only: blocks are
+/// sorted by time, and a block written by one group spans seconds, so most blocks of an hour
+/// that a range only partly covers are skipped undecoded).
+pub fn decode_block<'a>(
+    key: &[u8],
+    bytes: &'a [u8],
+    from: Option<Timestamp>,
+    to: Timestamp,
+) -> Result<Vec<Row<'a>>, StoreError> {
+    let records: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|e| corrupt(key, e))?;
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok(Vec::new());
+    };
+    let (first, last) = (Row::decode(key, first)?, Row::decode(key, last)?);
+    if first.occurred_at > to || from.is_some_and(|f| last.occurred_at < f) {
+        return Ok(Vec::new());
+    }
+    records.into_iter().map(|r| Row::decode(key, r)).collect()
 }
 
 /// The number of records in a block, from its length prefix.
@@ -505,6 +520,7 @@ impl Columns {
             for (key, _) in stored {
                 batch.remove_raw(key);
             }
+            batch.moves_index = true;
             small.push(merged);
         }
         // Write what is new; a full block is forgotten (never merged again).
@@ -549,7 +565,7 @@ impl Columns {
                 let mut kept: Vec<(Timestamp, u64, &[u8])> = Vec::with_capacity(before);
                 for (row, bytes) in &records {
                     if row.user_id != user {
-                        let record = row.record();
+                        let record = row.record()?;
                         whole.add(&record);
                         minutes
                             .entry(bucket_of(record.occurred_at, Level::Minute))
@@ -560,8 +576,10 @@ impl Columns {
                 }
                 if kept.is_empty() {
                     batch.remove_raw(key.to_vec());
+                    batch.moves_index = true;
                 } else if kept.len() != before {
                     batch.put_raw(key.to_vec(), build_block(&mut kept));
+                    batch.moves_index = true;
                 }
             }
             let first = hour * (HOUR / MINUTE);
@@ -590,16 +608,18 @@ impl Columns {
 }
 
 impl Store {
-    /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order.
+    /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order: a consistent
+    /// set (no merge moves records between them while they are read).
     pub fn blocks(
         &self,
         name: &str,
         from_hour: i64,
         to_hour: i64,
-    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + '_ {
+    ) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
         let lo = bucket_key(BLOCK, name, from_hour);
         let hi = bucket_key(BLOCK, name, to_hour.saturating_add(1));
-        self.tree.range(lo..hi).map(|kv| kv.map_err(StoreError::from))
+        let _reading = self.index.read().unwrap_or_else(|e| e.into_inner());
+        Ok(self.tree.range(lo..hi).collect::<Result<_, _>>()?)
     }
 
     /// The non-empty statistics buckets of `name` at `level` in `from..to` (bucket numbers).

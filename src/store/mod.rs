@@ -91,6 +91,10 @@ pub struct StoreOptions {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Held for writing while a batch that rewrites or removes index blocks is applied, and for
+    /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
+    /// that moves records between keys under a running scan would hide them from it.
+    index: std::sync::Arc<std::sync::RwLock<()>>,
 }
 
 /// Everything the ingest engine keeps in memory, read once at start-up.
@@ -216,6 +220,8 @@ fn decode_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
 pub struct WriteBatch {
     batch: sled::Batch,
     writes: usize,
+    /// Index blocks are rewritten or removed (see `Store::index`).
+    moves_index: bool,
 }
 
 impl WriteBatch {
@@ -374,7 +380,11 @@ impl Store {
             .flush_every_ms(Some(opts.flush_every_ms.max(1)))
             .open()?;
         let tree = db.open_tree("engage")?;
-        Ok(Self { db, tree })
+        Ok(Self {
+            db,
+            tree,
+            index: Default::default(),
+        })
     }
 
     /// Reads the state the ingest engine keeps in memory.
@@ -421,7 +431,12 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        self.tree.apply_batch(batch.batch)?;
+        if batch.moves_index {
+            let _moving = self.index.write().unwrap_or_else(|e| e.into_inner());
+            self.tree.apply_batch(batch.batch)?;
+        } else {
+            self.tree.apply_batch(batch.batch)?;
+        }
         Ok(())
     }
 
