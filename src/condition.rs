@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Error};
-use crate::model::{AttributeType, Event, UserNameAggregate, Value};
+use crate::model::{AttributeType, Event, NumberAggregate, UserNameAggregate, Value};
 use crate::schema;
 
 /// A comparison operator.
@@ -466,9 +466,14 @@ pub struct Accumulator {
 impl Accumulator {
     /// The aggregate of everything a [`UserNameAggregate`] has seen, for `attribute`.
     pub fn from_aggregate(agg: &UserNameAggregate, attribute: &str) -> Self {
-        let number = agg.numbers.get(attribute);
+        Self::from_parts(agg.count, agg.numbers.get(attribute))
+    }
+
+    /// The aggregate of `count` events whose numbers for the attribute are `number`.
+    pub fn from_parts(count: u64, number: Option<&NumberAggregate>) -> Self {
+        let number = number.filter(|n| n.count > 0);
         Self {
-            count: agg.count,
+            count,
             numbers: number.map_or(0, |n| n.count),
             sum: number.map_or(0.0, |n| n.sum),
             min: number.map(|n| n.min),

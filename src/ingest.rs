@@ -202,6 +202,10 @@ pub struct Ingest {
     failed: Arc<AtomicBool>,
     limits: Arc<Limits>,
     durable_actions: watch::Receiver<u64>,
+    /// Names whose rollup refresh is queued or running (one at a time per name).
+    refreshing: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Users erased since start (cached query results from before an erasure are not reused).
+    erasures: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Joins the engine's threads; dropping every [`Ingest`] handle lets them finish.
@@ -308,6 +312,8 @@ impl Ingest {
             failed,
             limits: Arc::new(limits),
             durable_actions: durable_rx,
+            refreshing: Default::default(),
+            erasures: Default::default(),
         };
         Ok((ingest, IngestThreads { writer, committer }))
     }
@@ -452,14 +458,60 @@ impl Ingest {
     pub async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
         // Erasure runs alone in its group: if any read fails half-way, dropping the group's
         // writes leaves the user exactly as before (and a retry starts from scratch).
-        self.run_alone(move |writer, group| {
-            let erased = writer.erase(&user_id, group);
-            if erased.is_err() {
-                group.discard_writes();
+        let erased = self
+            .run_alone(move |writer, group| {
+                let erased = writer.erase(&user_id, group);
+                if erased.is_err() {
+                    group.discard_writes();
+                }
+                erased
+            })
+            .await;
+        self.erasures.fetch_add(1, Ordering::SeqCst);
+        erased
+    }
+
+    /// How many erasures were requested since start.
+    pub fn erasures(&self) -> u64 {
+        self.erasures.load(Ordering::SeqCst)
+    }
+
+    /// Asks for `name`'s rollup to be rebuilt (see `store::columns`) unless a rebuild is already
+    /// queued; returns at once. The rebuild runs in the writer, alone in its write group.
+    pub fn request_rollup(&self, name: String) {
+        let fresh = match self.refreshing.lock() {
+            Ok(mut pending) => pending.insert(name.clone()),
+            Err(_) => false,
+        };
+        if !fresh {
+            return;
+        }
+        let ingest = self.clone();
+        tokio::spawn(async move {
+            let done = ingest
+                .run_alone({
+                    let name = name.clone();
+                    move |writer, group| {
+                        let now = Timestamp::now();
+                        let refreshed = writer
+                            .columns
+                            .refresh_rollup(&writer.store, &mut group.batch, &name, writer.last_seq, now)
+                            .map_err(Error::from);
+                        if refreshed.is_err() {
+                            group.discard_writes();
+                        }
+                        refreshed
+                    }
+                })
+                .await;
+            match done {
+                Ok(meta) => tracing::debug!(name, users = meta.users, "rollup refreshed"),
+                Err(e) => tracing::warn!(name, error = %e, "rollup refresh failed"),
             }
-            erased
-        })
-        .await
+            if let Ok(mut pending) = ingest.refreshing.lock() {
+                pending.remove(&name);
+            }
+        });
     }
 
     /// Deletes up to `max` actions fired before `cutoff` from the start of the log.
@@ -1084,6 +1136,10 @@ impl Writer {
         }
         group.batch.remove_keys(keys);
         self.columns.erase(&self.store, &mut group.batch, user, &hours)?;
+        let user_names: std::collections::BTreeSet<String> =
+            hours.iter().map(|(name, _)| name.clone()).collect();
+        self.columns
+            .erase_from_rollups(&self.store, &mut group.batch, user, &user_names)?;
         for (name, count) in names {
             group.batch.remove_user_aggregate(user, &name);
             let known = self

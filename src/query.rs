@@ -18,7 +18,7 @@
 //! of at most two partial minutes: a 24-hour hourly chart reads about 24 to 140 small keys.
 //! DISTINCT_USERS cannot be summed across buckets, so it reads the name's records in the range.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::condition::{self, Accumulator, Aggregate, Condition, HistoryCondition};
 use crate::error::Error;
@@ -82,8 +82,15 @@ impl Users {
 
 /// The users whose history matches `filter` at `as_of`, ascending. `filter` was validated with
 /// [`condition::Place::Filter`].
-pub fn filter_users(store: &Store, filter: &Condition, as_of: Timestamp) -> Result<Vec<String>, Error> {
-    match eval(store, filter, as_of)? {
+/// Names whose rollup is missing or lags are added to `stale` (the caller asks the writer to
+/// rebuild them; see [`rollup_history`]).
+pub fn filter_users(
+    store: &Store,
+    filter: &Condition,
+    as_of: Timestamp,
+    stale: &mut BTreeSet<String>,
+) -> Result<Vec<String>, Error> {
+    match eval(store, filter, as_of, stale)? {
         Users::Only(users) => Ok(users),
         Users::AllBut(excluded) => {
             let excluded: HashSet<&str> = excluded.iter().map(String::as_str).collect();
@@ -99,12 +106,17 @@ pub fn filter_users(store: &Store, filter: &Condition, as_of: Timestamp) -> Resu
     }
 }
 
-fn eval(store: &Store, cond: &Condition, as_of: Timestamp) -> Result<Users, Error> {
+fn eval(
+    store: &Store,
+    cond: &Condition,
+    as_of: Timestamp,
+    stale: &mut BTreeSet<String>,
+) -> Result<Users, Error> {
     match cond {
         Condition::All(items) => {
             let mut acc = Users::AllBut(Vec::new());
             for c in items {
-                acc = acc.and(eval(store, c, as_of)?);
+                acc = acc.and(eval(store, c, as_of, stale)?);
                 if matches!(&acc, Users::Only(v) if v.is_empty()) {
                     break;
                 }
@@ -114,11 +126,17 @@ fn eval(store: &Store, cond: &Condition, as_of: Timestamp) -> Result<Users, Erro
         Condition::Any(items) => {
             let mut acc = Users::Only(Vec::new());
             for c in items {
-                acc = acc.or(eval(store, c, as_of)?);
+                acc = acc.or(eval(store, c, as_of, stale)?);
             }
             Ok(acc)
         }
-        Condition::Not(inner) => Ok(eval(store, inner, as_of)?.not()),
+        Condition::Not(inner) => Ok(eval(store, inner, as_of, stale)?.not()),
+        Condition::History(h) if h.filter.is_none() && h.within_nanos.is_none() => {
+            if let Some(users) = rollup_history(store, h, as_of, stale)? {
+                return Ok(users);
+            }
+            history(store, h, as_of)
+        }
         Condition::History(h) => history(store, h, as_of),
         Condition::Attribute(_) => Err(Error::Internal(
             "an attribute condition outside a where reached FilterUsers".into(),
@@ -231,6 +249,87 @@ fn fold<'a>(
 /// thousands of events; below it a thread costs more than it saves).
 const PARALLEL_BLOCKS: usize = 64;
 
+/// Splits users into those a condition holds for and the rest, as [`Users`].
+fn users_where(zero_holds: bool, mut users: Vec<String>) -> Users {
+    users.sort_unstable();
+    if zero_holds {
+        Users::AllBut(users)
+    } else {
+        Users::Only(users)
+    }
+}
+
+/// A rollup is rebuilt when the events it does not cover exceed this, or a quarter of its users.
+const ROLLUP_LAG: usize = 4096;
+
+/// An all-history condition without `where`, answered from the name's rollup (one maintained
+/// aggregate per user, packed in chunks of 4096 users, read in user order without decoding any
+/// event) plus the events the rollup does not cover yet (blocks newer than it, usually the
+/// current hour). `None` when the name has no rollup or `as_of` is before its cutoff: the caller
+/// scans the events instead. A missing or lagging rollup is reported in `stale`.
+fn rollup_history(
+    store: &Store,
+    h: &HistoryCondition,
+    as_of: Timestamp,
+    stale: &mut BTreeSet<String>,
+) -> Result<Option<Users>, Error> {
+    let Some(view) = store.rollup_view(&h.event_name)? else {
+        stale.insert(h.event_name.clone());
+        return Ok(None);
+    };
+    if as_of < view.meta.cutoff {
+        return Ok(None);
+    }
+    let mut delta: FxHashMap<&str, Accumulator> = FxHashMap::default();
+    let mut delta_events = 0usize;
+    for (key, value) in &view.blocks {
+        if !view.is_delta_block(key, value)? {
+            continue;
+        }
+        for r in columns::decode_block(key, value, None, as_of)? {
+            if r.occurred_at > as_of || !view.is_delta(r.sequence, r.occurred_at) {
+                continue;
+            }
+            delta_events += 1;
+            let number = if matches!(h.aggregate, Aggregate::Count) {
+                None
+            } else {
+                r.attributes()?
+                    .into_iter()
+                    .find(|(k, _)| *k == h.attribute)
+                    .and_then(|(_, v)| match v {
+                        ValueRef::Number(n) => Some(n),
+                        _ => None,
+                    })
+            };
+            delta.entry(r.user_id).or_default().add_number(number);
+        }
+    }
+    if delta_events > ROLLUP_LAG.max(view.meta.users as usize / 4) {
+        stale.insert(h.event_name.clone());
+    }
+    let zero_holds = h.holds(&Accumulator::default());
+    let mut users = Vec::new();
+    for (key, value) in &view.chunks {
+        for e in columns::decode_rollup_chunk(key, value)? {
+            let number = e.numbers.iter().find(|(k, _)| *k == h.attribute).map(|(_, n)| n);
+            let mut acc = Accumulator::from_parts(e.count, number);
+            if let Some(d) = delta.remove(e.user_id) {
+                acc.merge(&d);
+            }
+            if h.holds(&acc) != zero_holds {
+                users.push(e.user_id.to_string());
+            }
+        }
+    }
+    for (user, acc) in delta {
+        if h.holds(&acc) != zero_holds {
+            users.push(user.to_string());
+        }
+    }
+    Ok(Some(users_where(zero_holds, users)))
+}
+
 /// The users for whom one history condition holds at `as_of`: window (as_of − within, as_of].
 /// Reads the name's blocks of the window's hours; decodes attributes only when `where` or the
 /// aggregate needs them. Large scans are split over two threads.
@@ -262,17 +361,12 @@ fn history(store: &Store, h: &HistoryCondition, as_of: Timestamp) -> Result<User
         fold(h, &blocks, span)?
     };
     let zero_holds = h.holds(&Accumulator::default());
-    let mut users: Vec<String> = accs
+    let users: Vec<String> = accs
         .into_iter()
         .filter(|(_, acc)| h.holds(acc) != zero_holds)
         .map(|(u, _)| u.to_string())
         .collect();
-    users.sort_unstable();
-    Ok(if zero_holds {
-        Users::AllBut(users)
-    } else {
-        Users::Only(users)
-    })
+    Ok(users_where(zero_holds, users))
 }
 
 /// The size of a statistics bucket.
@@ -486,6 +580,129 @@ mod tests {
     use crate::store::columns::{ColumnWrites, Columns};
     use crate::store::{StoreOptions, WriteBatch};
 
+    fn event(i: u64, user: u64, secs: i64, amount: Option<f64>) -> Event {
+        let mut attributes = BTreeMap::new();
+        if let Some(a) = amount {
+            attributes.insert("amount".to_string(), crate::model::Value::Number(a));
+        }
+        Event {
+            event_id: format!("e{i}"),
+            user_id: format!("u{user:03}"),
+            name: "n".into(),
+            occurred_at: Timestamp { secs, nanos: 0 },
+            received_at: Timestamp { secs: 0, nanos: 0 },
+            sequence: i,
+            attributes,
+        }
+    }
+
+    /// A rollup plus the events it does not cover answers exactly what scanning every event
+    /// answers: events before and after the rollup, late-dated ones (older than its cutoff but
+    /// stored after it) and future-dated ones (stored before it, dated after its cutoff).
+    #[test]
+    fn rollups_answer_what_a_scan_answers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = StoreOptions {
+            cache_capacity: 64 << 20,
+            flush_every_ms: 500,
+        };
+        let store = Store::open(dir.path(), &opts).expect("open");
+        let mut columns = Columns::default();
+        let cutoff = Timestamp {
+            secs: 100 * 3600,
+            nanos: 0,
+        };
+        let mut seq = 0u64;
+        let mut rng = 7u64;
+        let mut next = move |n: u64| {
+            rng = rng
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (rng >> 33) % n
+        };
+        // Events dated in [from_hour, from_hour + hours), one write group each.
+        let mut add = |columns: &mut Columns, count: u64, from_hour: i64, hours: u64| {
+            for _ in 0..count {
+                seq += 1;
+                let amount = (next(4) > 0).then(|| next(100) as f64);
+                let secs = from_hour * 3600 + next(hours * 3600) as i64;
+                let mut writes = ColumnWrites::default();
+                writes.add(&event(seq, next(40), secs, amount));
+                let mut batch = WriteBatch::default();
+                columns.write(&store, &mut batch, writes).expect("index");
+                store.apply(batch).expect("apply");
+            }
+            seq
+        };
+        // Before the rollup: mostly before the cutoff, some dated after it.
+        let last = add(&mut columns, 300, 90, 20);
+        let mut batch = WriteBatch::default();
+        columns
+            .refresh_rollup(&store, &mut batch, "n", last, cutoff)
+            .expect("rollup");
+        store.apply(batch).expect("apply");
+        // After it: late-dated and current events.
+        add(&mut columns, 200, 95, 10);
+        let mut checked = 0;
+        for (aggregate, op, value) in [
+            (Aggregate::Count, Operator::Gte, 8.0),
+            (Aggregate::Count, Operator::Lt, 10.0),
+            (Aggregate::Sum, Operator::Gt, 400.0),
+            (Aggregate::Min, Operator::Lt, 5.0),
+            (Aggregate::Max, Operator::Gte, 97.0),
+            (Aggregate::Avg, Operator::Lt, 45.0),
+        ] {
+            let h = HistoryCondition {
+                event_name: "n".into(),
+                filter: None,
+                aggregate,
+                attribute: "amount".into(),
+                op,
+                value,
+                within_nanos: None,
+            };
+            for as_of_hour in [100, 101, 104, 106] {
+                let as_of = Timestamp {
+                    secs: as_of_hour * 3600,
+                    nanos: 0,
+                };
+                let mut stale = BTreeSet::new();
+                let from_rollup = rollup_history(&store, &h, as_of, &mut stale)
+                    .expect("rollup history")
+                    .expect("a rollup exists and covers as_of");
+                let scanned = history(&store, &h, as_of).expect("history");
+                let list = |u: &Users| match u {
+                    Users::Only(v) => (true, v.clone()),
+                    Users::AllBut(v) => (false, v.clone()),
+                };
+                assert_eq!(
+                    list(&from_rollup),
+                    list(&scanned),
+                    "{aggregate:?} {op:?} {value} at hour {as_of_hour}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 24);
+        // Before its cutoff a rollup is not used.
+        let h = HistoryCondition {
+            event_name: "n".into(),
+            filter: None,
+            aggregate: Aggregate::Count,
+            attribute: String::new(),
+            op: Operator::Gte,
+            value: 1.0,
+            within_nanos: None,
+        };
+        let early = Timestamp {
+            secs: 99 * 3600,
+            nanos: 0,
+        };
+        assert!(rollup_history(&store, &h, early, &mut BTreeSet::new())
+            .expect("read")
+            .is_none());
+    }
+
     /// A writer adds one user per batch in one hour, so blocks merge all the time; a reader
     /// filters meanwhile. Every user applied before a read started must be in its answer.
     #[test]
@@ -539,7 +756,9 @@ mod tests {
         };
         while !done.load(Ordering::SeqCst) {
             let before = applied.load(Ordering::SeqCst);
-            let found = filter_users(&store, &cond, far).expect("filter").len();
+            let found = filter_users(&store, &cond, far, &mut BTreeSet::new())
+                .expect("filter")
+                .len();
             assert!(
                 found >= before,
                 "{found} users found, {before} applied before the read"

@@ -36,7 +36,8 @@ pub struct QueryApi {
     store: Store,
     /// Recent FilterUsers results by (filter, as_of): the pages after the first are served from
     /// here instead of evaluating the filter again (as_of is pinned, so the answer is the same
-    /// but for events that arrived since with an earlier occurred_at).
+    /// but for events that arrived since with an earlier occurred_at). First pages are always
+    /// evaluated, and an erasure makes every cached result unusable.
     results: Mutex<VecDeque<CachedResult>>,
     permits: Arc<Semaphore>,
 }
@@ -166,8 +167,11 @@ impl QueryService for QueryApi {
             None => (requested_as_of.unwrap_or_else(Timestamp::now), None),
         };
         let size = page_size(r.page_size, DEFAULT_PAGE_SIZE);
-        let key = format!("{scope}|{}", as_of.as_nanos());
-        let users = match self.cached(&key) {
+        // Erasures change the key: an erased user never comes back from the cache.
+        let key = format!("{scope}|{}|{}", as_of.as_nanos(), self.ingest.erasures());
+        // Only a continuation reuses an evaluation; a first page is always evaluated afresh.
+        let cached = after.as_ref().and_then(|_| self.cached(&key));
+        let users = match cached {
             Some(users) => users,
             None => {
                 let _permit = self
@@ -177,7 +181,16 @@ impl QueryService for QueryApi {
                     .await
                     .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
                 let store = self.store.clone();
-                let users = Arc::new(blocking(move || query::filter_users(&store, &valid, as_of)).await?);
+                let (users, stale) = blocking(move || {
+                    let mut stale = std::collections::BTreeSet::new();
+                    let users = query::filter_users(&store, &valid, as_of, &mut stale)?;
+                    Ok((users, stale))
+                })
+                .await?;
+                for name in stale {
+                    self.ingest.request_rollup(name);
+                }
+                let users = Arc::new(users);
                 self.remember(key, users.clone());
                 users
             }

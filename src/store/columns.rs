@@ -33,6 +33,11 @@ const BLOCK: u8 = b'B';
 const MINUTE_BUCKET: u8 = b'K';
 const HOUR_BUCKET: u8 = b'H';
 const USER: u8 = b'W';
+const ROLLUP: u8 = b'Y';
+const ROLLUP_META: u8 = b'X';
+
+/// Users per rollup chunk.
+const ROLLUP_CHUNK: usize = 4096;
 
 /// Blocks of one size class merged at once.
 pub const FAN_IN: usize = 8;
@@ -231,6 +236,13 @@ fn bucket_key(prefix: u8, name: &str, bucket: i64) -> Vec<u8> {
     k
 }
 
+/// `B` name 0x00: the prefix of every block of a name.
+fn block_prefix(name: &str) -> Vec<u8> {
+    let mut k = prefixed(BLOCK, name);
+    k.push(0);
+    k
+}
+
 fn block_key(name: &str, hour: i64, blockno: u64) -> Vec<u8> {
     let mut k = bucket_key(BLOCK, name, hour);
     k.extend_from_slice(&blockno.to_be_bytes());
@@ -267,7 +279,7 @@ pub fn decode_block<'a>(
     from: Option<Timestamp>,
     to: Timestamp,
 ) -> Result<Vec<Row<'a>>, StoreError> {
-    let records: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|e| corrupt(key, e))?;
+    let records = block_records(key, bytes)?;
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(Vec::new());
     };
@@ -278,12 +290,40 @@ pub fn decode_block<'a>(
     records.into_iter().map(|r| Row::decode(key, r)).collect()
 }
 
-/// The number of records in a block, from its length prefix.
+/// A block as stored: the highest sequence among its records (so a reader can tell whether it
+/// holds anything newer than a rollup without decoding it), then one encoded [`Record`] per
+/// byte string, so a reader can skip a record's attributes.
+#[derive(Serialize, Deserialize)]
+struct BlockBytes<'a> {
+    max_sequence: u64,
+    #[serde(borrow)]
+    records: Vec<&'a [u8]>,
+}
+
+fn block_records<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<&'a [u8]>, StoreError> {
+    let block: BlockBytes = postcard::from_bytes(bytes).map_err(|e| corrupt(key, e))?;
+    Ok(block.records)
+}
+
+/// The highest sequence in a block, from its header.
+pub fn block_max_sequence(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    let (n, _) = postcard::take_from_bytes::<u64>(bytes).map_err(|e| corrupt(key, e))?;
+    Ok(n)
+}
+
+/// The hour of a block, from its key.
+pub fn block_hour(key: &[u8]) -> Result<i64, StoreError> {
+    let at = key
+        .len()
+        .checked_sub(16)
+        .ok_or_else(|| corrupt(key, "block key too short"))?;
+    decode_bucket(key, at)
+}
+
+/// The number of records in a block, from its header and length prefix.
 fn block_len(key: &[u8], bytes: &[u8]) -> Result<usize, StoreError> {
-    let (n, _) = postcard::take_from_bytes::<u32>(bytes).map_err(|e| StoreError::Corrupt {
-        key: key.to_vec(),
-        reason: e.to_string(),
-    })?;
+    let (_, rest) = postcard::take_from_bytes::<u64>(bytes).map_err(|e| corrupt(key, e))?;
+    let (n, _) = postcard::take_from_bytes::<u32>(rest).map_err(|e| corrupt(key, e))?;
     Ok(n as usize)
 }
 
@@ -297,8 +337,7 @@ fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
 /// A block's rows with the bytes each record was encoded as. A block is a postcard list of
 /// byte strings, one encoded [`Record`] each, so a reader can skip a record's attributes.
 fn split_block<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<(Row<'a>, &'a [u8])>, StoreError> {
-    let records: Vec<&[u8]> = postcard::from_bytes(bytes).map_err(|e| corrupt(key, e))?;
-    records
+    block_records(key, bytes)?
         .into_iter()
         .map(|r| Ok((Row::decode(key, r)?, r)))
         .collect()
@@ -307,8 +346,10 @@ fn split_block<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<(Row<'a>, &'a [u8]
 /// A block of encoded records, sorted by (time, sequence) here.
 fn build_block(records: &mut [(Timestamp, u64, &[u8])]) -> Vec<u8> {
     records.sort_by_key(|r| (r.0, r.1));
-    let list: Vec<&[u8]> = records.iter().map(|r| r.2).collect();
-    encode(&list)
+    encode(&BlockBytes {
+        max_sequence: records.iter().map(|r| r.1).max().unwrap_or(0),
+        records: records.iter().map(|r| r.2).collect(),
+    })
 }
 
 fn size_class(len: usize) -> usize {
@@ -657,7 +698,7 @@ impl Store {
 
     /// Removes every index key (before a backfill, which a crash may have interrupted).
     pub fn clear_columns(&self) -> Result<(), StoreError> {
-        for prefix in [BLOCK, MINUTE_BUCKET, HOUR_BUCKET, USER] {
+        for prefix in [BLOCK, MINUTE_BUCKET, HOUR_BUCKET, USER, ROLLUP, ROLLUP_META] {
             loop {
                 let keys: Vec<sled::IVec> = self
                     .tree
@@ -694,5 +735,213 @@ impl WriteBatch {
     /// Marks the by-name index as built.
     pub fn put_columns_built(&mut self) {
         self.put_raw(META_COLUMNS.to_vec(), vec![1]);
+    }
+}
+
+/// What a name's rollup covers: every event with `sequence <= sequence` and
+/// `occurred_at <= cutoff` (later-dated events wait for the next refresh, so that a rollup
+/// answers "all history up to as_of" for any `as_of >= cutoff`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollupMeta {
+    pub sequence: u64,
+    pub cutoff: Timestamp,
+    pub users: u64,
+}
+
+/// One user's all-history aggregates of one name in a rollup chunk, borrowed from the chunk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollupEntry<'a> {
+    #[serde(borrow)]
+    pub user_id: &'a str,
+    pub count: u64,
+    /// Per NUMBER attribute, by name.
+    #[serde(borrow)]
+    pub numbers: Vec<(&'a str, NumberAggregate)>,
+}
+
+/// A consistent view of a name for an all-history query: its rollup and every block.
+pub struct RollupView {
+    pub meta: RollupMeta,
+    pub chunks: Vec<(sled::IVec, sled::IVec)>,
+    pub blocks: Vec<(sled::IVec, sled::IVec)>,
+}
+
+impl RollupView {
+    /// True when a block may hold events the rollup does not cover.
+    pub fn is_delta_block(&self, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        Ok(block_max_sequence(key, value)? > self.meta.sequence
+            || block_hour(key)? >= bucket_of(self.meta.cutoff, Level::Hour))
+    }
+
+    /// True when an event is not covered by the rollup.
+    pub fn is_delta(&self, sequence: u64, occurred_at: Timestamp) -> bool {
+        sequence > self.meta.sequence || occurred_at > self.meta.cutoff
+    }
+}
+
+/// The entries of a rollup chunk, by user id ascending.
+pub fn decode_rollup_chunk<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<RollupEntry<'a>>, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| corrupt(key, e))
+}
+
+fn rollup_chunk_key(name: &str, first_user: &str) -> Vec<u8> {
+    let mut k = prefixed(ROLLUP, name);
+    k.push(0);
+    k.extend_from_slice(first_user.as_bytes());
+    k
+}
+
+fn rollup_prefix(name: &str) -> Vec<u8> {
+    let mut k = prefixed(ROLLUP, name);
+    k.push(0);
+    k
+}
+
+/// Owned aggregates of one user while a rollup is rebuilt.
+#[derive(Default)]
+struct OwnedEntry {
+    count: u64,
+    numbers: BTreeMap<String, NumberAggregate>,
+}
+
+impl Store {
+    /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
+    pub fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
+        let _reading = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let meta_key = prefixed(ROLLUP_META, name);
+        let Some(meta) = self.tree.get(&meta_key)? else {
+            return Ok(None);
+        };
+        let meta: RollupMeta = decode(&meta_key, &meta)?;
+        let chunks = self
+            .tree
+            .scan_prefix(rollup_prefix(name))
+            .collect::<Result<_, _>>()?;
+        let blocks = self
+            .tree
+            .scan_prefix(block_prefix(name))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(RollupView { meta, chunks, blocks }))
+    }
+}
+
+impl Columns {
+    /// Rebuilds the rollup of `name` to cover every applied event (`last_sequence`) dated up to
+    /// `now`: the previous rollup plus the events it does not cover, written in chunks of
+    /// [`ROLLUP_CHUNK`] users that replace the old ones atomically.
+    pub fn refresh_rollup(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        name: &str,
+        last_sequence: u64,
+        now: Timestamp,
+    ) -> Result<RollupMeta, StoreError> {
+        let old = store.rollup_view(name)?;
+        let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
+        let blocks: Vec<(sled::IVec, sled::IVec)> = match &old {
+            Some(view) => {
+                for (key, value) in &view.chunks {
+                    for e in decode_rollup_chunk(key, value)? {
+                        let entry = users.entry(e.user_id.to_string()).or_default();
+                        entry.count += e.count;
+                        for (attr, agg) in e.numbers {
+                            entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
+                        }
+                    }
+                    batch.remove_raw(key.to_vec());
+                }
+                view.blocks.clone()
+            }
+            None => store
+                .tree
+                .scan_prefix(block_prefix(name))
+                .collect::<Result<_, _>>()?,
+        };
+        for (key, value) in &blocks {
+            if let Some(view) = &old {
+                if !view.is_delta_block(key, value)? {
+                    continue;
+                }
+            }
+            for (row, _) in split_block(key, value)? {
+                let covered_before = old
+                    .as_ref()
+                    .is_some_and(|v| !v.is_delta(row.sequence, row.occurred_at));
+                if covered_before || row.occurred_at > now || row.sequence > last_sequence {
+                    continue;
+                }
+                let entry = users.entry(row.user_id.to_string()).or_default();
+                entry.count += 1;
+                for (attr, value) in row.attributes()? {
+                    if let ValueRef::Number(n) = value {
+                        entry.numbers.entry(attr.to_string()).or_default().add(n);
+                    }
+                }
+            }
+        }
+        let all: Vec<(&String, &OwnedEntry)> = users.iter().collect();
+        for chunk in all.chunks(ROLLUP_CHUNK) {
+            let entries: Vec<RollupEntry> = chunk
+                .iter()
+                .map(|(user, e)| RollupEntry {
+                    user_id: user.as_str(),
+                    count: e.count,
+                    numbers: e.numbers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                })
+                .collect();
+            if let Some(first) = entries.first() {
+                batch.put_raw(rollup_chunk_key(name, first.user_id), encode(&entries));
+            }
+        }
+        let meta = RollupMeta {
+            sequence: last_sequence,
+            cutoff: now,
+            users: users.len() as u64,
+        };
+        batch.put_raw(prefixed(ROLLUP_META, name), encode(&meta));
+        batch.moves_index = true;
+        Ok(meta)
+    }
+
+    /// Removes `user` from the rollups of `names`.
+    pub fn erase_from_rollups(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        user: &str,
+        names: &std::collections::BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        for name in names {
+            let meta_key = prefixed(ROLLUP_META, name);
+            let Some(meta) = store.tree.get(&meta_key)? else {
+                continue;
+            };
+            let mut meta: RollupMeta = decode(&meta_key, &meta)?;
+            let prefix = rollup_prefix(name);
+            let Some(kv) = store
+                .tree
+                .range(prefix.clone()..=rollup_chunk_key(name, user))
+                .next_back()
+            else {
+                continue;
+            };
+            let (key, value) = kv?;
+            let mut entries = decode_rollup_chunk(&key, &value)?;
+            let before = entries.len();
+            entries.retain(|e| e.user_id != user);
+            if entries.len() == before {
+                continue;
+            }
+            if entries.is_empty() {
+                batch.remove_raw(key.to_vec());
+            } else {
+                batch.put_raw(key.to_vec(), encode(&entries));
+            }
+            meta.users = meta.users.saturating_sub(1);
+            batch.put_raw(meta_key, encode(&meta));
+            batch.moves_index = true;
+        }
+        Ok(())
     }
 }

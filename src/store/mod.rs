@@ -26,6 +26,8 @@
 //! | `K`    | `K` name 0x00 minute(8)                          | postcard [`columns::BucketSummary`] |
 //! | `H`    | `H` name 0x00 hour(8)                            | postcard [`columns::BucketSummary`] |
 //! | `W`    | `W` user_id                                      | empty: a user with events   |
+//! | `Y`    | `Y` name 0x00 first user_id                      | a chunk of [`columns::RollupEntry`]s (4096 users) |
+//! | `X`    | `X` name                                         | postcard [`columns::RollupMeta`] |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -41,7 +43,8 @@
 //!
 //! Queries across users (FilterUsers, GetEventStats) read the by-name index of [`columns`]
 //! instead: every event is also copied into a block of its name and UTC hour (`B`), with
-//! per-minute and per-hour statistics (`K`, `H`) and the user registry (`W`).
+//! per-minute and per-hour statistics (`K`, `H`), the user registry (`W`) and, per name, a
+//! rollup of every user's all-history aggregates (`Y`, `X`).
 
 pub mod columns;
 
