@@ -383,6 +383,29 @@ pub async fn run(a: SegmentArgs) {
         seconds: AS_OF,
         nanos: 0,
     });
+    // Steady state: the first all-history query of a name asks the writer to build its rollup
+    // (one aggregate per user). Run every filter once, then wait for the writer to get past
+    // those builds: a DefineAttribute is answered by the writer after every job queued before.
+    for (_, _, filter) in filters() {
+        client
+            .clone()
+            .filter_users(proto::FilterUsersRequest {
+                filter: Some(filter),
+                as_of,
+                page_size: 100,
+                page_token: String::new(),
+            })
+            .await
+            .expect("filter users");
+    }
+    schema
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "price".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("define attribute");
     let mut engage_ms: HashMap<&str, (f64, u64)> = HashMap::new();
     for (id, _, filter) in filters() {
         let (ms, total) = time(|| {

@@ -739,8 +739,9 @@ impl WriteBatch {
 }
 
 /// What a name's rollup covers: every event with `sequence <= sequence` and
-/// `occurred_at <= cutoff` (later-dated events wait for the next refresh, so that a rollup
-/// answers "all history up to as_of" for any `as_of >= cutoff`).
+/// `occurred_at <= cutoff`, where `cutoff` is the latest date among them (events dated after the
+/// rebuild wait for the next one). A rollup answers "all history up to as_of" for any
+/// `as_of >= cutoff`, with the events it does not cover added.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RollupMeta {
     pub sequence: u64,
@@ -839,6 +840,8 @@ impl Columns {
     ) -> Result<RollupMeta, StoreError> {
         let old = store.rollup_view(name)?;
         let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
+        // The latest date covered: a rollup answers any as_of from there on.
+        let mut cutoff = old.as_ref().map(|v| v.meta.cutoff);
         let blocks: Vec<(sled::IVec, sled::IVec)> = match &old {
             Some(view) => {
                 for (key, value) in &view.chunks {
@@ -871,6 +874,7 @@ impl Columns {
                 if covered_before || row.occurred_at > now || row.sequence > last_sequence {
                     continue;
                 }
+                cutoff = Some(cutoff.map_or(row.occurred_at, |c| c.max(row.occurred_at)));
                 let entry = users.entry(row.user_id.to_string()).or_default();
                 entry.count += 1;
                 for (attr, value) in row.attributes()? {
@@ -896,7 +900,8 @@ impl Columns {
         }
         let meta = RollupMeta {
             sequence: last_sequence,
-            cutoff: now,
+            // Covering nothing, it answers any as_of.
+            cutoff: cutoff.unwrap_or(Timestamp::from_nanos(i128::MIN)),
             users: users.len() as u64,
         };
         batch.put_raw(prefixed(ROLLUP_META, name), encode(&meta));
