@@ -1,10 +1,12 @@
 //! Segments and statistics (QueryService): FilterUsers and GetEventStats, read from the by-name
 //! index of [`crate::store::columns`], never from the per-user event keys.
 //!
-//! **What a filter costs.** Each history condition reads the blocks of its event name for the
-//! hours its window touches (all hours without `within`), decoding each record of that name once
-//! (about 0.3 µs) and folding the ones inside the window that match `where` into one
-//! [`Accumulator`] per user: events of other names are never read. The conditions then combine
+//! **What a filter costs.** A history condition over all history without `where` reads its
+//! name's rollup (one packed aggregate per user, in user order) plus the events the rollup does
+//! not cover yet. Any other history condition reads the blocks of its event name for the hours
+//! its window touches, decoding each record of that name once (about 0.3 µs) and folding the
+//! ones inside the window that match `where` into one [`Accumulator`] per user: events of other
+//! names are never read. The conditions then combine
 //! as sets of users. A condition that users without matching events satisfy (`COUNT < 3`,
 //! `not ...`) is kept as the complement of the users who fail it, so no list of all users is
 //! needed until the end, and only when the whole filter matches users without events: then the
