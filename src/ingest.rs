@@ -488,6 +488,7 @@ impl Ingest {
         }
         let ingest = self.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let done = ingest
                 .run_alone({
                     let name = name.clone();
@@ -505,7 +506,12 @@ impl Ingest {
                 })
                 .await;
             match done {
-                Ok(meta) => tracing::debug!(name, users = meta.users, "rollup refreshed"),
+                Ok(meta) => tracing::info!(
+                    name,
+                    users = meta.users,
+                    ms = started.elapsed().as_millis() as u64,
+                    "rollup rebuilt"
+                ),
                 Err(e) => tracing::warn!(name, error = %e, "rollup refresh failed"),
             }
             if let Ok(mut pending) = ingest.refreshing.lock() {

@@ -576,7 +576,14 @@ fn start_engage(bin: &PathBuf) -> Proc {
         .find(|j| j["message"] == "engage started")
         .and_then(|j| j["listen"].as_str().and_then(|a| a.parse().ok()))
         .expect("engage start line");
-    std::thread::spawn(move || for _ in lines {});
+    // Rollup rebuilds are worth seeing (they run in the writer); the rest is noise here.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("rollup rebuilt") {
+                eprintln!("engage: {line}");
+            }
+        }
+    });
     Proc {
         child,
         addr,
