@@ -41,13 +41,14 @@ use tokio::sync::watch;
 use crate::condition::{self, Accumulator, Condition, HistoryCondition};
 use crate::error::{invalid, Error};
 use crate::model::{
-    AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, FiringState, NewEvent, Timestamp,
-    Trigger, UserNameAggregate, Value,
+    AbsenceCheck, AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, FiringState,
+    NewEvent, Timer, Timestamp, Trigger, UserNameAggregate, Value,
 };
 use crate::schema;
 use crate::store::columns::{self, ColumnWrites, Columns};
 use crate::store::{Store, WriteBatch};
 use crate::template;
+use crate::timers::TimerClock;
 
 /// Limits on events and batches (SPEC §4 defaults; configurable).
 #[derive(Clone, Debug)]
@@ -212,11 +213,15 @@ pub struct Ingest {
 pub struct IngestThreads {
     writer: thread::JoinHandle<()>,
     committer: thread::JoinHandle<()>,
+    clock: Arc<TimerClock>,
+    clock_thread: thread::JoinHandle<()>,
 }
 
 impl IngestThreads {
     /// Waits until every accepted command is applied, flushed and answered.
     pub fn join(self) {
+        self.clock.stop();
+        let _ = self.clock_thread.join();
         let _ = self.writer.join();
         let _ = self.committer.join();
     }
@@ -276,7 +281,12 @@ impl Ingest {
             epochs: loaded.epochs.into_iter().collect(),
             templates: template::Templates::default(),
             columns: Columns::default(),
+            unless_by_name: HashMap::new(),
+            clock: Arc::new(TimerClock::default()),
         };
+        let clock = writer.clock.clone();
+        // A timer that fell due while the server was down fires at once.
+        clock.set_next(store.next_timer_due()?);
         writer.backfill_columns()?;
         for t in writer.triggers.values() {
             writer.templates.set(&t.id, &t.action.payload_template);
@@ -315,7 +325,41 @@ impl Ingest {
             refreshing: Default::default(),
             erasures: Default::default(),
         };
-        Ok((ingest, IngestThreads { writer, committer }))
+        // The clock holds only a weak sender: it never keeps the writer alive.
+        let weak = ingest.tx.downgrade();
+        let clock_thread = thread::Builder::new()
+            .name("engage-timers".into())
+            .spawn({
+                let clock = clock.clone();
+                move || {
+                    clock.run(|| {
+                        let Some(tx) = weak.upgrade() else {
+                            return false;
+                        };
+                        let job = Job {
+                            run: Box::new(|writer: &mut Writer, group: &mut Group| {
+                                if let Err(e) = writer.fire_due_timers(group) {
+                                    tracing::error!(error = %e, "firing due timers failed; retrying in 1 s");
+                                    group.discard_writes();
+                                    writer.clock.set_next(Some(Timestamp::now().plus_secs(1)));
+                                }
+                            }),
+                            barrier: true,
+                        };
+                        tx.blocking_send(job).is_ok()
+                    })
+                }
+            })
+            .map_err(|e| Error::Internal(format!("spawn timer clock: {e}")))?;
+        Ok((
+            ingest,
+            IngestThreads {
+                writer,
+                committer,
+                clock,
+                clock_thread,
+            },
+        ))
     }
 
     /// The limits in force.
@@ -409,7 +453,7 @@ impl Ingest {
                 updated_at: now,
                 ..trigger
             };
-            writer.put_trigger(trigger.clone(), group);
+            writer.put_trigger(trigger.clone(), group)?;
             Ok(trigger)
         })
         .await
@@ -427,7 +471,7 @@ impl Ingest {
                 updated_at: Timestamp::now(),
                 ..trigger
             };
-            writer.put_trigger(trigger.clone(), group);
+            writer.put_trigger(trigger.clone(), group)?;
             Ok(trigger)
         })
         .await
@@ -440,6 +484,7 @@ impl Ingest {
                 return Err(Error::NotFound(format!("id: no trigger {id:?}")));
             }
             let firing_keys = writer.store.firing_state_keys(&id)?;
+            writer.cancel_timers(&id, group)?;
             writer.triggers.remove(&id);
             writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
@@ -609,6 +654,10 @@ pub struct Writer {
     templates: template::Templates,
     /// The by-name index's write state (see `store::columns`).
     columns: Columns,
+    /// Active triggers with an absence check, by the name of the event that cancels them.
+    unless_by_name: HashMap<String, Vec<Arc<Trigger>>>,
+    /// Wakes the writer when the earliest timer is due.
+    clock: Arc<TimerClock>,
 }
 
 /// The writes of one group, before they are applied, and what they change in memory.
@@ -629,6 +678,8 @@ pub struct Group {
     triggers_changed: bool,
     /// What the group's events add to the by-name index and statistics.
     columns: ColumnWrites,
+    /// (trigger, user) timers armed (due, armed event's occurred_at) or removed by this group.
+    timers: HashMap<(String, String), Option<(Timestamp, Timestamp)>>,
 }
 
 impl Group {
@@ -645,6 +696,7 @@ impl Group {
             consumers: HashMap::new(),
             triggers_changed: false,
             columns: ColumnWrites::default(),
+            timers: HashMap::new(),
         }
     }
 }
@@ -656,6 +708,13 @@ impl Group {
         *self = Group::new();
         self.replies = replies;
     }
+}
+
+/// A timer an event arms: due at `due`, replacing the (trigger, user) timer due at `replaces`.
+struct Arm {
+    trigger_id: String,
+    due: Timestamp,
+    replaces: Option<Timestamp>,
 }
 
 /// A trigger about to fire, with its firing state when it has once_per_user or a cooldown.
@@ -778,9 +837,18 @@ impl Writer {
     /// trigger changes only). A name entering the set starts a new epoch, written to `batch`.
     fn reindex(&mut self, batch: &mut WriteBatch) {
         self.by_name.clear();
+        self.unless_by_name.clear();
         self.history_triggers = 0;
         let mut wanted = std::collections::HashSet::new();
         for t in self.triggers.values().filter(|t| !t.paused) {
+            if let Some(u) = &t.unless {
+                // Absence checks read the user's recent events too (the group overlay).
+                self.history_triggers += 1;
+                self.unless_by_name
+                    .entry(u.event_name.clone())
+                    .or_default()
+                    .push(t.clone());
+            }
             if let Some(c) = &t.condition {
                 if has_history(c) {
                     self.history_triggers += 1;
@@ -834,12 +902,23 @@ impl Writer {
         Ok((agg, true))
     }
 
-    fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) {
+    /// Stores a trigger (created or changed): a change cancels its pending timers (SPEC §3).
+    fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) -> Result<(), Error> {
+        self.cancel_timers(&trigger.id, group)?;
         group.batch.put_trigger(&trigger);
         self.templates.set(&trigger.id, &trigger.action.payload_template);
         self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
         group.triggers_changed = true;
         self.reindex(&mut group.batch);
+        Ok(())
+    }
+
+    /// Removes every pending timer of a trigger.
+    fn cancel_timers(&mut self, trigger_id: &str, group: &mut Group) -> Result<(), Error> {
+        for (user, due) in self.store.trigger_timers(trigger_id)? {
+            group.batch.remove_timer(trigger_id, &user, due);
+        }
+        Ok(())
     }
 
     fn consumer(&self, name: &str, group: &Group) -> Result<Option<u64>, Error> {
@@ -958,6 +1037,8 @@ impl Writer {
             None => None,
         };
         let firing = self.matching_triggers(&stored, aggregate.as_ref(), group)?;
+        let cancels = self.cancellations(&stored, group)?;
+        let (firing, arms) = self.plan_timers(&stored, firing, group)?;
 
         self.last_seq += 1;
         if let Some(id) = event.event_id {
@@ -984,6 +1065,25 @@ impl Writer {
                 .entry((stored.user_id.clone(), stored.name.clone()))
                 .or_default()
                 .push(stored.clone());
+        }
+        for (trigger_id, due) in cancels {
+            group.batch.remove_timer(&trigger_id, &stored.user_id, due);
+            group.timers.insert((trigger_id, stored.user_id.clone()), None);
+        }
+        for arm in arms {
+            if let Some(old) = arm.replaces {
+                group.batch.remove_timer(&arm.trigger_id, &stored.user_id, old);
+            }
+            group.batch.put_timer(&Timer {
+                trigger_id: arm.trigger_id.clone(),
+                due: arm.due,
+                event: stored.clone(),
+            });
+            group.timers.insert(
+                (arm.trigger_id, stored.user_id.clone()),
+                Some((arm.due, stored.occurred_at)),
+            );
+            self.clock.armed(arm.due);
         }
         let actions_fired = self.fire(&stored, firing, group, now);
         Ok(Tracked {
@@ -1028,29 +1128,192 @@ impl Writer {
                     continue;
                 }
             }
-            if !trigger.once_per_user && trigger.cooldown_nanos.is_none() {
+            // A timed trigger's limits count firings, checked when its timer fires.
+            if trigger.timer_nanos().is_some() {
                 out.push((trigger.clone(), None));
                 continue;
             }
-            let key = (trigger.id.clone(), event.user_id.clone());
-            let state = match group.firing.get(&key) {
-                Some(s) => s.clone(),
-                None => self
-                    .store
-                    .firing_state(&trigger.id, &event.user_id)?
-                    .unwrap_or_default(),
-            };
-            if trigger.once_per_user && state.firings > 0 {
-                continue;
+            if let Some(state) = self.limit_allows(trigger, &event.user_id, now, group)? {
+                out.push((trigger.clone(), state));
             }
-            if let (Some(cooldown), Some(last)) = (trigger.cooldown_nanos, state.last_fired_at) {
-                if now.as_nanos() < last.as_nanos() + cooldown {
+        }
+        Ok(out)
+    }
+
+    /// Whether `once_per_user` and `cooldown` let `trigger` fire for `user` at `now`: `None` when
+    /// they do not; otherwise the firing state to update (`Some(None)`: the trigger has neither
+    /// limit, nothing to track).
+    fn limit_allows(
+        &self,
+        trigger: &Trigger,
+        user: &str,
+        now: Timestamp,
+        group: &Group,
+    ) -> Result<Option<Option<FiringState>>, Error> {
+        if !trigger.once_per_user && trigger.cooldown_nanos.is_none() {
+            return Ok(Some(None));
+        }
+        let state = match group.firing.get(&(trigger.id.clone(), user.to_string())) {
+            Some(s) => s.clone(),
+            None => self.store.firing_state(&trigger.id, user)?.unwrap_or_default(),
+        };
+        if trigger.once_per_user && state.firings > 0 {
+            return Ok(None);
+        }
+        if let (Some(cooldown), Some(last)) = (trigger.cooldown_nanos, state.last_fired_at) {
+            if now.as_nanos() < last.as_nanos() + cooldown {
+                return Ok(None);
+            }
+        }
+        Ok(Some(Some(state)))
+    }
+
+    /// The pending timer of (trigger, user): due time and armed event's `occurred_at`.
+    fn pending_timer(
+        &self,
+        trigger_id: &str,
+        user: &str,
+        group: &Group,
+    ) -> Result<Option<(Timestamp, Timestamp)>, Error> {
+        match group.timers.get(&(trigger_id.to_string(), user.to_string())) {
+            Some(pending) => Ok(*pending),
+            None => Ok(self.store.pending_timer(trigger_id, user)?),
+        }
+    }
+
+    /// True when `event` is one `unless` waits for: its name, dated inside
+    /// (armed_at, armed_at + within], matching the condition.
+    fn breaks_absence(u: &AbsenceCheck, armed_at: Timestamp, event: &Event) -> bool {
+        let until = armed_at.as_nanos() + u.within_nanos;
+        event.name == u.event_name
+            && event.occurred_at > armed_at
+            && event.occurred_at.as_nanos() <= until
+            && u.condition
+                .as_ref()
+                .is_none_or(|c| condition::eval(c, event, &mut |_| false))
+    }
+
+    /// True when the user already has an event that breaks the absence armed at `armed_at`
+    /// (stored, or earlier in this group): the timer is settled at once, without firing.
+    fn absence_already_broken(
+        &self,
+        u: &AbsenceCheck,
+        user: &str,
+        armed_at: Timestamp,
+        group: &Group,
+    ) -> Result<bool, Error> {
+        let lower = std::ops::Bound::Excluded((armed_at, u64::MAX));
+        let upper = std::ops::Bound::Unbounded;
+        for event in self
+            .store
+            .timeline(user, Some(&u.event_name), lower, upper, false)?
+        {
+            let event = event?;
+            if event.occurred_at.as_nanos() > armed_at.as_nanos() + u.within_nanos {
+                break;
+            }
+            if Self::breaks_absence(u, armed_at, &event) {
+                return Ok(true);
+            }
+        }
+        let recent = group.recent.get(&(user.to_string(), u.event_name.clone()));
+        Ok(recent.is_some_and(|events| events.iter().any(|e| Self::breaks_absence(u, armed_at, e))))
+    }
+
+    /// The pending timers `event` cancels: those of its user whose absence check waits for it.
+    fn cancellations(&self, event: &Event, group: &Group) -> Result<Vec<(String, Timestamp)>, Error> {
+        let Some(triggers) = self.unless_by_name.get(&event.name) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for t in triggers {
+            let Some(u) = &t.unless else { continue };
+            if let Some((due, armed_at)) = self.pending_timer(&t.id, &event.user_id, group)? {
+                if Self::breaks_absence(u, armed_at, event) {
+                    out.push((t.id.clone(), due));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Splits the matching triggers into those that fire now and timers to arm. A timed trigger
+    /// whose moment has already passed is settled at once: it fires now (limits permitting)
+    /// unless its absence is already broken; one whose absence is already broken never arms.
+    fn plan_timers(
+        &self,
+        event: &Event,
+        firing: Vec<Firing>,
+        group: &Group,
+    ) -> Result<(Vec<Firing>, Vec<Arm>), Error> {
+        let mut now_firing = Vec::new();
+        let mut arms = Vec::new();
+        for (trigger, state) in firing {
+            let Some(after) = trigger.timer_nanos() else {
+                now_firing.push((trigger, state));
+                continue;
+            };
+            if let Some(u) = &trigger.unless {
+                if self.absence_already_broken(u, &event.user_id, event.occurred_at, group)? {
                     continue;
                 }
             }
-            out.push((trigger.clone(), Some(state)));
+            let due = Timestamp::from_nanos(event.occurred_at.as_nanos() + after);
+            if due <= event.received_at {
+                if let Some(state) = self.limit_allows(&trigger, &event.user_id, event.received_at, group)? {
+                    now_firing.push((trigger, state));
+                }
+                continue;
+            }
+            let replaces = self
+                .pending_timer(&trigger.id, &event.user_id, group)?
+                .map(|(d, _)| d);
+            arms.push(Arm {
+                trigger_id: trigger.id.clone(),
+                due,
+                replaces,
+            });
         }
-        Ok(out)
+        Ok((now_firing, arms))
+    }
+
+    /// Fires every timer due now (up to 1000 per call; the clock calls again at once for more)
+    /// and tells the clock when the next one is due. Runs alone in its write group.
+    fn fire_due_timers(&mut self, group: &mut Group) -> Result<(), Error> {
+        const MAX: usize = 1000;
+        let now = Timestamp::now();
+        let due = self.store.due_timers(now, MAX)?;
+        let mut fired = 0;
+        for timer in &due {
+            let user = timer.event.user_id.clone();
+            group.batch.remove_timer(&timer.trigger_id, &user, timer.due);
+            group
+                .timers
+                .insert((timer.trigger_id.clone(), user.clone()), None);
+            let Some(trigger) = self.triggers.get(&timer.trigger_id).cloned() else {
+                continue;
+            };
+            if trigger.paused {
+                continue;
+            }
+            if let Some(state) = self.limit_allows(&trigger, &user, now, group)? {
+                fired += self.fire(&timer.event, vec![(trigger, state)], group, now);
+            }
+        }
+        let next = if due.len() == MAX {
+            Some(now)
+        } else {
+            // The first timer after those just fired (their removal is not applied yet).
+            self.store
+                .due_timers(Timestamp::from_nanos(i128::MAX), due.len() + 1)?
+                .get(due.len())
+                .map(|t| t.due)
+        };
+        if fired > 0 || !due.is_empty() {
+            tracing::debug!(due = due.len(), fired, "timers fired");
+        }
+        self.clock.set_next(next);
+        Ok(())
     }
 
     /// Evaluates a history condition for `event`'s user with the window ending at its
@@ -1159,8 +1422,13 @@ impl Writer {
                 group.name_stats.insert(name, stats);
             }
         }
-        for trigger_id in self.triggers.keys() {
+        for (trigger_id, trigger) in &self.triggers {
             group.batch.remove_firing_state(trigger_id, user);
+            if trigger.timer_nanos().is_some() {
+                if let Some((due, _)) = self.store.pending_timer(trigger_id, user)? {
+                    group.batch.remove_timer(trigger_id, user, due);
+                }
+            }
         }
         for item in self.store.user_actions(user) {
             let (index_key, mut action) = item?;

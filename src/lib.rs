@@ -17,6 +17,7 @@ pub mod server;
 pub mod store;
 pub mod template;
 pub mod timeline;
+pub mod timers;
 
 /// Generated protobuf and gRPC code of `engage.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -226,6 +226,75 @@ pub struct Trigger {
     pub once_per_user: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Fire this long after the triggering event (nanoseconds).
+    pub delay_nanos: Option<i128>,
+    /// Fire `within` after the triggering event unless the user tracks the named event.
+    pub unless: Option<AbsenceCheck>,
+}
+
+impl Trigger {
+    /// How long after the triggering event's `occurred_at` a timed trigger fires: the longer of
+    /// `delay` and `unless.within` (an absence is known only once its window has closed).
+    /// `None` for a trigger that fires at once.
+    pub fn timer_nanos(&self) -> Option<i128> {
+        match (self.delay_nanos, &self.unless) {
+            (None, None) => None,
+            (d, u) => Some(d.unwrap_or(0).max(u.as_ref().map_or(0, |u| u.within_nanos))),
+        }
+    }
+}
+
+/// What cancels a pending firing (SPEC §3 AbsenceCheck), validated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AbsenceCheck {
+    pub event_name: String,
+    pub raw_condition: Option<crate::condition::RawCondition>,
+    pub condition: Option<crate::condition::Condition>,
+    pub within_nanos: i128,
+}
+
+/// A trigger as stored before timers existed (read once, then rewritten in the current form).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TriggerV1 {
+    pub id: String,
+    pub name: String,
+    pub paused: bool,
+    pub event_name: String,
+    pub raw_condition: Option<crate::condition::RawCondition>,
+    pub condition: Option<crate::condition::Condition>,
+    pub action: ActionTemplate,
+    pub cooldown_nanos: Option<i128>,
+    pub once_per_user: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl From<TriggerV1> for Trigger {
+    fn from(t: TriggerV1) -> Self {
+        Trigger {
+            id: t.id,
+            name: t.name,
+            paused: t.paused,
+            event_name: t.event_name,
+            raw_condition: t.raw_condition,
+            condition: t.condition,
+            action: t.action,
+            cooldown_nanos: t.cooldown_nanos,
+            once_per_user: t.once_per_user,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+            delay_nanos: None,
+            unless: None,
+        }
+    }
+}
+
+/// A pending firing of a timed trigger for one user: due at `due`, rendered from `event`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Timer {
+    pub trigger_id: String,
+    pub due: Timestamp,
+    pub event: Event,
 }
 
 /// The durable record of a fired action. After the user's erasure `user_id`, `payload` and

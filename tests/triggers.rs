@@ -490,13 +490,8 @@ async fn invalid_triggers_name_the_part_that_is_wrong_and_store_nothing() {
             "trigger.cooldown",
         ),
         (
-            with(&|t| {
-                t.delay = Some(prost_types::Duration {
-                    seconds: 60,
-                    nanos: 0,
-                })
-            }),
-            Code::Unimplemented,
+            with(&|t| t.delay = Some(prost_types::Duration { seconds: 0, nanos: 0 })),
+            Code::InvalidArgument,
             "trigger.delay",
         ),
     ];

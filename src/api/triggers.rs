@@ -6,7 +6,7 @@ use crate::api::{convert, page_size, PageToken};
 use crate::condition::{self, Place};
 use crate::error::{invalid, Error};
 use crate::ingest::Ingest;
-use crate::model::{ActionTemplate, Timestamp, Trigger};
+use crate::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
 use crate::proto;
 use crate::proto::trigger_service_server::TriggerService;
 use crate::schema;
@@ -26,16 +26,6 @@ impl TriggerApi {
     /// Validates a submitted trigger (SPEC §3) into its stored form; `field` is `trigger`.
     fn validate(&self, t: proto::Trigger) -> Result<Trigger, Error> {
         let f = "trigger";
-        if t.delay.is_some() {
-            return Err(Error::Unimplemented(format!(
-                "{f}.delay: delayed triggers are not implemented yet (planned in issue 5)"
-            )));
-        }
-        if t.unless.is_some() {
-            return Err(Error::Unimplemented(format!(
-                "{f}.unless: absence checks are not implemented yet (planned in issue 5)"
-            )));
-        }
         let name_chars = t.name.chars().count();
         if name_chars > MAX_NAME_CHARS {
             return Err(invalid(format!(
@@ -82,6 +72,15 @@ impl TriggerApi {
             .as_ref()
             .map(|d| convert::positive_duration(&format!("{f}.cooldown"), d))
             .transpose()?;
+        let delay_nanos = t
+            .delay
+            .as_ref()
+            .map(|d| convert::positive_duration(&format!("{f}.delay"), d))
+            .transpose()?;
+        let unless = match &t.unless {
+            Some(u) => Some(self.absence_check(u)?),
+            None => None,
+        };
         let epoch = Timestamp { secs: 0, nanos: 0 };
         Ok(Trigger {
             id: t.id,
@@ -98,6 +97,42 @@ impl TriggerApi {
             once_per_user: t.once_per_user,
             created_at: epoch,
             updated_at: epoch,
+            delay_nanos,
+            unless,
+        })
+    }
+
+    /// Validates `trigger.unless`: the cancelling event's name, its optional condition
+    /// (attribute conditions on the cancelling event, combined with all/any/not) and the window.
+    fn absence_check(&self, u: &proto::AbsenceCheck) -> Result<AbsenceCheck, Error> {
+        let f = "trigger.unless";
+        let event_name = schema::normalize_event_name(&format!("{f}.event_name"), &u.event_name)?;
+        let within = u
+            .within
+            .as_ref()
+            .ok_or_else(|| invalid(format!("{f}.within: required")))?;
+        let within_nanos = convert::positive_duration(&format!("{f}.within"), within)?;
+        let (raw_condition, condition) = match &u.condition {
+            Some(c) => {
+                let field = format!("{f}.condition");
+                let raw = convert::raw_condition(&field, c)?;
+                let ingest = &self.ingest;
+                let valid = condition::validate(
+                    &raw,
+                    &field,
+                    Place::Where,
+                    &|name| ingest.attribute_type(name),
+                    ingest.limits().max_attribute_name_chars,
+                )?;
+                (Some(raw), Some(valid))
+            }
+            None => (None, None),
+        };
+        Ok(AbsenceCheck {
+            event_name,
+            raw_condition,
+            condition,
+            within_nanos,
         })
     }
 }

@@ -28,6 +28,8 @@
 //! | `W`    | `W` user_id                                      | empty: a user with events   |
 //! | `Y`    | `Y` name 0x00 first user_id                      | a chunk of [`columns::RollupEntry`]s (4096 users) |
 //! | `X`    | `X` name                                         | postcard [`columns::RollupMeta`] |
+//! | `Q`    | `Q` due(12) trigger_id 0x00 user_id              | postcard [`Timer`]: pending timers by due time |
+//! | `P`    | `P` trigger_id 0x00 user_id                      | due(12) + armed event's occurred_at(12): the pending timer of a (trigger, user) |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -52,8 +54,8 @@ use std::ops::Bound;
 use std::path::Path;
 
 use crate::model::{
-    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Timestamp, Trigger,
-    UserNameAggregate,
+    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Timer, Timestamp, Trigger,
+    TriggerV1, UserNameAggregate,
 };
 
 const TIMELINE: u8 = b'T';
@@ -68,6 +70,8 @@ const TRIGGER_ACTION: u8 = b'V';
 const FIRING: u8 = b'L';
 const CONSUMER: u8 = b'C';
 const EPOCH: u8 = b'E';
+const TIMER: u8 = b'Q';
+const PENDING: u8 = b'P';
 const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 
@@ -145,6 +149,22 @@ fn named_key(user_id: &str, name: &str, pos: TimelinePos) -> Vec<u8> {
     k.extend_from_slice(&encode_ts(pos.0));
     k.extend_from_slice(&pos.1.to_be_bytes());
     k
+}
+
+fn timer_key(due: Timestamp, trigger_id: &str, user_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(14 + trigger_id.len() + user_id.len());
+    k.push(TIMER);
+    k.extend_from_slice(&encode_ts(due));
+    k.extend_from_slice(trigger_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
+fn decode_ts_only(key: &[u8], bytes: &[u8]) -> Result<Timestamp, StoreError> {
+    let mut padded = bytes.to_vec();
+    padded.extend_from_slice(&[0u8; 8]);
+    Ok(decode_ts(key, &padded)?.0)
 }
 
 fn action_key(seq: u64) -> [u8; 9] {
@@ -363,6 +383,24 @@ impl WriteBatch {
         self.writes += 1;
     }
 
+    /// Arms a timer (and its (trigger, user) index entry).
+    pub fn put_timer(&mut self, timer: &Timer) {
+        let user = &timer.event.user_id;
+        self.batch
+            .insert(timer_key(timer.due, &timer.trigger_id, user), encode(timer));
+        let mut pending = encode_ts(timer.due).to_vec();
+        pending.extend_from_slice(&encode_ts(timer.event.occurred_at));
+        self.batch.insert(pair(PENDING, &timer.trigger_id, user), pending);
+        self.writes += 2;
+    }
+
+    /// Removes a timer and its index entry.
+    pub fn remove_timer(&mut self, trigger_id: &str, user_id: &str, due: Timestamp) {
+        self.batch.remove(timer_key(due, trigger_id, user_id));
+        self.batch.remove(pair(PENDING, trigger_id, user_id));
+        self.writes += 2;
+    }
+
     /// True when nothing was added.
     pub fn is_empty(&self) -> bool {
         self.writes == 0
@@ -376,12 +414,27 @@ impl WriteBatch {
 
 impl Store {
     /// Opens (or creates) the database in `dir`.
+    ///
+    /// The directory's lock may still be held for a moment by a process (or, in one process, a
+    /// database handle) that just closed it: sled releases it from a background thread. So a
+    /// held lock is retried for up to 5 s before the error is returned.
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(opts.cache_capacity)
-            .flush_every_ms(Some(opts.flush_every_ms.max(1)))
-            .open()?;
+            .flush_every_ms(Some(opts.flush_every_ms.max(1)));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree("engage")?;
         Ok(Self {
             db,
@@ -406,7 +459,12 @@ impl Store {
         }
         for kv in self.tree.scan_prefix([TRIGGER]) {
             let (k, v) = kv?;
-            state.triggers.push(decode(&k, &v)?);
+            // A trigger stored before timers existed lacks their trailing fields.
+            let trigger = match postcard::from_bytes::<Trigger>(&v) {
+                Ok(t) => t,
+                Err(_) => decode::<TriggerV1>(&k, &v)?.into(),
+            };
+            state.triggers.push(trigger);
         }
         for kv in self.tree.scan_prefix([ATTRIBUTE]) {
             let (k, v) = kv?;
@@ -447,6 +505,70 @@ impl Store {
     /// time per group (see NOTES: concurrent `flush_async` deadlocks in sled 0.34.7).
     pub fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush()?)
+    }
+
+    /// The pending timer of (trigger, user): its due time and the armed event's `occurred_at`.
+    pub fn pending_timer(
+        &self,
+        trigger_id: &str,
+        user_id: &str,
+    ) -> Result<Option<(Timestamp, Timestamp)>, StoreError> {
+        let key = pair(PENDING, trigger_id, user_id);
+        let Some(v) = self.tree.get(&key)? else {
+            return Ok(None);
+        };
+        if v.len() != 24 {
+            return Err(StoreError::Corrupt {
+                key,
+                reason: "expected two timestamps".into(),
+            });
+        }
+        Ok(Some((
+            decode_ts_only(&key, &v[..12])?,
+            decode_ts_only(&key, &v[12..])?,
+        )))
+    }
+
+    /// Up to `limit` timers due at or before `upto`, earliest first.
+    pub fn due_timers(&self, upto: Timestamp, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let mut end = vec![TIMER];
+        end.extend_from_slice(&encode_ts(upto));
+        end.push(0xff);
+        let mut out = Vec::new();
+        for kv in self.tree.range(vec![TIMER]..end).take(limit) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// When the earliest pending timer is due.
+    pub fn next_timer_due(&self) -> Result<Option<Timestamp>, StoreError> {
+        match self.tree.scan_prefix([TIMER]).next() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                let ts = k.get(1..13).ok_or_else(|| StoreError::Corrupt {
+                    key: k.to_vec(),
+                    reason: "timer key too short".into(),
+                })?;
+                Ok(Some(decode_ts_only(&k, ts)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The users with a pending timer of a trigger, with its due time.
+    pub fn trigger_timers(&self, trigger_id: &str) -> Result<Vec<(String, Timestamp)>, StoreError> {
+        let mut prefix = prefixed(PENDING, trigger_id);
+        prefix.push(0);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let due = decode_ts_only(&k, v.get(..12).unwrap_or_default())?;
+            out.push((user, due));
+        }
+        Ok(out)
     }
 
     /// The names of the events a user has: one seek per name over the user's event keys, which

@@ -175,12 +175,15 @@ impl ChildServer {
     }
 
     pub async fn events(&self) -> EventServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+        EventServiceClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
             .expect("uri")
             .connect()
             .await
-            .expect("connect");
-        EventServiceClient::new(channel)
+            .expect("connect")
     }
 
     /// Sends SIGTERM and waits for the exit status.

@@ -1,0 +1,96 @@
+//! The timer clock: wakes the writer when the earliest pending timer falls due.
+//!
+//! Pending timers live in sled (`store`: `Q` keys by due time, `P` keys by trigger and user);
+//! memory holds only the earliest due time. One thread sleeps until that moment (or until the
+//! writer arms an earlier timer, which wakes it), then hands the writer a job that fires every
+//! due timer: no polling. The writer owns every timer write, so arming, cancelling and firing
+//! are ordered with the events that cause them, and a fired timer's action and the timer's
+//! removal are one atomic batch (no double firing, no loss, whenever a crash comes).
+
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use crate::model::Timestamp;
+
+/// The earliest due time known, shared by the writer and the clock thread.
+#[derive(Default)]
+pub struct TimerClock {
+    state: Mutex<ClockState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct ClockState {
+    next_due: Option<Timestamp>,
+    stopped: bool,
+}
+
+/// Longest single sleep: a far timer is re-checked this often (harmless, and it bounds the
+/// effect of a wall clock set backwards).
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+
+impl TimerClock {
+    /// A timer due at `due` exists: wake earlier if it is the earliest.
+    pub fn armed(&self, due: Timestamp) {
+        let Ok(mut s) = self.state.lock() else { return };
+        if s.next_due.is_none_or(|next| due < next) {
+            s.next_due = Some(due);
+            self.wake.notify_all();
+        }
+    }
+
+    /// After firing: the earliest timer still pending (or none).
+    pub fn set_next(&self, due: Option<Timestamp>) {
+        let Ok(mut s) = self.state.lock() else { return };
+        s.next_due = match (s.next_due, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.wake.notify_all();
+    }
+
+    /// Ends [`TimerClock::run`].
+    pub fn stop(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stopped = true;
+        }
+        self.wake.notify_all();
+    }
+
+    /// Sleeps until the earliest timer is due, then calls `fire` (which must lead to
+    /// [`TimerClock::set_next`]); returns when stopped or when `fire` answers false.
+    pub fn run(&self, mut fire: impl FnMut() -> bool) {
+        let Ok(mut s) = self.state.lock() else { return };
+        loop {
+            if s.stopped {
+                return;
+            }
+            let Some(due) = s.next_due else {
+                s = match self.wake.wait_timeout(s, MAX_SLEEP) {
+                    Ok((s, _)) => s,
+                    Err(_) => return,
+                };
+                continue;
+            };
+            let wait = due.as_nanos() - Timestamp::now().as_nanos();
+            if wait > 0 {
+                let wait = Duration::from_nanos(wait.min(u64::MAX as i128) as u64).min(MAX_SLEEP);
+                s = match self.wake.wait_timeout(s, wait) {
+                    Ok((s, _)) => s,
+                    Err(_) => return,
+                };
+                continue;
+            }
+            // Due: hand over to the writer, which sets the next due time when done.
+            s.next_due = None;
+            drop(s);
+            if !fire() {
+                return;
+            }
+            s = match self.state.lock() {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+    }
+}
