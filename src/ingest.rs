@@ -42,7 +42,7 @@ use crate::condition::{self, Accumulator, Condition, HistoryCondition};
 use crate::error::{invalid, Error};
 use crate::model::{
     AbsenceCheck, AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, FiringState,
-    NewEvent, Timer, Timestamp, Trigger, UserNameAggregate, Value,
+    NewEvent, PendingTimer, Timer, Timestamp, Trigger, UserNameAggregate, Value,
 };
 use crate::schema;
 use crate::store::columns::{self, ColumnWrites, Columns};
@@ -338,7 +338,11 @@ impl Ingest {
                         };
                         let job = Job {
                             run: Box::new(|writer: &mut Writer, group: &mut Group| {
+                                let action_seq = writer.last_action_seq;
                                 if let Err(e) = writer.fire_due_timers(group) {
+                                    // The actions are dropped with the writes: their sequence
+                                    // numbers must be handed out again (the log stays gap-free).
+                                    writer.last_action_seq = action_seq;
                                     tracing::error!(error = %e, "firing due timers failed; retrying in 1 s");
                                     group.discard_writes();
                                     writer.clock.set_next(Some(Timestamp::now().plus_secs(1)));
@@ -484,7 +488,7 @@ impl Ingest {
                 return Err(Error::NotFound(format!("id: no trigger {id:?}")));
             }
             let firing_keys = writer.store.firing_state_keys(&id)?;
-            writer.cancel_timers(&id, group)?;
+
             writer.triggers.remove(&id);
             writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
@@ -678,8 +682,8 @@ pub struct Group {
     triggers_changed: bool,
     /// What the group's events add to the by-name index and statistics.
     columns: ColumnWrites,
-    /// (trigger, user) timers armed (due, armed event's occurred_at) or removed by this group.
-    timers: HashMap<(String, String), Option<(Timestamp, Timestamp)>>,
+    /// (trigger, user) timers armed or removed by this group.
+    timers: HashMap<(String, String), Option<PendingTimer>>,
 }
 
 impl Group {
@@ -713,6 +717,7 @@ impl Group {
 /// A timer an event arms: due at `due`, replacing the (trigger, user) timer due at `replaces`.
 struct Arm {
     trigger_id: String,
+    generation: Timestamp,
     due: Timestamp,
     replaces: Option<Timestamp>,
 }
@@ -902,22 +907,16 @@ impl Writer {
         Ok((agg, true))
     }
 
-    /// Stores a trigger (created or changed): a change cancels its pending timers (SPEC §3).
+    /// Stores a trigger (created or changed). A change cancels its pending timers (SPEC §3)
+    /// without touching them: they carry the `updated_at` they were armed under, and a timer of
+    /// another generation is dropped when it falls due (so a change costs nothing per timer,
+    /// even with a million pending).
     fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) -> Result<(), Error> {
-        self.cancel_timers(&trigger.id, group)?;
         group.batch.put_trigger(&trigger);
         self.templates.set(&trigger.id, &trigger.action.payload_template);
         self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
         group.triggers_changed = true;
         self.reindex(&mut group.batch);
-        Ok(())
-    }
-
-    /// Removes every pending timer of a trigger.
-    fn cancel_timers(&mut self, trigger_id: &str, group: &mut Group) -> Result<(), Error> {
-        for (user, due) in self.store.trigger_timers(trigger_id)? {
-            group.batch.remove_timer(trigger_id, &user, due);
-        }
         Ok(())
     }
 
@@ -1077,11 +1076,16 @@ impl Writer {
             group.batch.put_timer(&Timer {
                 trigger_id: arm.trigger_id.clone(),
                 due: arm.due,
+                generation: arm.generation,
                 event: stored.clone(),
             });
             group.timers.insert(
                 (arm.trigger_id, stored.user_id.clone()),
-                Some((arm.due, stored.occurred_at)),
+                Some(PendingTimer {
+                    due: arm.due,
+                    armed_at: stored.occurred_at,
+                    generation: arm.generation,
+                }),
             );
             self.clock.armed(arm.due);
         }
@@ -1168,17 +1172,30 @@ impl Writer {
         Ok(Some(Some(state)))
     }
 
-    /// The pending timer of (trigger, user): due time and armed event's `occurred_at`.
+    /// The pending timer of (trigger, user), whatever its generation.
     fn pending_timer(
         &self,
         trigger_id: &str,
         user: &str,
         group: &Group,
-    ) -> Result<Option<(Timestamp, Timestamp)>, Error> {
+    ) -> Result<Option<PendingTimer>, Error> {
         match group.timers.get(&(trigger_id.to_string(), user.to_string())) {
             Some(pending) => Ok(*pending),
             None => Ok(self.store.pending_timer(trigger_id, user)?),
         }
+    }
+
+    /// The pending timer of (trigger, user) if armed by the trigger as it is now (a change of
+    /// the trigger cancels the timers armed before it).
+    fn live_timer(
+        &self,
+        trigger: &Trigger,
+        user: &str,
+        group: &Group,
+    ) -> Result<Option<PendingTimer>, Error> {
+        Ok(self
+            .pending_timer(&trigger.id, user, group)?
+            .filter(|p| p.generation == trigger.updated_at))
     }
 
     /// True when `event` is one `unless` waits for: its name, dated inside
@@ -1228,9 +1245,9 @@ impl Writer {
         let mut out = Vec::new();
         for t in triggers {
             let Some(u) = &t.unless else { continue };
-            if let Some((due, armed_at)) = self.pending_timer(&t.id, &event.user_id, group)? {
-                if Self::breaks_absence(u, armed_at, event) {
-                    out.push((t.id.clone(), due));
+            if let Some(p) = self.live_timer(t, &event.user_id, group)? {
+                if Self::breaks_absence(u, p.armed_at, event) {
+                    out.push((t.id.clone(), p.due));
                 }
             }
         }
@@ -1253,6 +1270,13 @@ impl Writer {
                 now_firing.push((trigger, state));
                 continue;
             };
+            // One timer per (trigger, user), from the latest event: an event dated no later
+            // than the pending timer's (a repeat or an out-of-order one) changes nothing.
+            let pending = self.pending_timer(&trigger.id, &event.user_id, group)?;
+            if pending.is_some_and(|p| p.generation == trigger.updated_at && p.armed_at >= event.occurred_at)
+            {
+                continue;
+            }
             if let Some(u) = &trigger.unless {
                 if self.absence_already_broken(u, &event.user_id, event.occurred_at, group)? {
                     continue;
@@ -1265,13 +1289,11 @@ impl Writer {
                 }
                 continue;
             }
-            let replaces = self
-                .pending_timer(&trigger.id, &event.user_id, group)?
-                .map(|(d, _)| d);
             arms.push(Arm {
                 trigger_id: trigger.id.clone(),
+                generation: trigger.updated_at,
                 due,
-                replaces,
+                replaces: pending.map(|p| p.due),
             });
         }
         Ok((now_firing, arms))
@@ -1284,16 +1306,26 @@ impl Writer {
         let now = Timestamp::now();
         let due = self.store.due_timers(now, MAX)?;
         let mut fired = 0;
-        for timer in &due {
+        for (key, timer) in &due {
+            let timer = match timer {
+                Ok(t) => t,
+                Err(e) => {
+                    // One bad record must not hold every later timer back.
+                    tracing::error!(error = %e, "dropping a timer that does not decode");
+                    group.batch.remove_keys(vec![key.clone()]);
+                    continue;
+                }
+            };
             let user = timer.event.user_id.clone();
             group.batch.remove_timer(&timer.trigger_id, &user, timer.due);
             group
                 .timers
                 .insert((timer.trigger_id.clone(), user.clone()), None);
+            // Deleted, paused or changed since it was armed: cancelled.
             let Some(trigger) = self.triggers.get(&timer.trigger_id).cloned() else {
                 continue;
             };
-            if trigger.paused {
+            if trigger.paused || trigger.updated_at != timer.generation {
                 continue;
             }
             if let Some(state) = self.limit_allows(&trigger, &user, now, group)? {
@@ -1307,7 +1339,7 @@ impl Writer {
             self.store
                 .due_timers(Timestamp::from_nanos(i128::MAX), due.len() + 1)?
                 .get(due.len())
-                .map(|t| t.due)
+                .and_then(|(_, t)| t.as_ref().ok().map(|t| t.due))
         };
         if fired > 0 || !due.is_empty() {
             tracing::debug!(due = due.len(), fired, "timers fired");
@@ -1425,8 +1457,8 @@ impl Writer {
         for (trigger_id, trigger) in &self.triggers {
             group.batch.remove_firing_state(trigger_id, user);
             if trigger.timer_nanos().is_some() {
-                if let Some((due, _)) = self.store.pending_timer(trigger_id, user)? {
-                    group.batch.remove_timer(trigger_id, user, due);
+                if let Some(p) = self.store.pending_timer(trigger_id, user)? {
+                    group.batch.remove_timer(trigger_id, user, p.due);
                 }
             }
         }

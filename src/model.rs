@@ -290,11 +290,23 @@ impl From<TriggerV1> for Trigger {
 }
 
 /// A pending firing of a timed trigger for one user: due at `due`, rendered from `event`.
+/// `generation` is the trigger's `updated_at` when armed: a timer of an older generation was
+/// cancelled by the change and never fires.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Timer {
     pub trigger_id: String,
     pub due: Timestamp,
+    pub generation: Timestamp,
     pub event: Event,
+}
+
+/// What the (trigger, user) index says of a pending timer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PendingTimer {
+    pub due: Timestamp,
+    /// The arming event's `occurred_at`.
+    pub armed_at: Timestamp,
+    pub generation: Timestamp,
 }
 
 /// The durable record of a fired action. After the user's erasure `user_id`, `payload` and

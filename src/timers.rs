@@ -25,9 +25,9 @@ struct ClockState {
     stopped: bool,
 }
 
-/// Longest single sleep: a far timer is re-checked this often (harmless, and it bounds the
-/// effect of a wall clock set backwards).
-const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Longest single sleep. Due times are wall-clock times while the sleep is monotonic: checking
+/// once a second keeps a timer within a second of due even when the wall clock jumps forward.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl TimerClock {
     /// A timer due at `due` exists: wake earlier if it is the earliest.

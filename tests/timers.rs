@@ -381,3 +381,60 @@ async fn timers_survive_kill_9_and_each_fires_exactly_once() {
     }
     assert!(seen.values().all(|n| *n == 1), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_event_does_not_replace_a_newer_pending_timer() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    create_trigger(&mut t, abandoned_cart(secs(1))).await.unwrap();
+    let mut s = stream(server.channel().await).await;
+    let mut c = server.events().await;
+    fired_now(&mut c, cart("ola", "new")).await;
+    // Dated an hour ago, arriving late: its own moment has passed, but a newer timer is pending,
+    // so it neither fires at once nor moves the timer.
+    let stale = proto::Event {
+        occurred_at: Some(prost_types::Timestamp {
+            seconds: chrono_now_secs() - 3600,
+            nanos: 0,
+        }),
+        ..cart("ola", "old")
+    };
+    assert_eq!(fired_now(&mut c, stale).await, 0);
+    fired_now(&mut c, cart("control", "x")).await;
+    let seen = until_user(&mut s, "control").await;
+    let ola: Vec<_> = seen.iter().filter(|a| a.user_id == "ola").collect();
+    assert_eq!(ola.len(), 1, "{seen:?}");
+    assert!(ola[0].payload.contains("new"), "{}", ola[0].payload);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_a_trigger_cancels_the_timers_it_armed() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    let changed = create_trigger(&mut t, abandoned_cart(secs(1))).await.unwrap();
+    let mut s = stream(server.channel().await).await;
+    let mut c = server.events().await;
+    fired_now(&mut c, cart("before", "a")).await;
+    // A rename is a change: the pending timer is cancelled; the trigger keeps working.
+    t.update_trigger(proto::UpdateTriggerRequest {
+        trigger: Some(proto::Trigger {
+            name: "renamed".into(),
+            ..changed.clone()
+        }),
+    })
+    .await
+    .unwrap();
+    fired_now(&mut c, cart("after", "b")).await;
+    let a = next(&mut s).await;
+    assert_eq!(
+        (a.user_id.as_str(), a.trigger_name.as_str()),
+        ("after", "renamed")
+    );
+}
+
+fn chrono_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

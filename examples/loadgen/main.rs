@@ -17,6 +17,7 @@
 //! are meaningful across machines.
 
 mod segments;
+mod timers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -57,6 +58,8 @@ enum Cmd {
     },
     /// The segments benchmark: FilterUsers and GetEventStats against PostgreSQL 15.
     Segments(segments::SegmentArgs),
+    /// The timers benchmark: ingest with pending timers, their memory, firing lateness.
+    Timers(timers::TimerArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -793,5 +796,6 @@ fn main() {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::EchoServer { listen } => rt.block_on(echo_server(listen)),
         Cmd::Segments(args) => rt.block_on(segments::run(args)),
+        Cmd::Timers(args) => rt.block_on(timers::run(args)),
     }
 }

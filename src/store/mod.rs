@@ -54,8 +54,8 @@ use std::ops::Bound;
 use std::path::Path;
 
 use crate::model::{
-    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Timer, Timestamp, Trigger,
-    TriggerV1, UserNameAggregate,
+    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, PendingTimer, Timer, Timestamp,
+    Trigger, TriggerV1, UserNameAggregate,
 };
 
 const TIMELINE: u8 = b'T';
@@ -115,6 +115,9 @@ pub struct LoadedState {
     pub attributes: Vec<AttributeDefinition>,
     pub event_names: Vec<(String, EventNameStats)>,
 }
+
+/// A due timer's key and record (or why the record does not decode).
+pub type DueTimer = (sled::IVec, Result<Timer, StoreError>);
 
 /// A position in a user's timeline: an event's `occurred_at` and `sequence`.
 pub type TimelinePos = (Timestamp, u64);
@@ -390,6 +393,7 @@ impl WriteBatch {
             .insert(timer_key(timer.due, &timer.trigger_id, user), encode(timer));
         let mut pending = encode_ts(timer.due).to_vec();
         pending.extend_from_slice(&encode_ts(timer.event.occurred_at));
+        pending.extend_from_slice(&encode_ts(timer.generation));
         self.batch.insert(pair(PENDING, &timer.trigger_id, user), pending);
         self.writes += 2;
     }
@@ -459,10 +463,19 @@ impl Store {
         }
         for kv in self.tree.scan_prefix([TRIGGER]) {
             let (k, v) = kv?;
-            // A trigger stored before timers existed lacks their trailing fields.
+            // A trigger stored before timers existed lacks their trailing fields: it decodes as
+            // the old form with nothing left over, and nothing else does.
             let trigger = match postcard::from_bytes::<Trigger>(&v) {
                 Ok(t) => t,
-                Err(_) => decode::<TriggerV1>(&k, &v)?.into(),
+                Err(e) => match postcard::take_from_bytes::<TriggerV1>(&v) {
+                    Ok((old, [])) => old.into(),
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            key: k.to_vec(),
+                            reason: e.to_string(),
+                        })
+                    }
+                },
             };
             state.triggers.push(trigger);
         }
@@ -507,37 +520,41 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
-    /// The pending timer of (trigger, user): its due time and the armed event's `occurred_at`.
-    pub fn pending_timer(
-        &self,
-        trigger_id: &str,
-        user_id: &str,
-    ) -> Result<Option<(Timestamp, Timestamp)>, StoreError> {
+    /// The pending timer of (trigger, user), from the index.
+    pub fn pending_timer(&self, trigger_id: &str, user_id: &str) -> Result<Option<PendingTimer>, StoreError> {
         let key = pair(PENDING, trigger_id, user_id);
         let Some(v) = self.tree.get(&key)? else {
             return Ok(None);
         };
-        if v.len() != 24 {
+        if v.len() != 36 {
             return Err(StoreError::Corrupt {
                 key,
-                reason: "expected two timestamps".into(),
+                reason: "expected three timestamps".into(),
             });
         }
-        Ok(Some((
-            decode_ts_only(&key, &v[..12])?,
-            decode_ts_only(&key, &v[12..])?,
-        )))
+        Ok(Some(PendingTimer {
+            due: decode_ts_only(&key, &v[..12])?,
+            armed_at: decode_ts_only(&key, &v[12..24])?,
+            generation: decode_ts_only(&key, &v[24..])?,
+        }))
     }
 
-    /// Up to `limit` timers due at or before `upto`, earliest first.
-    pub fn due_timers(&self, upto: Timestamp, limit: usize) -> Result<Vec<Timer>, StoreError> {
+    /// Up to `limit` timers due at or before `upto`, earliest first, each with its key; a
+    /// record that does not decode comes as its key and the error (the caller removes it rather
+    /// than let it block every later timer).
+    pub fn due_timers(
+        &self,
+        upto: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DueTimer>, StoreError> {
         let mut end = vec![TIMER];
         end.extend_from_slice(&encode_ts(upto));
         end.push(0xff);
         let mut out = Vec::new();
         for kv in self.tree.range(vec![TIMER]..end).take(limit) {
             let (k, v) = kv?;
-            out.push(decode(&k, &v)?);
+            let timer = decode(&k, &v);
+            out.push((k, timer));
         }
         Ok(out)
     }
@@ -555,20 +572,6 @@ impl Store {
             }
             None => Ok(None),
         }
-    }
-
-    /// The users with a pending timer of a trigger, with its due time.
-    pub fn trigger_timers(&self, trigger_id: &str) -> Result<Vec<(String, Timestamp)>, StoreError> {
-        let mut prefix = prefixed(PENDING, trigger_id);
-        prefix.push(0);
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(&prefix) {
-            let (k, v) = kv?;
-            let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            let due = decode_ts_only(&k, v.get(..12).unwrap_or_default())?;
-            out.push((user, due));
-        }
-        Ok(out)
     }
 
     /// The names of the events a user has: one seek per name over the user's event keys, which
