@@ -550,7 +550,11 @@ impl Drop for Proc {
 }
 
 fn start_engage(bin: &PathBuf) -> Proc {
-    let dir = tempfile::TempDir::new().expect("temp dir");
+    start_engage_in(bin, tempfile::TempDir::new().expect("temp dir"))
+}
+
+/// Starts engage on an existing data directory (a restart).
+fn start_engage_in(bin: &PathBuf, dir: tempfile::TempDir) -> Proc {
     let mut child = Command::new(bin)
         .args([
             "serve",

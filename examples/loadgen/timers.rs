@@ -86,7 +86,9 @@ async fn carts(channel: &tonic::transport::Channel, prefix: &str, count: u64) {
     }
 }
 
-async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64) {
+/// VmRSS (KiB) of a fresh server: idle, after `memory_events` cart events, and idle again after
+/// a restart on the same data.
+async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64, u64) {
     let engage = super::start_engage(&a.engage_bin);
     let channel = super::channel(engage.addr).await;
     if with_timers {
@@ -102,7 +104,19 @@ async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64) {
     }
     let idle = rss_kib(engage.child.id());
     carts(&channel, "m", a.memory_events).await;
-    (idle, rss_kib(engage.child.id()))
+    let loaded = rss_kib(engage.child.id());
+    // Restarted on the same data: what an idle server holding them needs.
+    let mut engage = engage;
+    let dir = engage._dir.take().expect("data dir");
+    drop(engage);
+    let engage = super::start_engage_in(&a.engage_bin, dir);
+    let channel = super::channel(engage.addr).await;
+    proto::schema_service_client::SchemaServiceClient::new(channel)
+        .list_attributes(proto::ListAttributesRequest {})
+        .await
+        .expect("list");
+    super::settle().await;
+    (idle, loaded, rss_kib(engage.child.id()))
 }
 
 pub async fn run(a: TimerArgs) {
@@ -140,17 +154,19 @@ pub async fn run(a: TimerArgs) {
     drop(engage);
 
     // 2. Memory.
-    let (idle_a, with) = memory(&a, true).await;
-    let (idle_b, without) = memory(&a, false).await;
+    let (idle_a, with, restarted_with) = memory(&a, true).await;
+    let (idle_b, without, restarted_without) = memory(&a, false).await;
+    let mib = |k: u64| k as f64 / 1024.0;
     println!(
-        "VmRSS: idle {} / {} MiB; after {} cart events: {} MiB with {} pending timers, {} MiB without; difference {:+.1} MiB",
-        idle_a / 1024,
-        idle_b / 1024,
-        a.memory_events,
-        with / 1024,
-        a.memory_events,
-        without / 1024,
-        (with as f64 - without as f64) / 1024.0
+        "VmRSS with {n} pending timers / without, after {n} cart events: fresh {:.1} / {:.1} MiB; loaded {:.1} / {:.1} MiB; restarted idle {:.1} / {:.1} MiB (difference {:+.1} MiB)",
+        mib(idle_a),
+        mib(idle_b),
+        mib(with),
+        mib(without),
+        mib(restarted_with),
+        mib(restarted_without),
+        mib(restarted_with) - mib(restarted_without),
+        n = a.memory_events,
     );
 
     // 3. Precision under a background load.

@@ -542,11 +542,7 @@ impl Store {
     /// Up to `limit` timers due at or before `upto`, earliest first, each with its key; a
     /// record that does not decode comes as its key and the error (the caller removes it rather
     /// than let it block every later timer).
-    pub fn due_timers(
-        &self,
-        upto: Timestamp,
-        limit: usize,
-    ) -> Result<Vec<DueTimer>, StoreError> {
+    pub fn due_timers(&self, upto: Timestamp, limit: usize) -> Result<Vec<DueTimer>, StoreError> {
         let mut end = vec![TIMER];
         end.extend_from_slice(&encode_ts(upto));
         end.push(0xff);
