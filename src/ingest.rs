@@ -23,6 +23,11 @@
 //! time it enters that set; an aggregate from an older epoch, or a missing one, is rebuilt from
 //! the user's events of that name the first time it is needed, so no stale count is ever used.
 //!
+//! Timed triggers (`delay`, `unless`) arm a timer instead of firing: a durable record in the
+//! event's batch, one per (trigger, user). An event that an absence check waits for cancels
+//! its user's timer (one index read per trigger waiting for that name); the clock thread
+//! (`timers`) sends a job that fires due timers, alone in its write group.
+//!
 //! Every stored event is also added to the by-name index of `store::columns` (FilterUsers and
 //! GetEventStats read it): one compact record per event, and per write group one block per
 //! (name, hour) and one bucket update per (name, minute) and (name, hour) it touches.
