@@ -288,6 +288,7 @@ impl Ingest {
             columns: Columns::default(),
             unless_by_name: HashMap::new(),
             clock: Arc::new(TimerClock::default()),
+            retired: store.retired_triggers()?.into_iter().collect(),
         };
         let clock = writer.clock.clone();
         // A timer that fell due while the server was down fires at once.
@@ -477,7 +478,8 @@ impl Ingest {
                 .ok_or_else(|| Error::NotFound(format!("trigger.id: no trigger {:?}", trigger.id)))?;
             let trigger = Trigger {
                 created_at: existing.created_at,
-                updated_at: Timestamp::now(),
+                // Strictly later than before: the generation of timers armed before the change.
+                updated_at: Timestamp::now().max(Timestamp::from_nanos(existing.updated_at.as_nanos() + 1)),
                 ..trigger
             };
             writer.put_trigger(trigger.clone(), group)?;
@@ -497,6 +499,9 @@ impl Ingest {
             writer.triggers.remove(&id);
             writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
+            if writer.retired.insert(id.clone()) {
+                group.batch.put_retired_trigger(&id);
+            }
             group.batch.remove_keys(firing_keys);
             group.firing.retain(|(t, _), _| t != &id);
             group.triggers_changed = true;
@@ -667,6 +672,8 @@ pub struct Writer {
     unless_by_name: HashMap<String, Vec<Arc<Trigger>>>,
     /// Wakes the writer when the earliest timer is due.
     clock: Arc<TimerClock>,
+    /// Deleted trigger ids: erasure still looks for their pending timers.
+    retired: std::collections::BTreeSet<String>,
 }
 
 /// The writes of one group, before they are applied, and what they change in memory.
@@ -717,6 +724,16 @@ impl Group {
         *self = Group::new();
         self.replies = replies;
     }
+}
+
+/// What an event does to timed triggers: fire now (settled at once), fire an overdue pending
+/// timer it is about to replace, remove timers, arm timers.
+#[derive(Default)]
+struct Plan {
+    now_firing: Vec<Firing>,
+    overdue: Vec<(Firing, Event)>,
+    removals: Vec<(String, Timestamp)>,
+    arms: Vec<Arm>,
 }
 
 /// A timer an event arms: due at `due`, replacing the (trigger, user) timer due at `replaces`.
@@ -1042,7 +1059,7 @@ impl Writer {
         };
         let firing = self.matching_triggers(&stored, aggregate.as_ref(), group)?;
         let cancels = self.cancellations(&stored, group)?;
-        let (firing, arms) = self.plan_timers(&stored, firing, group)?;
+        let plan = self.plan_timers(&stored, firing, group)?;
 
         self.last_seq += 1;
         if let Some(id) = event.event_id {
@@ -1074,7 +1091,16 @@ impl Writer {
             group.batch.remove_timer(&trigger_id, &stored.user_id, due);
             group.timers.insert((trigger_id, stored.user_id.clone()), None);
         }
-        for arm in arms {
+        for (trigger_id, due) in plan.removals {
+            group.batch.remove_timer(&trigger_id, &stored.user_id, due);
+            group.timers.insert((trigger_id, stored.user_id.clone()), None);
+        }
+        let mut actions_fired = 0;
+        for (firing, event) in plan.overdue {
+            // Fired by the timer, not by this call: not counted in actions_fired.
+            self.fire(&event, vec![firing], group, now);
+        }
+        for arm in plan.arms {
             if let Some(old) = arm.replaces {
                 group.batch.remove_timer(&arm.trigger_id, &stored.user_id, old);
             }
@@ -1094,7 +1120,7 @@ impl Writer {
             );
             self.clock.armed(arm.due);
         }
-        let actions_fired = self.fire(&stored, firing, group, now);
+        actions_fired += self.fire(&stored, plan.now_firing, group, now);
         Ok(Tracked {
             event_id: stored.event_id,
             sequence: stored.sequence,
@@ -1262,46 +1288,69 @@ impl Writer {
     /// Splits the matching triggers into those that fire now and timers to arm. A timed trigger
     /// whose moment has already passed is settled at once: it fires now (limits permitting)
     /// unless its absence is already broken; one whose absence is already broken never arms.
-    fn plan_timers(
-        &self,
-        event: &Event,
-        firing: Vec<Firing>,
-        group: &Group,
-    ) -> Result<(Vec<Firing>, Vec<Arm>), Error> {
-        let mut now_firing = Vec::new();
-        let mut arms = Vec::new();
+    fn plan_timers(&self, event: &Event, firing: Vec<Firing>, group: &Group) -> Result<Plan, Error> {
+        let mut plan = Plan::default();
+        let now = event.received_at;
         for (trigger, state) in firing {
             let Some(after) = trigger.timer_nanos() else {
-                now_firing.push((trigger, state));
+                plan.now_firing.push((trigger, state));
                 continue;
             };
-            // One timer per (trigger, user), from the latest event: an event dated no later
-            // than the pending timer's (a repeat or an out-of-order one) changes nothing.
-            let pending = self.pending_timer(&trigger.id, &event.user_id, group)?;
-            if pending.is_some_and(|p| p.generation == trigger.updated_at && p.armed_at >= event.occurred_at)
-            {
-                continue;
+            let user = &event.user_id;
+            let due = Timestamp::from_nanos(event.occurred_at.as_nanos() + after);
+            let mut pending = self.pending_timer(&trigger.id, user, group)?;
+            let live = pending.filter(|p| p.generation == trigger.updated_at);
+            if let Some(p) = live {
+                if p.armed_at >= event.occurred_at {
+                    // One timer per (trigger, user), from the latest event: an event dated no
+                    // later than the pending timer's leaves it alone. Only one whose own window
+                    // closed before the pending timer's event, and is due now, is settled (it
+                    // fires unless its absence was broken).
+                    let settles = due <= p.armed_at && due <= now;
+                    let broken = match &trigger.unless {
+                        Some(u) if settles => {
+                            self.absence_already_broken(u, user, event.occurred_at, group)?
+                        }
+                        _ => false,
+                    };
+                    if settles && !broken {
+                        if let Some(state) = self.limit_allows(&trigger, user, now, group)? {
+                            plan.now_firing.push((trigger, state));
+                        }
+                    }
+                    continue;
+                }
+                if p.due <= now {
+                    // Due but not fired yet (the fire job is behind): it fires now, before the
+                    // newer event replaces it.
+                    if let Some(timer) = self.store.timer_record(p.due, &trigger.id, user)? {
+                        if let Some(state) = self.limit_allows(&trigger, user, now, group)? {
+                            plan.overdue.push(((trigger.clone(), state), timer.event));
+                        }
+                    }
+                    plan.removals.push((trigger.id.clone(), p.due));
+                    pending = None;
+                }
             }
             if let Some(u) = &trigger.unless {
-                if self.absence_already_broken(u, &event.user_id, event.occurred_at, group)? {
+                if self.absence_already_broken(u, user, event.occurred_at, group)? {
                     continue;
                 }
             }
-            let due = Timestamp::from_nanos(event.occurred_at.as_nanos() + after);
-            if due <= event.received_at {
-                if let Some(state) = self.limit_allows(&trigger, &event.user_id, event.received_at, group)? {
-                    now_firing.push((trigger, state));
+            if due <= now {
+                if let Some(state) = self.limit_allows(&trigger, user, now, group)? {
+                    plan.now_firing.push((trigger, state));
                 }
                 continue;
             }
-            arms.push(Arm {
+            plan.arms.push(Arm {
                 trigger_id: trigger.id.clone(),
                 generation: trigger.updated_at,
                 due,
                 replaces: pending.map(|p| p.due),
             });
         }
-        Ok((now_firing, arms))
+        Ok(plan)
     }
 
     /// Fires every timer due now (up to 1000 per call; the clock calls again at once for more)
@@ -1317,7 +1366,10 @@ impl Writer {
                 Err(e) => {
                     // One bad record must not hold every later timer back.
                     tracing::error!(error = %e, "dropping a timer that does not decode");
-                    group.batch.remove_keys(vec![key.clone()]);
+                    match crate::store::timer_key_parts(key) {
+                        Some((due, trigger, user)) => group.batch.remove_timer(&trigger, &user, due),
+                        None => group.batch.remove_keys(vec![key.clone()]),
+                    }
                     continue;
                 }
             };
@@ -1344,7 +1396,7 @@ impl Writer {
             self.store
                 .due_timers(Timestamp::from_nanos(i128::MAX), due.len() + 1)?
                 .get(due.len())
-                .and_then(|(_, t)| t.as_ref().ok().map(|t| t.due))
+                .and_then(|(k, _)| crate::store::timer_key_parts(k).map(|(due, _, _)| due))
         };
         if fired > 0 || !due.is_empty() {
             tracing::debug!(due = due.len(), fired, "timers fired");
@@ -1459,12 +1511,14 @@ impl Writer {
                 group.name_stats.insert(name, stats);
             }
         }
-        for (trigger_id, trigger) in &self.triggers {
+        for trigger_id in self.triggers.keys() {
             group.batch.remove_firing_state(trigger_id, user);
-            if trigger.timer_nanos().is_some() {
-                if let Some(p) = self.store.pending_timer(trigger_id, user)? {
-                    group.batch.remove_timer(trigger_id, user, p.due);
-                }
+        }
+        // Pending timers of every trigger that may have armed one: current triggers (timed or
+        // not any more) and deleted ones (their timers wait to be dropped when due).
+        for trigger_id in self.triggers.keys().chain(self.retired.iter()) {
+            if let Some(p) = self.store.pending_timer(trigger_id, user)? {
+                group.batch.remove_timer(trigger_id, user, p.due);
             }
         }
         for item in self.store.user_actions(user) {

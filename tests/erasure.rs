@@ -147,3 +147,80 @@ async fn deleting_an_unknown_user_answers_zero_and_a_bad_id_names_the_field() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("user_id"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_erasure_no_key_or_value_on_disk_holds_the_user_id() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    // Timers of a live trigger, of a trigger deleted afterwards, and fired actions.
+    let delayed = proto::Trigger {
+        delay: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..trigger("cart_added", "remind", "{{ user_id }}")
+    };
+    create_trigger(&mut t, delayed.clone()).await.unwrap();
+    let doomed = create_trigger(&mut t, delayed).await.unwrap();
+    create_trigger(&mut t, trigger("cart_added", "now", "{{ user_id }} now"))
+        .await
+        .unwrap();
+    let mut c = server.events().await;
+    let who = "erase-me-7f3a";
+    for (i, name) in ["cart_added", "page_viewed", "cart_added"].iter().enumerate() {
+        let e = proto::Event {
+            event_id: format!("ev-{i}"),
+            ..event(who, name, &[("note", s(&format!("{who} wrote this")))])
+        };
+        track(&mut c, e).await.unwrap();
+    }
+    track(&mut c, event("someone-else", "cart_added", &[]))
+        .await
+        .unwrap();
+    // Rollups and caches built from the user's data are erased too.
+    let mut q = proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let all_history = history_cond(history(
+        "cart_added",
+        proto::Aggregate::Count,
+        "",
+        proto::Operator::Gte,
+        1.0,
+    ));
+    for _ in 0..2 {
+        q.filter_users(proto::FilterUsersRequest {
+            filter: Some(all_history.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    t.delete_trigger(proto::DeleteTriggerRequest { id: doomed.id })
+        .await
+        .unwrap();
+    assert_eq!(delete(&server, who).await.unwrap(), 3);
+    let users = q
+        .filter_users(proto::FilterUsersRequest {
+            filter: Some(all_history),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user_ids;
+    assert_eq!(users, vec!["someone-else"]);
+    let dir = server.stop().await;
+    let db = sled::open(dir.path()).expect("open");
+    let needle = who.as_bytes();
+    let holds = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for tree in db.tree_names() {
+        for kv in db.open_tree(&tree).expect("tree").iter() {
+            let (k, v) = kv.expect("entry");
+            assert!(
+                !holds(&k) && !holds(&v),
+                "the erased user survives in {:?}: key {:?}",
+                String::from_utf8_lossy(&tree),
+                String::from_utf8_lossy(&k)
+            );
+        }
+    }
+}

@@ -389,22 +389,36 @@ async fn an_older_event_does_not_replace_a_newer_pending_timer() {
     create_trigger(&mut t, abandoned_cart(secs(1))).await.unwrap();
     let mut s = stream(server.channel().await).await;
     let mut c = server.events().await;
-    fired_now(&mut c, cart("ola", "new")).await;
-    // Dated an hour ago, arriving late: its own moment has passed, but a newer timer is pending,
-    // so it neither fires at once nor moves the timer.
-    let stale = proto::Event {
-        occurred_at: Some(prost_types::Timestamp {
-            seconds: chrono_now_secs() - 3600,
-            nanos: 0,
-        }),
-        ..cart("ola", "old")
+    let dated = |user: &str, product: &str, nanos_ago: i64| {
+        let at = now_nanos() - nanos_ago;
+        proto::Event {
+            occurred_at: Some(prost_types::Timestamp {
+                seconds: at.div_euclid(1_000_000_000),
+                nanos: at.rem_euclid(1_000_000_000) as i32,
+            }),
+            ..cart(user, product)
+        }
     };
-    assert_eq!(fired_now(&mut c, stale).await, 0);
+    fired_now(&mut c, cart("ola", "new")).await;
+    fired_now(&mut c, cart("pia", "new")).await;
+    // Arriving late, dated inside the pending timer's span: it neither fires nor moves the timer.
+    assert_eq!(fired_now(&mut c, dated("pia", "old", 500_000_000)).await, 0);
+    // Arriving late, dated an hour ago: its own window closed long before the pending timer's
+    // event, so it is a cart of its own, settled at once (it fires); the pending timer stays.
+    assert_eq!(fired_now(&mut c, dated("ola", "old", 3_600_000_000_000)).await, 1);
     fired_now(&mut c, cart("control", "x")).await;
     let seen = until_user(&mut s, "control").await;
-    let ola: Vec<_> = seen.iter().filter(|a| a.user_id == "ola").collect();
-    assert_eq!(ola.len(), 1, "{seen:?}");
-    assert!(ola[0].payload.contains("new"), "{}", ola[0].payload);
+    let of = |user: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|a| a.user_id == user)
+            .map(|a| a.payload.clone())
+            .collect()
+    };
+    assert_eq!(of("pia").len(), 1, "{seen:?}");
+    assert!(of("pia")[0].contains("new"));
+    let ola = of("ola");
+    assert_eq!(ola.len(), 2, "{seen:?}");
+    assert!(ola[0].contains("old") && ola[1].contains("new"), "{ola:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -432,9 +446,9 @@ async fn changing_a_trigger_cancels_the_timers_it_armed() {
     );
 }
 
-fn chrono_now_secs() -> i64 {
+fn now_nanos() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs() as i64
+        .as_nanos() as i64
 }

@@ -938,10 +938,11 @@ impl Columns {
             if entries.len() == before {
                 continue;
             }
-            if entries.is_empty() {
-                batch.remove_raw(key.to_vec());
-            } else {
-                batch.put_raw(key.to_vec(), encode(&entries));
+            // A chunk is keyed by its first user: when that was the erased user, the chunk moves
+            // to its new first user's key (the old key holds the erased id).
+            batch.remove_raw(key.to_vec());
+            if let Some(first) = entries.first() {
+                batch.put_raw(rollup_chunk_key(name, first.user_id), encode(&entries));
             }
             meta.users = meta.users.saturating_sub(1);
             batch.put_raw(meta_key, encode(&meta));

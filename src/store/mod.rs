@@ -30,6 +30,7 @@
 //! | `X`    | `X` name                                         | postcard [`columns::RollupMeta`] |
 //! | `Q`    | `Q` due(12) trigger_id 0x00 user_id              | postcard [`Timer`]: pending timers by due time |
 //! | `P`    | `P` trigger_id 0x00 user_id                      | due(12) + armed event's occurred_at(12): the pending timer of a (trigger, user) |
+//! | `Z`    | `Z` trigger_id                                   | empty: a deleted trigger (erasure still looks for its timers) |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -72,6 +73,7 @@ const CONSUMER: u8 = b'C';
 const EPOCH: u8 = b'E';
 const TIMER: u8 = b'Q';
 const PENDING: u8 = b'P';
+const RETIRED: u8 = b'Z';
 const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 
@@ -162,6 +164,17 @@ fn timer_key(due: Timestamp, trigger_id: &str, user_id: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(user_id.as_bytes());
     k
+}
+
+/// The due time, trigger id and user id of a timer key.
+pub fn timer_key_parts(key: &[u8]) -> Option<(Timestamp, String, String)> {
+    let ts = key.get(1..13)?;
+    let rest = key.get(13..)?;
+    let split = rest.iter().position(|b| *b == 0)?;
+    let due = decode_ts_only(key, ts).ok()?;
+    let trigger = String::from_utf8_lossy(&rest[..split]).into_owned();
+    let user = String::from_utf8_lossy(&rest[split + 1..]).into_owned();
+    Some((due, trigger, user))
 }
 
 fn decode_ts_only(key: &[u8], bytes: &[u8]) -> Result<Timestamp, StoreError> {
@@ -398,6 +411,13 @@ impl WriteBatch {
         self.writes += 2;
     }
 
+    /// Remembers a deleted trigger id (its pending timers are dropped when due, and until then
+    /// erasure must still find them).
+    pub fn put_retired_trigger(&mut self, trigger_id: &str) {
+        self.batch.insert(prefixed(RETIRED, trigger_id), &[][..]);
+        self.writes += 1;
+    }
+
     /// Removes a timer and its index entry.
     pub fn remove_timer(&mut self, trigger_id: &str, user_id: &str, due: Timestamp) {
         self.batch.remove(timer_key(due, trigger_id, user_id));
@@ -553,6 +573,26 @@ impl Store {
             out.push((k, timer));
         }
         Ok(out)
+    }
+
+    /// The timer record of (trigger, user) due at `due`.
+    pub fn timer_record(
+        &self,
+        due: Timestamp,
+        trigger_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Timer>, StoreError> {
+        let key = timer_key(due, trigger_id, user_id);
+        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+    }
+
+    /// Trigger ids that were deleted (their timers may still be pending until due).
+    pub fn retired_triggers(&self) -> Result<Vec<String>, StoreError> {
+        self.tree
+            .scan_prefix([RETIRED])
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[1..]).into_owned()))
+            .collect()
     }
 
     /// When the earliest pending timer is due.
