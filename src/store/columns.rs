@@ -399,12 +399,11 @@ impl ColumnWrites {
             self.buckets.insert(event.name.clone(), HashMap::new());
         }
         if let Some(buckets) = self.buckets.get_mut(&event.name) {
-            for level in [Level::Minute, Level::Hour] {
-                buckets
-                    .entry((level, bucket_of(event.occurred_at, level)))
-                    .or_default()
-                    .add(&record);
-            }
+            // Minutes only: the hours are summed from them when the group is written.
+            buckets
+                .entry((Level::Minute, bucket_of(event.occurred_at, Level::Minute)))
+                .or_default()
+                .add(&record);
         }
         if !self.users.contains(&event.user_id) {
             self.users.insert(event.user_id.clone());
@@ -450,7 +449,15 @@ impl Columns {
                 self.write_hour(store, batch, &name, hour, records)?;
             }
         }
-        for (name, buckets) in writes.buckets {
+        for (name, mut buckets) in writes.buckets {
+            let mut hours: HashMap<i64, BucketSummary> = HashMap::new();
+            for ((_, minute), add) in &buckets {
+                hours
+                    .entry(minute.div_euclid(HOUR / MINUTE))
+                    .or_default()
+                    .merge(add);
+            }
+            buckets.extend(hours.into_iter().map(|(hour, s)| ((Level::Hour, hour), s)));
             for ((level, bucket), add) in buckets {
                 let key = bucket_key(level.prefix(), &name, bucket);
                 let mut summary: BucketSummary = match store.tree.get(&key)? {
