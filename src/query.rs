@@ -582,6 +582,17 @@ mod tests {
     use crate::store::columns::{ColumnWrites, Columns};
     use crate::store::{StoreOptions, WriteBatch};
 
+    /// A store in a temporary directory (kept alive by the returned guard).
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = StoreOptions {
+            cache_capacity: 64 << 20,
+            flush_every_ms: 500,
+        };
+        let store = Store::open(dir.path(), &opts).expect("open");
+        (dir, store)
+    }
+
     fn event(i: u64, user: u64, secs: i64, amount: Option<f64>) -> Event {
         let mut attributes = BTreeMap::new();
         if let Some(a) = amount {
@@ -603,12 +614,7 @@ mod tests {
     /// stored after it) and future-dated ones (stored before it, dated after its cutoff).
     #[test]
     fn rollups_answer_what_a_scan_answers() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let opts = StoreOptions {
-            cache_capacity: 64 << 20,
-            flush_every_ms: 500,
-        };
-        let store = Store::open(dir.path(), &opts).expect("open");
+        let (_dir, store) = temp_store();
         let mut columns = Columns::default();
         let cutoff = Timestamp {
             secs: 100 * 3600,
@@ -709,12 +715,7 @@ mod tests {
     /// filters meanwhile. Every user applied before a read started must be in its answer.
     #[test]
     fn a_merge_never_hides_records_from_a_running_filter() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let opts = StoreOptions {
-            cache_capacity: 64 << 20,
-            flush_every_ms: 500,
-        };
-        let store = Store::open(dir.path(), &opts).expect("open");
+        let (_dir, store) = temp_store();
         let applied = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicBool::new(false));
         let writer = {
