@@ -51,6 +51,7 @@ use crate::model::{
 };
 use crate::schema;
 use crate::store::columns::{self, ColumnWrites, Columns};
+use crate::store::timers::{self, TimerOverlay};
 use crate::store::{Store, WriteBatch};
 use crate::template;
 use crate::timers::TimerClock;
@@ -288,11 +289,14 @@ impl Ingest {
             columns: Columns::default(),
             unless_by_name: HashMap::new(),
             clock: Arc::new(TimerClock::default()),
-            retired: store.retired_triggers()?.into_iter().collect(),
         };
         let clock = writer.clock.clone();
         // A timer that fell due while the server was down fires at once.
-        clock.set_next(store.next_timer_due()?);
+        clock.set_next(
+            store
+                .next_due_minute(None)?
+                .map(|m| Timestamp::from_nanos(m as i128 * 60_000_000_000)),
+        );
         writer.backfill_columns()?;
         for t in writer.triggers.values() {
             writer.templates.set(&t.id, &t.action.payload_template);
@@ -499,9 +503,7 @@ impl Ingest {
             writer.triggers.remove(&id);
             writer.templates.remove(&id);
             group.batch.remove_trigger(&id);
-            if writer.retired.insert(id.clone()) {
-                group.batch.put_retired_trigger(&id);
-            }
+
             group.batch.remove_keys(firing_keys);
             group.firing.retain(|(t, _), _| t != &id);
             group.triggers_changed = true;
@@ -672,8 +674,6 @@ pub struct Writer {
     unless_by_name: HashMap<String, Vec<Arc<Trigger>>>,
     /// Wakes the writer when the earliest timer is due.
     clock: Arc<TimerClock>,
-    /// Deleted trigger ids: erasure still looks for their pending timers.
-    retired: std::collections::BTreeSet<String>,
 }
 
 /// The writes of one group, before they are applied, and what they change in memory.
@@ -694,8 +694,8 @@ pub struct Group {
     triggers_changed: bool,
     /// What the group's events add to the by-name index and statistics.
     columns: ColumnWrites,
-    /// (trigger, user) timers armed or removed by this group.
-    timers: HashMap<(String, String), Option<PendingTimer>>,
+    /// The timers this group reads, arms, cancels or fires (see `store::timers`).
+    timers: TimerOverlay,
 }
 
 impl Group {
@@ -712,7 +712,7 @@ impl Group {
             consumers: HashMap::new(),
             triggers_changed: false,
             columns: ColumnWrites::default(),
-            timers: HashMap::new(),
+            timers: TimerOverlay::default(),
         }
     }
 }
@@ -736,12 +736,11 @@ struct Plan {
     arms: Vec<Arm>,
 }
 
-/// A timer an event arms: due at `due`, replacing the (trigger, user) timer due at `replaces`.
+/// A timer an event arms: due at `due`, replacing the pending one of its (trigger, user).
 struct Arm {
     trigger_id: String,
     generation: Timestamp,
     due: Timestamp,
-    replaces: Option<Timestamp>,
 }
 
 /// A trigger about to fire, with its firing state when it has once_per_user or a cooldown.
@@ -816,6 +815,13 @@ impl Writer {
         if !group.columns.is_empty() {
             if let Err(e) = self.columns.write(&self.store, &mut batch, group.columns) {
                 tracing::error!(error = %e, "indexing a write group failed; refusing further writes");
+                self.failed.store(true, Ordering::Release);
+                return Some(unavailable());
+            }
+        }
+        if !group.timers.is_empty() {
+            if let Err(e) = group.timers.write(&self.store, &mut batch) {
+                tracing::error!(error = %e, "writing timers failed; refusing further writes");
                 self.failed.store(true, Ordering::Release);
                 return Some(unavailable());
             }
@@ -1060,6 +1066,11 @@ impl Writer {
         let firing = self.matching_triggers(&stored, aggregate.as_ref(), group)?;
         let cancels = self.cancellations(&stored, group)?;
         let plan = self.plan_timers(&stored, firing, group)?;
+        if !cancels.is_empty() || !plan.removals.is_empty() || !plan.arms.is_empty() {
+            group
+                .timers
+                .load(&self.store, timers::bucket_of(&stored.user_id))?;
+        }
 
         self.last_seq += 1;
         if let Some(id) = event.event_id {
@@ -1087,13 +1098,11 @@ impl Writer {
                 .or_default()
                 .push(stored.clone());
         }
-        for (trigger_id, due) in cancels {
-            group.batch.remove_timer(&trigger_id, &stored.user_id, due);
-            group.timers.insert((trigger_id, stored.user_id.clone()), None);
+        for (trigger_id, _) in cancels {
+            group.timers.remove(&trigger_id, &stored.user_id);
         }
-        for (trigger_id, due) in plan.removals {
-            group.batch.remove_timer(&trigger_id, &stored.user_id, due);
-            group.timers.insert((trigger_id, stored.user_id.clone()), None);
+        for (trigger_id, _) in plan.removals {
+            group.timers.remove(&trigger_id, &stored.user_id);
         }
         let mut actions_fired = 0;
         for (firing, event) in plan.overdue {
@@ -1101,23 +1110,12 @@ impl Writer {
             self.fire(&event, vec![firing], group, now);
         }
         for arm in plan.arms {
-            if let Some(old) = arm.replaces {
-                group.batch.remove_timer(&arm.trigger_id, &stored.user_id, old);
-            }
-            group.batch.put_timer(&Timer {
-                trigger_id: arm.trigger_id.clone(),
+            group.timers.arm(Timer {
+                trigger_id: arm.trigger_id,
                 due: arm.due,
                 generation: arm.generation,
                 event: stored.clone(),
             });
-            group.timers.insert(
-                (arm.trigger_id, stored.user_id.clone()),
-                Some(PendingTimer {
-                    due: arm.due,
-                    armed_at: stored.occurred_at,
-                    generation: arm.generation,
-                }),
-            );
             self.clock.armed(arm.due);
         }
         actions_fired += self.fire(&stored, plan.now_firing, group, now);
@@ -1210,10 +1208,14 @@ impl Writer {
         user: &str,
         group: &Group,
     ) -> Result<Option<PendingTimer>, Error> {
-        match group.timers.get(&(trigger_id.to_string(), user.to_string())) {
-            Some(pending) => Ok(*pending),
-            None => Ok(self.store.pending_timer(trigger_id, user)?),
-        }
+        Ok(group
+            .timers
+            .get(&self.store, trigger_id, user)?
+            .map(|t| PendingTimer {
+                due: t.due,
+                armed_at: t.event.occurred_at,
+                generation: t.generation,
+            }))
     }
 
     /// The pending timer of (trigger, user) if armed by the trigger as it is now (a change of
@@ -1298,7 +1300,7 @@ impl Writer {
             };
             let user = &event.user_id;
             let due = Timestamp::from_nanos(event.occurred_at.as_nanos() + after);
-            let mut pending = self.pending_timer(&trigger.id, user, group)?;
+            let pending = self.pending_timer(&trigger.id, user, group)?;
             let live = pending.filter(|p| p.generation == trigger.updated_at);
             if let Some(p) = live {
                 if p.armed_at >= event.occurred_at {
@@ -1323,13 +1325,12 @@ impl Writer {
                 if p.due <= now {
                     // Due but not fired yet (the fire job is behind): it fires now, before the
                     // newer event replaces it.
-                    if let Some(timer) = self.store.timer_record(p.due, &trigger.id, user)? {
+                    if let Some(timer) = group.timers.get(&self.store, &trigger.id, user)? {
                         if let Some(state) = self.limit_allows(&trigger, user, now, group)? {
                             plan.overdue.push(((trigger.clone(), state), timer.event));
                         }
                     }
                     plan.removals.push((trigger.id.clone(), p.due));
-                    pending = None;
                 }
             }
             if let Some(u) = &trigger.unless {
@@ -1347,7 +1348,6 @@ impl Writer {
                 trigger_id: trigger.id.clone(),
                 generation: trigger.updated_at,
                 due,
-                replaces: pending.map(|p| p.due),
             });
         }
         Ok(plan)
@@ -1358,48 +1358,49 @@ impl Writer {
     fn fire_due_timers(&mut self, group: &mut Group) -> Result<(), Error> {
         const MAX: usize = 1000;
         let now = Timestamp::now();
-        let due = self.store.due_timers(now, MAX)?;
+        let this_minute = timers::minute_of(now);
         let mut fired = 0;
-        for (key, timer) in &due {
-            let timer = match timer {
-                Ok(t) => t,
-                Err(e) => {
-                    // One bad record must not hold every later timer back.
-                    tracing::error!(error = %e, "dropping a timer that does not decode");
-                    match crate::store::timer_key_parts(key) {
-                        Some((due, trigger, user)) => group.batch.remove_timer(&trigger, &user, due),
-                        None => group.batch.remove_keys(vec![key.clone()]),
-                    }
-                    continue;
+        let mut taken = 0;
+        let mut next: Option<Timestamp> = None;
+        let earliest = |a: Option<Timestamp>, b: Timestamp| Some(a.map_or(b, |a| a.min(b)));
+        'sets: for (minute, part, buckets) in self.store.due_sets(this_minute)? {
+            for bucket in &buckets {
+                if taken >= MAX {
+                    // More next time, at once.
+                    next = Some(now);
+                    break 'sets;
                 }
-            };
-            let user = timer.event.user_id.clone();
-            group.batch.remove_timer(&timer.trigger_id, &user, timer.due);
-            group
-                .timers
-                .insert((timer.trigger_id.clone(), user.clone()), None);
-            // Deleted, paused or changed since it was armed: cancelled.
-            let Some(trigger) = self.triggers.get(&timer.trigger_id).cloned() else {
-                continue;
-            };
-            if trigger.paused || trigger.updated_at != timer.generation {
-                continue;
+                group.timers.load(&self.store, *bucket)?;
+                for timer in group.timers.take_due(*bucket, now) {
+                    taken += 1;
+                    // Deleted, paused or changed since it was armed: cancelled.
+                    let Some(trigger) = self.triggers.get(&timer.trigger_id).cloned() else {
+                        continue;
+                    };
+                    if trigger.paused || trigger.updated_at != timer.generation {
+                        continue;
+                    }
+                    let user = timer.event.user_id.clone();
+                    if let Some(state) = self.limit_allows(&trigger, &user, now, group)? {
+                        fired += self.fire(&timer.event, vec![(trigger, state)], group, now);
+                    }
+                }
+                if minute == this_minute {
+                    if let Some(due) = group.timers.earliest_in(*bucket, minute) {
+                        next = earliest(next, due);
+                    }
+                }
             }
-            if let Some(state) = self.limit_allows(&trigger, &user, now, group)? {
-                fired += self.fire(&timer.event, vec![(trigger, state)], group, now);
+            // Every timer due in a past minute has been taken: its set is done.
+            if minute < this_minute {
+                group.timers.retire(minute, part);
             }
         }
-        let next = if due.len() == MAX {
-            Some(now)
-        } else {
-            // The first timer after those just fired (their removal is not applied yet).
-            self.store
-                .due_timers(Timestamp::from_nanos(i128::MAX), due.len() + 1)?
-                .get(due.len())
-                .and_then(|(k, _)| crate::store::timer_key_parts(k).map(|(due, _, _)| due))
-        };
-        if fired > 0 || !due.is_empty() {
-            tracing::debug!(due = due.len(), fired, "timers fired");
+        if let Some(m) = self.store.next_due_minute(Some(this_minute))? {
+            next = earliest(next, Timestamp::from_nanos(m as i128 * 60_000_000_000));
+        }
+        if taken > 0 {
+            tracing::debug!(taken, fired, "timers fired");
         }
         self.clock.set_next(next);
         Ok(())
@@ -1514,13 +1515,9 @@ impl Writer {
         for trigger_id in self.triggers.keys() {
             group.batch.remove_firing_state(trigger_id, user);
         }
-        // Pending timers of every trigger that may have armed one: current triggers (timed or
-        // not any more) and deleted ones (their timers wait to be dropped when due).
-        for trigger_id in self.triggers.keys().chain(self.retired.iter()) {
-            if let Some(p) = self.store.pending_timer(trigger_id, user)? {
-                group.batch.remove_timer(trigger_id, user, p.due);
-            }
-        }
+        // Every pending timer of the user, whatever the trigger (deleted ones included).
+        group.timers.load(&self.store, timers::bucket_of(user))?;
+        group.timers.remove_user(user);
         for item in self.store.user_actions(user) {
             let (index_key, mut action) = item?;
             action.user_id.clear();

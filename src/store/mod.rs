@@ -28,9 +28,8 @@
 //! | `W`    | `W` user_id                                      | empty: a user with events   |
 //! | `Y`    | `Y` name 0x00 first user_id                      | a chunk of [`columns::RollupEntry`]s (4096 users) |
 //! | `X`    | `X` name                                         | postcard [`columns::RollupMeta`] |
-//! | `Q`    | `Q` due(12) trigger_id 0x00 user_id              | postcard [`Timer`]: pending timers by due time |
-//! | `P`    | `P` trigger_id 0x00 user_id                      | due(12) + armed event's occurred_at(12): the pending timer of a (trigger, user) |
-//! | `Z`    | `Z` trigger_id                                   | empty: a deleted trigger (erasure still looks for its timers) |
+//! | `P`    | `P` bucket(2)                                    | postcard list of [`crate::model::Timer`]s: the pending timers of users hashing there ([`timers`]) |
+//! | `Q`    | `Q` minute(8) part(1)                            | buckets with a timer due in that minute ([`timers`]) |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -50,13 +49,14 @@
 //! rollup of every user's all-history aggregates (`Y`, `X`).
 
 pub mod columns;
+pub mod timers;
 
 use std::ops::Bound;
 use std::path::Path;
 
 use crate::model::{
-    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, PendingTimer, Timer, Timestamp,
-    Trigger, TriggerV1, UserNameAggregate,
+    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Timestamp, Trigger, TriggerV1,
+    UserNameAggregate,
 };
 
 const TIMELINE: u8 = b'T';
@@ -71,9 +71,6 @@ const TRIGGER_ACTION: u8 = b'V';
 const FIRING: u8 = b'L';
 const CONSUMER: u8 = b'C';
 const EPOCH: u8 = b'E';
-const TIMER: u8 = b'Q';
-const PENDING: u8 = b'P';
-const RETIRED: u8 = b'Z';
 const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 
@@ -118,9 +115,6 @@ pub struct LoadedState {
     pub event_names: Vec<(String, EventNameStats)>,
 }
 
-/// A due timer's key and record (or why the record does not decode).
-pub type DueTimer = (sled::IVec, Result<Timer, StoreError>);
-
 /// A position in a user's timeline: an event's `occurred_at` and `sequence`.
 pub type TimelinePos = (Timestamp, u64);
 
@@ -154,33 +148,6 @@ fn named_key(user_id: &str, name: &str, pos: TimelinePos) -> Vec<u8> {
     k.extend_from_slice(&encode_ts(pos.0));
     k.extend_from_slice(&pos.1.to_be_bytes());
     k
-}
-
-fn timer_key(due: Timestamp, trigger_id: &str, user_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(14 + trigger_id.len() + user_id.len());
-    k.push(TIMER);
-    k.extend_from_slice(&encode_ts(due));
-    k.extend_from_slice(trigger_id.as_bytes());
-    k.push(0);
-    k.extend_from_slice(user_id.as_bytes());
-    k
-}
-
-/// The due time, trigger id and user id of a timer key.
-pub fn timer_key_parts(key: &[u8]) -> Option<(Timestamp, String, String)> {
-    let ts = key.get(1..13)?;
-    let rest = key.get(13..)?;
-    let split = rest.iter().position(|b| *b == 0)?;
-    let due = decode_ts_only(key, ts).ok()?;
-    let trigger = String::from_utf8_lossy(&rest[..split]).into_owned();
-    let user = String::from_utf8_lossy(&rest[split + 1..]).into_owned();
-    Some((due, trigger, user))
-}
-
-fn decode_ts_only(key: &[u8], bytes: &[u8]) -> Result<Timestamp, StoreError> {
-    let mut padded = bytes.to_vec();
-    padded.extend_from_slice(&[0u8; 8]);
-    Ok(decode_ts(key, &padded)?.0)
 }
 
 fn action_key(seq: u64) -> [u8; 9] {
@@ -399,32 +366,6 @@ impl WriteBatch {
         self.writes += 1;
     }
 
-    /// Arms a timer (and its (trigger, user) index entry).
-    pub fn put_timer(&mut self, timer: &Timer) {
-        let user = &timer.event.user_id;
-        self.batch
-            .insert(timer_key(timer.due, &timer.trigger_id, user), encode(timer));
-        let mut pending = encode_ts(timer.due).to_vec();
-        pending.extend_from_slice(&encode_ts(timer.event.occurred_at));
-        pending.extend_from_slice(&encode_ts(timer.generation));
-        self.batch.insert(pair(PENDING, &timer.trigger_id, user), pending);
-        self.writes += 2;
-    }
-
-    /// Remembers a deleted trigger id (its pending timers are dropped when due, and until then
-    /// erasure must still find them).
-    pub fn put_retired_trigger(&mut self, trigger_id: &str) {
-        self.batch.insert(prefixed(RETIRED, trigger_id), &[][..]);
-        self.writes += 1;
-    }
-
-    /// Removes a timer and its index entry.
-    pub fn remove_timer(&mut self, trigger_id: &str, user_id: &str, due: Timestamp) {
-        self.batch.remove(timer_key(due, trigger_id, user_id));
-        self.batch.remove(pair(PENDING, trigger_id, user_id));
-        self.writes += 2;
-    }
-
     /// True when nothing was added.
     pub fn is_empty(&self) -> bool {
         self.writes == 0
@@ -538,76 +479,6 @@ impl Store {
     /// time per group (see NOTES: concurrent `flush_async` deadlocks in sled 0.34.7).
     pub fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush()?)
-    }
-
-    /// The pending timer of (trigger, user), from the index.
-    pub fn pending_timer(&self, trigger_id: &str, user_id: &str) -> Result<Option<PendingTimer>, StoreError> {
-        let key = pair(PENDING, trigger_id, user_id);
-        let Some(v) = self.tree.get(&key)? else {
-            return Ok(None);
-        };
-        if v.len() != 36 {
-            return Err(StoreError::Corrupt {
-                key,
-                reason: "expected three timestamps".into(),
-            });
-        }
-        Ok(Some(PendingTimer {
-            due: decode_ts_only(&key, &v[..12])?,
-            armed_at: decode_ts_only(&key, &v[12..24])?,
-            generation: decode_ts_only(&key, &v[24..])?,
-        }))
-    }
-
-    /// Up to `limit` timers due at or before `upto`, earliest first, each with its key; a
-    /// record that does not decode comes as its key and the error (the caller removes it rather
-    /// than let it block every later timer).
-    pub fn due_timers(&self, upto: Timestamp, limit: usize) -> Result<Vec<DueTimer>, StoreError> {
-        let mut end = vec![TIMER];
-        end.extend_from_slice(&encode_ts(upto));
-        end.push(0xff);
-        let mut out = Vec::new();
-        for kv in self.tree.range(vec![TIMER]..end).take(limit) {
-            let (k, v) = kv?;
-            let timer = decode(&k, &v);
-            out.push((k, timer));
-        }
-        Ok(out)
-    }
-
-    /// The timer record of (trigger, user) due at `due`.
-    pub fn timer_record(
-        &self,
-        due: Timestamp,
-        trigger_id: &str,
-        user_id: &str,
-    ) -> Result<Option<Timer>, StoreError> {
-        let key = timer_key(due, trigger_id, user_id);
-        self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
-    }
-
-    /// Trigger ids that were deleted (their timers may still be pending until due).
-    pub fn retired_triggers(&self) -> Result<Vec<String>, StoreError> {
-        self.tree
-            .scan_prefix([RETIRED])
-            .keys()
-            .map(|k| Ok(String::from_utf8_lossy(&k?[1..]).into_owned()))
-            .collect()
-    }
-
-    /// When the earliest pending timer is due.
-    pub fn next_timer_due(&self) -> Result<Option<Timestamp>, StoreError> {
-        match self.tree.scan_prefix([TIMER]).next() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                let ts = k.get(1..13).ok_or_else(|| StoreError::Corrupt {
-                    key: k.to_vec(),
-                    reason: "timer key too short".into(),
-                })?;
-                Ok(Some(decode_ts_only(&k, ts)?))
-            }
-            None => Ok(None),
-        }
     }
 
     /// The names of the events a user has: one seek per name over the user's event keys, which
