@@ -1,6 +1,6 @@
 //! The timer clock: wakes the writer when the earliest pending timer falls due.
 //!
-//! Pending timers live in sled (`store`: `Q` keys by due time, `P` keys by trigger and user);
+//! Pending timers live in sled (`store::timers`: per-user-bucket lists and per-minute due sets);
 //! memory holds only the earliest due time. One thread sleeps until that moment (or until the
 //! writer arms an earlier timer, which wakes it), then hands the writer a job that fires every
 //! due timer: no polling. The writer owns every timer write, so arming, cancelling and firing
