@@ -290,6 +290,10 @@ impl Ingest {
             unless_by_name: HashMap::new(),
             clock: Arc::new(TimerClock::default()),
         };
+        let unpacked = store.drop_unpacked_timers()?;
+        if unpacked > 0 {
+            tracing::warn!(keys = unpacked, "dropped timer keys of a pre-release layout");
+        }
         let clock = writer.clock.clone();
         // A timer that fell due while the server was down fires at once.
         clock.set_next(

@@ -53,6 +53,27 @@ fn due_key_parts(key: &[u8]) -> Option<(i64, u8)> {
 }
 
 impl Store {
+    /// Removes timer keys written by pre-release builds of the timers (two keys per timer: `Q`
+    /// keys longer than this layout's, `P` keys other than buckets, and `Z` keys): they would
+    /// never fire and would hold user data that erasure does not look for. Answers how many.
+    pub fn drop_unpacked_timers(&self) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut dropped = 0;
+        for (prefix, keep_len) in [(DUE, 10), (BUCKET, 3), (b'Z', usize::MAX)] {
+            for k in self.tree.scan_prefix([prefix]).keys() {
+                let k = k?;
+                if k.len() != keep_len {
+                    batch.remove(k);
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(dropped)
+    }
+
     /// The pending timers of a bucket.
     pub fn timer_bucket(&self, bucket: u16) -> Result<Vec<Timer>, StoreError> {
         let key = bucket_key(bucket);
@@ -73,7 +94,12 @@ impl Store {
                 key: k.to_vec(),
                 reason: "short due key".into(),
             })?;
-            out.push((minute, part, decode(&k, &v)?));
+            // A set that does not decode is read as empty: retired when its minute is past.
+            let buckets = decode(&k, &v).unwrap_or_else(|e| {
+                tracing::error!(error = %e, minute, "dropping a due set that does not decode");
+                Vec::new()
+            });
+            out.push((minute, part, buckets));
         }
         Ok(out)
     }
@@ -108,7 +134,18 @@ impl TimerOverlay {
     /// Reads a bucket into the overlay (once per group); every change needs it loaded.
     pub fn load(&mut self, store: &Store, bucket: u16) -> Result<(), StoreError> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.buckets.entry(bucket) {
-            slot.insert(store.timer_bucket(bucket)?);
+            match store.timer_bucket(bucket) {
+                Ok(timers) => {
+                    slot.insert(timers);
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    // One bad record must not hold every later timer back: it is dropped.
+                    tracing::error!(error = %e, bucket, "dropping a timer bucket that does not decode");
+                    slot.insert(Vec::new());
+                    self.changed.insert(bucket);
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
@@ -128,9 +165,11 @@ impl TimerOverlay {
         }
     }
 
+    /// A loaded bucket, marked changed (`None`, and nothing marked, when it was not loaded).
     fn bucket_mut(&mut self, bucket: u16) -> Option<&mut Vec<Timer>> {
+        let timers = self.buckets.get_mut(&bucket)?;
         self.changed.insert(bucket);
-        self.buckets.get_mut(&bucket)
+        Some(timers)
     }
 
     /// Removes the timer of (trigger, user) (its bucket must be loaded).
@@ -230,5 +269,65 @@ impl TimerOverlay {
             batch.put_raw(key.to_vec(), encode(&list));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let opts = StoreOptions {
+            cache_capacity: 16 << 20,
+            flush_every_ms: 500,
+        };
+        let store = Store::open(dir.path(), &opts).expect("open");
+        (dir, store)
+    }
+
+    #[test]
+    fn a_bucket_that_does_not_decode_is_dropped_not_fatal() {
+        let (_dir, store) = temp_store();
+        let bucket = bucket_of("ann");
+        let mut batch = WriteBatch::default();
+        batch.put_raw(bucket_key(bucket).to_vec(), vec![0xff, 0xff, 0xff]);
+        batch.put_raw(due_key(5, 0).to_vec(), vec![0xff]);
+        store.apply(batch).expect("apply");
+        let mut overlay = TimerOverlay::default();
+        overlay
+            .load(&store, bucket)
+            .expect("a corrupt bucket loads as empty");
+        assert_eq!(overlay.get(&store, "t", "ann").expect("get"), None);
+        assert_eq!(store.due_sets(10).expect("sets"), vec![(5, 0, vec![])]);
+        let mut batch = WriteBatch::default();
+        overlay.write(&store, &mut batch).expect("write");
+        store.apply(batch).expect("apply");
+        assert_eq!(store.timer_bucket(bucket).expect("read"), Vec::<Timer>::new());
+        assert!(
+            store.tree.get(bucket_key(bucket)).expect("get").is_none(),
+            "rewritten away"
+        );
+    }
+
+    #[test]
+    fn keys_of_the_unpacked_layout_are_dropped_and_buckets_kept() {
+        let (_dir, store) = temp_store();
+        let mut batch = WriteBatch::default();
+        batch.put_raw(b"Q0123456789abtrigger\0ann".to_vec(), b"old timer ann".to_vec());
+        batch.put_raw(b"Ptrigger\0ann".to_vec(), b"old index".to_vec());
+        batch.put_raw(b"Ztrigger".to_vec(), Vec::new());
+        batch.put_raw(bucket_key(7).to_vec(), encode(&Vec::<Timer>::new()));
+        batch.put_raw(due_key(9, 1).to_vec(), encode(&vec![7u16]));
+        store.apply(batch).expect("apply");
+        assert_eq!(store.drop_unpacked_timers().expect("drop"), 3);
+        let left: Vec<Vec<u8>> = store
+            .tree
+            .iter()
+            .keys()
+            .map(|k| k.expect("key").to_vec())
+            .collect();
+        assert_eq!(left, vec![bucket_key(7).to_vec(), due_key(9, 1).to_vec()]);
     }
 }
