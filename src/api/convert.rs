@@ -228,6 +228,25 @@ fn to_proto_aggregate(a: Option<Aggregate>) -> i32 {
     }) as i32
 }
 
+/// Converts a wire condition at `field` and validates it for `place` against the schema the
+/// engine knows: the submitted form (to answer reads) and the validated one (to evaluate).
+pub fn validated_condition(
+    ingest: &crate::ingest::Ingest,
+    field: &str,
+    c: &proto::Condition,
+    place: crate::condition::Place,
+) -> Result<(RawCondition, crate::condition::Condition), Error> {
+    let raw = raw_condition(field, c)?;
+    let valid = crate::condition::validate(
+        &raw,
+        field,
+        place,
+        &|name| ingest.attribute_type(name),
+        ingest.limits().max_attribute_name_chars,
+    )?;
+    Ok((raw, valid))
+}
+
 /// A wire condition as submitted (validation is the domain's: `condition::validate`).
 pub fn raw_condition(field: &str, c: &proto::Condition) -> Result<RawCondition, Error> {
     use proto::condition::Kind;

@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::api::{blocking, convert, page_size, PageToken};
-use crate::condition::{self, Aggregate, Place};
+use crate::condition::{Aggregate, Place};
 use crate::error::{invalid, Error};
 use crate::ingest::Ingest;
 use crate::model::{AttributeType, Timestamp};
@@ -147,15 +147,7 @@ impl QueryService for QueryApi {
     ) -> Result<Response<proto::FilterUsersResponse>, Status> {
         let r = request.into_inner();
         let filter = r.filter.ok_or_else(|| invalid("filter: required"))?;
-        let raw = convert::raw_condition("filter", &filter)?;
-        let ingest = &self.ingest;
-        let valid = condition::validate(
-            &raw,
-            "filter",
-            Place::Filter,
-            &|name| ingest.attribute_type(name),
-            ingest.limits().max_attribute_name_chars,
-        )?;
+        let (raw, valid) = convert::validated_condition(&self.ingest, "filter", &filter, Place::Filter)?;
         let requested_as_of = convert::opt_timestamp("as_of", &r.as_of)?;
         // A token continues the listing of exactly this filter and as_of.
         let scope = format!("{raw:?}|{requested_as_of:?}");

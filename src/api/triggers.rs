@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use crate::api::{convert, page_size, PageToken};
-use crate::condition::{self, Place};
+use crate::condition::Place;
 use crate::error::{invalid, Error};
 use crate::ingest::Ingest;
 use crate::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
@@ -53,16 +53,8 @@ impl TriggerApi {
             .map_err(|e| invalid(format!("{f}.action.payload_template: does not parse: {e}")))?;
         let (raw_condition, condition) = match &t.condition {
             Some(c) => {
-                let field = format!("{f}.condition");
-                let raw = convert::raw_condition(&field, c)?;
-                let ingest = &self.ingest;
-                let valid = condition::validate(
-                    &raw,
-                    &field,
-                    Place::Trigger,
-                    &|name| ingest.attribute_type(name),
-                    ingest.limits().max_attribute_name_chars,
-                )?;
+                let (raw, valid) =
+                    convert::validated_condition(&self.ingest, &format!("{f}.condition"), c, Place::Trigger)?;
                 (Some(raw), Some(valid))
             }
             None => (None, None),
@@ -114,16 +106,8 @@ impl TriggerApi {
         let within_nanos = convert::positive_duration(&format!("{f}.within"), within)?;
         let (raw_condition, condition) = match &u.condition {
             Some(c) => {
-                let field = format!("{f}.condition");
-                let raw = convert::raw_condition(&field, c)?;
-                let ingest = &self.ingest;
-                let valid = condition::validate(
-                    &raw,
-                    &field,
-                    Place::Where,
-                    &|name| ingest.attribute_type(name),
-                    ingest.limits().max_attribute_name_chars,
-                )?;
+                let (raw, valid) =
+                    convert::validated_condition(&self.ingest, &format!("{f}.condition"), c, Place::Where)?;
                 (Some(raw), Some(valid))
             }
             None => (None, None),
