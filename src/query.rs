@@ -722,7 +722,7 @@ mod tests {
             let (store, applied, done) = (store.clone(), applied.clone(), done.clone());
             std::thread::spawn(move || {
                 let mut columns = Columns::default();
-                for i in 1..=6000u64 {
+                for i in 1..=15000u64 {
                     let mut writes = ColumnWrites::default();
                     writes.add(&Event {
                         event_id: format!("e{i}"),
