@@ -16,8 +16,9 @@
 //! with each other as long as no event inside the windows arrives in between.
 //!
 //! **What statistics cost.** COUNT, SUM, MIN, MAX and AVG read the maintained per-hour summaries
-//! of whole hours, per-minute summaries of whole minutes at the range's ends, and the records
-//! of at most two partial minutes: a 24-hour hourly chart reads about 24 to 140 small keys.
+//! of whole hours, per-minute summaries of whole minutes at the range's ends, and for at most
+//! two partial minutes the blocks of their hours, decoding only the blocks that overlap them: a
+//! 24-hour hourly chart reads 24 to about 140 summaries (23 hours and up to 2 × 59 minutes).
 //! DISTINCT_USERS cannot be summed across buckets, so it reads the name's records in the range.
 
 use std::collections::{BTreeSet, HashSet};

@@ -66,8 +66,9 @@ impl TimerClock {
                 return;
             }
             let Some(due) = s.next_due else {
-                s = match self.wake.wait_timeout(s, MAX_SLEEP) {
-                    Ok((s, _)) => s,
+                // Nothing pending: sleep until a timer is armed (or the clock stops).
+                s = match self.wake.wait(s) {
+                    Ok(s) => s,
                     Err(_) => return,
                 };
                 continue;
