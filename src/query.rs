@@ -581,18 +581,7 @@ mod tests {
     use crate::condition::Operator;
     use crate::model::Event;
     use crate::store::columns::{ColumnWrites, Columns};
-    use crate::store::{StoreOptions, WriteBatch};
-
-    /// A store in a temporary directory (kept alive by the returned guard).
-    fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let opts = StoreOptions {
-            cache_capacity: 64 << 20,
-            flush_every_ms: 500,
-        };
-        let store = Store::open(dir.path(), &opts).expect("open");
-        (dir, store)
-    }
+    use crate::store::{temp_store, WriteBatch};
 
     fn event(i: u64, user: u64, secs: i64, amount: Option<f64>) -> Event {
         let mut attributes = BTreeMap::new();

@@ -794,3 +794,15 @@ pub enum ActionOwner<'a> {
     User(&'a str),
     Trigger(&'a str),
 }
+
+/// A store in a temporary directory, for unit tests (the guard keeps the directory).
+#[cfg(test)]
+pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let opts = StoreOptions {
+        cache_capacity: 64 << 20,
+        flush_every_ms: 500,
+    };
+    let store = Store::open(dir.path(), &opts).expect("open");
+    (dir, store)
+}

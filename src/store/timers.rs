@@ -275,17 +275,7 @@ impl TimerOverlay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
-
-    fn temp_store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let opts = StoreOptions {
-            cache_capacity: 16 << 20,
-            flush_every_ms: 500,
-        };
-        let store = Store::open(dir.path(), &opts).expect("open");
-        (dir, store)
-    }
+    use crate::store::temp_store;
 
     #[test]
     fn a_bucket_that_does_not_decode_is_dropped_not_fatal() {
