@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::ingest::Limits;
+use crate::domain::rules::Limits;
 use crate::store::StoreOptions;
 
 /// engage: user events and event-triggered automations over gRPC.
@@ -105,8 +105,8 @@ impl ServeArgs {
     }
 
     /// The action delivery options.
-    pub fn delivery(&self) -> crate::actions::DeliveryOptions {
-        crate::actions::DeliveryOptions {
+    pub fn delivery(&self) -> crate::read::actions::DeliveryOptions {
+        crate::read::actions::DeliveryOptions {
             max_subscribers: self.max_subscribers,
             retention_secs: self.action_retention_secs,
         }

@@ -1,29 +1,44 @@
 //! engage: a gRPC service for user events and event-triggered automations.
 //!
-//! Layers: `proto` (generated from `proto/engage/v1`) → `api` (one file per service: convert,
-//! validate, call the domain, map errors) → domain modules (`schema`, `ingest`, `timeline`) that
-//! know nothing of tonic → `store`, the only code that knows sled and the key layouts.
+//! The crate is layered, and each layer uses only the ones before it (see `docs/architecture.md`):
+//!
+//! 1. [`error`]: the service's error type.
+//! 2. `domain`: types, typing, validation rules, the condition language, templates; no tokio,
+//!    sled or tonic.
+//! 3. `store`: the only code that knows sled and the key layouts.
+//! 4. `engine`: the write path (one writer thread, group commit, triggers, timers, erasure).
+//! 5. `read`: the read paths (timelines, segments, statistics, delivery of actions).
+//! 6. `api`: the gRPC handlers, thin: convert, check, call, map errors.
+//! 7. [`server`]: wires everything together and serves it; [`config`] holds its flags.
+//!
+//! The library exports what the binary, the tests and the benchmarks need, no more.
 
-pub mod actions;
-pub mod api;
-pub mod condition;
+mod api;
 pub mod config;
+mod domain;
+mod engine;
 pub mod error;
-pub mod ingest;
-pub mod model;
-pub mod query;
-pub mod schema;
+mod read;
 pub mod server;
-pub mod store;
-pub mod template;
-pub mod timeline;
-pub mod timers;
+mod store;
 
 /// Generated protobuf and gRPC code of `engage.v1`.
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs, unreachable_pub)]
 pub mod proto {
     tonic::include_proto!("engage.v1");
 
     /// The encoded descriptor set of every engage proto file (and its imports), for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/engage_descriptor.bin"));
+}
+
+/// The domain types clients of the library build and read (the benchmarks build stored
+/// events with them).
+pub mod model {
+    pub use crate::domain::model::{Event, Timestamp, Value};
+}
+
+/// engage's on-disk encoding of events, for the benchmarks' raw-sled baseline (which writes
+/// the same keys and values as engage, without engage).
+pub mod layout {
+    pub use crate::store::{encode_event, event_key};
 }

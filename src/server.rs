@@ -7,15 +7,15 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::actions::ActionLog;
 use crate::api::actions::ActionApi;
 use crate::api::events::EventApi;
 use crate::api::query::QueryApi;
 use crate::api::schema::SchemaApi;
 use crate::api::triggers::TriggerApi;
 use crate::config::ServeArgs;
-use crate::ingest::Ingest;
+use crate::engine::Ingest;
 use crate::proto;
+use crate::read::actions::ActionLog;
 use crate::store::Store;
 
 /// Any start-up or shutdown failure of the server.

@@ -47,7 +47,11 @@ async fn write_fixture(server: &TestServer) {
         &mut triggers,
         proto::Trigger {
             condition: Some(attr_cond("price", O::Gt, n(100.0))),
-            ..trigger("purchase", "email", "{{ user_id }} paid {{ event.attributes.price }}")
+            ..trigger(
+                "purchase",
+                "email",
+                "{{ user_id }} paid {{ event.attributes.price }}",
+            )
         },
     )
     .await
@@ -78,16 +82,21 @@ async fn write_fixture(server: &TestServer) {
     for u in 0..12i64 {
         let user = format!("user-{u:02}");
         let mut signup = event_at(&user, "signup", &format!("s-{u}"), BASE + u * 60);
-        signup.attributes.insert("plan".into(), s(if u % 2 == 0 { "free" } else { "pro" }));
+        signup
+            .attributes
+            .insert("plan".into(), s(if u % 2 == 0 { "free" } else { "pro" }));
         track(&mut events, signup).await.expect("signup");
         for k in 0..(u % 5) {
             let secs = BASE + 3600 * (k + 1) + u * 37;
             let mut e = event_at(&user, "event.purchase", &format!("p-{u}-{k}"), secs);
-            e.attributes.insert("price".into(), s(&format!("{}", 20 + 45 * k + u)));
-            e.attributes.insert("color".into(), s(["teal", "red", "blue"][(k % 3) as usize]));
+            e.attributes
+                .insert("price".into(), s(&format!("{}", 20 + 45 * k + u)));
+            e.attributes
+                .insert("color".into(), s(["teal", "red", "blue"][(k % 3) as usize]));
             e.attributes.insert("express".into(), b(k % 2 == 0));
             e.attributes.insert("delivery".into(), d(secs + 86_400));
-            e.attributes.insert("cart".into(), j(&format!("{{\"items\": {k}}}")));
+            e.attributes
+                .insert("cart".into(), j(&format!("{{\"items\": {k}}}")));
             track(&mut events, e).await.expect("purchase");
         }
     }
@@ -95,7 +104,11 @@ async fn write_fixture(server: &TestServer) {
     let batch: Vec<proto::Event> = (0..20)
         .map(|i| proto::Event {
             occurred_at: Some(ts(BASE + 7200 + i * 11)),
-            ..event(&format!("user-{:02}", i % 7), "page_viewed", &[("path", s(&format!("/p/{i}")))])
+            ..event(
+                &format!("user-{:02}", i % 7),
+                "page_viewed",
+                &[("path", s(&format!("/p/{i}")))],
+            )
         })
         .collect();
     events
@@ -140,9 +153,12 @@ async fn write_fixture(server: &TestServer) {
         .expect("erase");
     // Builds the rollup of purchase (the query asks for it; it is written by the writer).
     let mut q = QueryServiceClient::new(server.channel().await);
-    q.filter_users(filter(history_cond(history("purchase", A::Count, "", O::Gte, 1.0)), 100))
-        .await
-        .expect("filter");
+    q.filter_users(filter(
+        history_cond(history("purchase", A::Count, "", O::Gte, 1.0)),
+        100,
+    ))
+    .await
+    .expect("filter");
 }
 
 fn filter(c: proto::Condition, page_size: u32) -> proto::FilterUsersRequest {
@@ -275,7 +291,11 @@ async fn answers(server: &TestServer) -> Vec<String> {
         ]),
     ];
     for (i, f) in filters.into_iter().enumerate() {
-        let r = q.filter_users(filter(f, 1000)).await.expect("filter").into_inner();
+        let r = q
+            .filter_users(filter(f, 1000))
+            .await
+            .expect("filter")
+            .into_inner();
         writeln!(out, "filter {i}: {} {:?}", r.total_count, r.user_ids).ok();
     }
     for (aggregate, attribute, granularity) in [

@@ -340,17 +340,8 @@ fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64) ->
                     let t = Instant::now();
                     for _ in 0..per_call {
                         let e = stored_event(i, users);
-                        let mut key = Vec::with_capacity(64);
-                        // engage's event key: T user 0 name 0 time sequence.
-                        key.push(b'T');
-                        key.extend_from_slice(e.user_id.as_bytes());
-                        key.push(0);
-                        key.extend_from_slice(e.name.as_bytes());
-                        key.push(0);
-                        key.extend_from_slice(&e.occurred_at.secs.to_be_bytes());
-                        key.extend_from_slice(&e.occurred_at.nanos.to_be_bytes());
-                        key.extend_from_slice(&e.sequence.to_be_bytes());
-                        tree.insert(key, postcard::to_allocvec(&e).expect("encode"))
+                        // engage's own key and value encodings.
+                        tree.insert(engage::layout::event_key(&e), engage::layout::encode_event(&e))
                             .expect("insert");
                         i += 1;
                     }

@@ -6,17 +6,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::actions::{self, ActionLog, Filter, StartFrom};
-use crate::api::{convert, page_size, PageToken};
+use crate::api::{convert, PageToken};
+use crate::domain::rules::{self, page_size};
+use crate::engine::Ingest;
 use crate::error::invalid;
-use crate::ingest::{self, Ingest};
 use crate::proto;
 use crate::proto::action_service_server::ActionService;
+use crate::read::actions::{ActionLog, Filter, StartFrom};
 
 /// The ActionService handlers.
-pub struct ActionApi {
-    pub ingest: Ingest,
-    pub log: ActionLog,
+pub(crate) struct ActionApi {
+    pub(crate) ingest: Ingest,
+    pub(crate) log: ActionLog,
 }
 
 #[tonic::async_trait]
@@ -32,7 +33,7 @@ impl ActionService for ActionApi {
         let consumer = if r.consumer.is_empty() {
             None
         } else {
-            actions::check_consumer("consumer", &r.consumer)?;
+            rules::check_consumer("consumer", &r.consumer)?;
             Some(r.consumer)
         };
         let start = match proto::StartFrom::try_from(r.start) {
@@ -65,7 +66,7 @@ impl ActionService for ActionApi {
         if r.consumer.is_empty() {
             return Err(invalid("consumer: required").into());
         }
-        actions::check_consumer("consumer", &r.consumer)?;
+        rules::check_consumer("consumer", &r.consumer)?;
         let acked_sequence = self.ingest.ack(r.consumer, r.up_to_sequence).await?;
         Ok(Response::new(proto::AckActionsResponse { acked_sequence }))
     }
@@ -76,7 +77,7 @@ impl ActionService for ActionApi {
     ) -> Result<Response<proto::ListFiredActionsResponse>, Status> {
         let r = request.into_inner();
         if !r.user_id.is_empty() {
-            ingest::check_user_id("user_id", &r.user_id)?;
+            rules::check_user_id("user_id", &r.user_id)?;
         }
         let size = page_size(r.page_size, 50);
         let scope = format!("actions|{}|{}", r.user_id, r.trigger_id);

@@ -1,12 +1,12 @@
 //! Proto ⇄ domain conversions. Conversions from the wire validate shape (a oneof that must be
 //! set, a timestamp in range) and name the field at fault.
 
-use crate::condition::{Aggregate, Operator, RawCondition};
-use crate::error::{invalid, Error};
-use crate::model::{
+use crate::domain::condition::{Aggregate, Operator, RawCondition};
+use crate::domain::model::{
     AttributeDefinition, AttributeType, Event, EventNameStats, FiredAction, NewEvent, Timestamp, Trigger,
     Value,
 };
+use crate::error::{invalid, Error};
 use crate::proto;
 
 /// A wire timestamp as a domain one; `field` names it in errors.
@@ -231,13 +231,13 @@ fn to_proto_aggregate(a: Option<Aggregate>) -> i32 {
 /// Converts a wire condition at `field` and validates it for `place` against the schema the
 /// engine knows: the submitted form (to answer reads) and the validated one (to evaluate).
 pub fn validated_condition(
-    ingest: &crate::ingest::Ingest,
+    ingest: &crate::engine::Ingest,
     field: &str,
     c: &proto::Condition,
-    place: crate::condition::Place,
-) -> Result<(RawCondition, crate::condition::Condition), Error> {
+    place: crate::domain::condition::Place,
+) -> Result<(RawCondition, crate::domain::condition::Condition), Error> {
     let raw = raw_condition(field, c)?;
-    let valid = crate::condition::validate(
+    let valid = crate::domain::condition::validate(
         &raw,
         field,
         place,

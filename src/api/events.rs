@@ -1,28 +1,28 @@
-//! EventService: TrackEvent, TrackEvents, GetUserTimeline (DeleteUser comes with segments).
+//! EventService: TrackEvent, TrackEvents, GetUserTimeline, DeleteUser.
 
 use tonic::{Request, Response, Status};
 
 use crate::api::{blocking, convert};
+use crate::domain::model::Timestamp;
+use crate::domain::rules::{self, page_size, PreparedEvent};
+use crate::engine::Ingest;
 use crate::error::{invalid, Error};
-use crate::ingest::{self, Ingest};
-use crate::model::Timestamp;
 use crate::proto;
 use crate::proto::event_service_server::EventService;
-use crate::schema;
+use crate::read::timeline::{self, TimelineQuery};
 use crate::store::Store;
-use crate::timeline::{self, TimelineQuery};
 
 /// The EventService handlers.
-pub struct EventApi {
-    pub ingest: Ingest,
-    pub store: Store,
+pub(crate) struct EventApi {
+    pub(crate) ingest: Ingest,
+    pub(crate) store: Store,
 }
 
 impl EventApi {
     /// Converts and checks one wire event on the caller's task (off the writer thread).
-    fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<ingest::PreparedEvent, Error> {
+    fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<PreparedEvent, Error> {
         let event = convert::new_event(e)?;
-        ingest::prepare(event, self.ingest.limits(), now)
+        rules::prepare(event, self.ingest.limits(), now)
     }
 }
 
@@ -99,21 +99,14 @@ impl EventService for EventApi {
         request: Request<proto::GetUserTimelineRequest>,
     ) -> Result<Response<proto::GetUserTimelineResponse>, Status> {
         let r = request.into_inner();
-        ingest::check_user_id("user_id", &r.user_id)?;
-        let event_name = if r.event_name.is_empty() {
-            String::new()
-        } else {
-            schema::normalize_event_name("event_name", &r.event_name)?
-        };
+        rules::check_user_id("user_id", &r.user_id)?;
+        let event_name = rules::optional_event_name("event_name", &r.event_name)?;
         let query = TimelineQuery {
             user_id: r.user_id,
             event_name,
             from: convert::opt_timestamp("from", &r.from)?,
             to: convert::opt_timestamp("to", &r.to)?,
-            page_size: match r.page_size {
-                0 => timeline::DEFAULT_PAGE_SIZE,
-                n => (n as usize).min(timeline::MAX_PAGE_SIZE),
-            },
+            page_size: page_size(r.page_size, timeline::DEFAULT_PAGE_SIZE),
             page_token: r.page_token,
             oldest_first: r.oldest_first,
         };
@@ -130,7 +123,7 @@ impl EventService for EventApi {
         request: Request<proto::DeleteUserRequest>,
     ) -> Result<Response<proto::DeleteUserResponse>, Status> {
         let user_id = request.into_inner().user_id;
-        ingest::check_user_id("user_id", &user_id)?;
+        rules::check_user_id("user_id", &user_id)?;
         let events_deleted = self.ingest.delete_user(user_id).await?;
         Ok(Response::new(proto::DeleteUserResponse { events_deleted }))
     }

@@ -1,16 +1,17 @@
-//! The gRPC layer: one file per service. Handlers convert and validate, call the domain and map
-//! errors; they hold no business logic.
+//! The gRPC layer: one file per service. Handlers convert and check, call the engine or a
+//! read path, and map errors; they hold no business logic.
 
-pub mod actions;
-pub mod convert;
-pub mod events;
-pub mod query;
-pub mod schema;
-pub mod triggers;
+pub(crate) mod actions;
+pub(crate) mod convert;
+pub(crate) mod events;
+pub(crate) mod query;
+pub(crate) mod schema;
+pub(crate) mod triggers;
 
 use tonic::{Code, Status};
 
-use crate::error::Error;
+use crate::domain::bytes::{fnv1a, hex, unhex};
+use crate::error::{invalid, Error};
 
 /// The one mapping from domain errors to gRPC statuses. Internal details are logged, never sent.
 impl From<Error> for Status {
@@ -43,14 +44,6 @@ where
         .map_err(Status::from)
 }
 
-/// A requested page size: `default` for 0, at most 1000.
-pub(crate) fn page_size(requested: u32, default: usize) -> usize {
-    match requested {
-        0 => default,
-        n => (n as usize).min(1000),
-    }
-}
-
 /// Opaque page tokens for listings keyed by a string: the position, bound to the listing's
 /// `scope` (its filters) so that a token is refused by another listing.
 pub(crate) struct PageToken;
@@ -59,36 +52,24 @@ impl PageToken {
     pub(crate) fn encode(position: &str, scope: &str) -> String {
         let mut bytes = Vec::with_capacity(position.len() + 9);
         bytes.push(1u8);
-        bytes.extend_from_slice(&fnv(scope).to_be_bytes());
+        bytes.extend_from_slice(&fnv1a(scope.as_bytes()).to_be_bytes());
         bytes.extend_from_slice(position.as_bytes());
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&bytes)
     }
 
     pub(crate) fn decode(token: &str, scope: &str) -> Result<Option<String>, Error> {
         if token.is_empty() {
             return Ok(None);
         }
-        let bad = || crate::error::invalid("page_token: not a token this request issued");
-        if !token.len().is_multiple_of(2) || token.len() < 18 {
-            return Err(bad());
-        }
-        let bytes = (0..token.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(token.get(i..i + 2).ok_or_else(bad)?, 16).map_err(|_| bad()))
-            .collect::<Result<Vec<u8>, Error>>()?;
+        let bad = || invalid("page_token: not a token this request issued");
+        let bytes = unhex(token).filter(|b| b.len() >= 9).ok_or_else(bad)?;
         let mut scope_hash = [0u8; 8];
         scope_hash.copy_from_slice(&bytes[1..9]);
-        if bytes[0] != 1 || u64::from_be_bytes(scope_hash) != fnv(scope) {
+        if bytes[0] != 1 || u64::from_be_bytes(scope_hash) != fnv1a(scope.as_bytes()) {
             return Err(bad());
         }
         String::from_utf8(bytes[9..].to_vec())
             .map(Some)
             .map_err(|_| bad())
     }
-}
-
-fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
 }

@@ -1,77 +1,51 @@
-//! QueryService: FilterUsers and GetEventStats (the work is in [`crate::query`]).
+//! QueryService: FilterUsers and GetEventStats (the work is in `read::segments` and
+//! `read::stats`).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::api::{blocking, convert, page_size, PageToken};
-use crate::condition::{Aggregate, Place};
+use crate::api::{blocking, convert, PageToken};
+use crate::domain::condition::{Aggregate, Place};
+use crate::domain::model::Timestamp;
+use crate::domain::rules::{self, page_size};
+use crate::engine::Ingest;
 use crate::error::{invalid, Error};
-use crate::ingest::Ingest;
-use crate::model::{AttributeType, Timestamp};
 use crate::proto;
 use crate::proto::query_service_server::QueryService;
-use crate::query::{self, Granularity, StatsQuery, MAX_BUCKETS};
-use crate::schema;
+use crate::read::cache::{ResultCache, ResultKey};
+use crate::read::segments;
+use crate::read::stats::{self, Granularity, StatsQuery, MAX_BUCKETS};
 use crate::store::Store;
 
-/// FilterUsers' default page size (SPEC §3).
+/// FilterUsers' default page size.
 const DEFAULT_PAGE_SIZE: usize = 100;
 
-/// FilterUsers evaluations kept for the following pages, and for how long.
-const CACHED_RESULTS: usize = 8;
-const CACHE_FOR: Duration = Duration::from_secs(60);
 /// Queries evaluated at once; more wait their turn (each may use two threads).
 const CONCURRENT_QUERIES: usize = 4;
 
-/// A FilterUsers evaluation: its key (filter and as_of), when, and the matching users.
-type CachedResult = (String, Instant, Arc<Vec<String>>);
-
 /// The QueryService handlers.
-pub struct QueryApi {
+pub(crate) struct QueryApi {
     ingest: Ingest,
     store: Store,
-    /// Recent FilterUsers results by (filter, as_of): the pages after the first are served from
-    /// here instead of evaluating the filter again (as_of is pinned, so the answer is the same
-    /// but for events that arrived since with an earlier occurred_at). First pages are always
-    /// evaluated, and an erasure makes every cached result unusable.
-    results: Mutex<VecDeque<CachedResult>>,
+    results: ResultCache,
     permits: Arc<Semaphore>,
 }
 
 impl QueryApi {
-    pub fn new(ingest: Ingest, store: Store) -> Self {
+    pub(crate) fn new(ingest: Ingest, store: Store) -> Self {
         Self {
             ingest,
             store,
-            results: Mutex::new(VecDeque::new()),
+            results: ResultCache::default(),
             permits: Arc::new(Semaphore::new(CONCURRENT_QUERIES)),
         }
     }
 
-    fn cached(&self, key: &str) -> Option<Arc<Vec<String>>> {
-        let mut cache = self.results.lock().ok()?;
-        cache.retain(|(_, at, _)| at.elapsed() < CACHE_FOR);
-        cache
-            .iter()
-            .find(|(k, _, _)| k == key)
-            .map(|(_, _, users)| users.clone())
-    }
-
-    fn remember(&self, key: String, users: Arc<Vec<String>>) {
-        if let Ok(mut cache) = self.results.lock() {
-            if cache.len() >= CACHED_RESULTS {
-                cache.pop_front();
-            }
-            cache.push_back((key, Instant::now(), users));
-        }
-    }
-
     fn stats_query(&self, r: proto::GetEventStatsRequest) -> Result<StatsQuery, Error> {
-        let event_name = schema::normalize_event_name("event_name", &r.event_name)?;
+        let event_name = rules::normalize_event_name("event_name", &r.event_name)?;
         let from = convert::opt_timestamp("from", &r.from)?.ok_or_else(|| invalid("from: required"))?;
         let to = convert::opt_timestamp("to", &r.to)?.ok_or_else(|| invalid("to: required"))?;
         if from >= to {
@@ -88,7 +62,7 @@ impl QueryApi {
                 )))
             }
         };
-        let (_, buckets) = query::bucket_span(from, to, granularity);
+        let (_, buckets) = stats::bucket_span(from, to, granularity);
         if buckets > MAX_BUCKETS {
             return Err(invalid(format!(
                 "to: [from, to) spans {buckets} buckets of this granularity, at most {MAX_BUCKETS} allowed"
@@ -98,21 +72,13 @@ impl QueryApi {
         let attribute = match aggregate {
             Aggregate::Count | Aggregate::DistinctUsers => String::new(),
             Aggregate::Sum | Aggregate::Min | Aggregate::Max | Aggregate::Avg => {
-                schema::check_attribute_name(
-                    || "attribute".to_string(),
+                rules::check_number_attribute(
+                    "attribute",
+                    aggregate,
                     &r.attribute,
+                    &|name| self.ingest.attribute_type(name),
                     self.ingest.limits().max_attribute_name_chars,
                 )?;
-                if let Some(t) = self
-                    .ingest
-                    .attribute_type(&r.attribute)
-                    .filter(|t| *t != AttributeType::Number)
-                {
-                    return Err(invalid(format!(
-                        "attribute: {aggregate} needs a NUMBER attribute, {:?} is {t}",
-                        r.attribute
-                    )));
-                }
                 r.attribute
             }
         };
@@ -159,10 +125,13 @@ impl QueryService for QueryApi {
             None => (requested_as_of.unwrap_or_else(Timestamp::now), None),
         };
         let size = page_size(r.page_size, DEFAULT_PAGE_SIZE);
-        // Erasures change the key: an erased user never comes back from the cache.
-        let key = format!("{scope}|{}|{}", as_of.as_nanos(), self.ingest.erasures());
+        let key = ResultKey {
+            scope: scope.clone(),
+            as_of_nanos: as_of.as_nanos(),
+            erasures: self.ingest.erasures(),
+        };
         // Only a continuation reuses an evaluation; a first page is always evaluated afresh.
-        let cached = after.as_ref().and_then(|_| self.cached(&key));
+        let cached = after.as_ref().and_then(|_| self.results.get(&key));
         let users = match cached {
             Some(users) => users,
             None => {
@@ -174,8 +143,8 @@ impl QueryService for QueryApi {
                     .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
                 let store = self.store.clone();
                 let (users, stale) = blocking(move || {
-                    let mut stale = std::collections::BTreeSet::new();
-                    let users = query::filter_users(&store, &valid, as_of, &mut stale)?;
+                    let mut stale = BTreeSet::new();
+                    let users = segments::filter_users(&store, &valid, as_of, &mut stale)?;
                     Ok((users, stale))
                 })
                 .await?;
@@ -183,7 +152,7 @@ impl QueryService for QueryApi {
                     self.ingest.request_rollup(name);
                 }
                 let users = Arc::new(users);
-                self.remember(key, users.clone());
+                self.results.put(key, users.clone());
                 users
             }
         };
@@ -214,7 +183,7 @@ impl QueryService for QueryApi {
             .await
             .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
         let store = self.store.clone();
-        let stats = blocking(move || query::event_stats(&store, &q)).await?;
+        let stats = blocking(move || stats::event_stats(&store, &q)).await?;
         Ok(Response::new(proto::GetEventStatsResponse {
             buckets: stats
                 .buckets

@@ -3,18 +3,14 @@
 use tonic::{Request, Response, Status};
 
 use crate::api::convert;
-use crate::error::invalid;
-use crate::ingest::Ingest;
+use crate::domain::rules;
+use crate::engine::Ingest;
 use crate::proto;
 use crate::proto::schema_service_server::SchemaService;
-use crate::schema;
-
-/// Longest attribute description, in characters.
-const MAX_DESCRIPTION_CHARS: usize = 1024;
 
 /// The SchemaService handlers.
-pub struct SchemaApi {
-    pub ingest: Ingest,
+pub(crate) struct SchemaApi {
+    pub(crate) ingest: Ingest,
 }
 
 #[tonic::async_trait]
@@ -24,19 +20,13 @@ impl SchemaService for SchemaApi {
         request: Request<proto::DefineAttributeRequest>,
     ) -> Result<Response<proto::AttributeDefinition>, Status> {
         let r = request.into_inner();
-        schema::check_attribute_name(
+        rules::check_attribute_name(
             || "name".into(),
             &r.name,
             self.ingest.limits().max_attribute_name_chars,
         )?;
         let attribute_type = convert::attribute_type("type", r.r#type)?;
-        let chars = r.description.chars().count();
-        if chars > MAX_DESCRIPTION_CHARS {
-            return Err(invalid(format!(
-                "description: {chars} characters, at most {MAX_DESCRIPTION_CHARS} allowed"
-            ))
-            .into());
-        }
+        rules::check_description("description", &r.description)?;
         let def = self
             .ingest
             .define_attribute(r.name, attribute_type, r.description)

@@ -2,55 +2,27 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, page_size, PageToken};
-use crate::condition::Place;
+use crate::api::{convert, PageToken};
+use crate::domain::condition::Place;
+use crate::domain::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
+use crate::domain::rules::{self, page_size};
+use crate::engine::Ingest;
 use crate::error::{invalid, Error};
-use crate::ingest::Ingest;
-use crate::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
 use crate::proto;
 use crate::proto::trigger_service_server::TriggerService;
-use crate::schema;
-use crate::template;
-
-/// Longest trigger name and action type, in characters; largest payload template, in bytes.
-const MAX_NAME_CHARS: usize = 256;
-const MAX_TYPE_CHARS: usize = 128;
-const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
 
 /// The TriggerService handlers.
-pub struct TriggerApi {
-    pub ingest: Ingest,
+pub(crate) struct TriggerApi {
+    pub(crate) ingest: Ingest,
 }
 
 impl TriggerApi {
-    /// Validates a submitted trigger (SPEC §3) into its stored form; `field` is `trigger`.
+    /// Validates a submitted trigger into its stored form; `field` is `trigger`.
     fn validate(&self, t: proto::Trigger) -> Result<Trigger, Error> {
         let f = "trigger";
-        let name_chars = t.name.chars().count();
-        if name_chars > MAX_NAME_CHARS {
-            return Err(invalid(format!(
-                "{f}.name: {name_chars} characters, at most {MAX_NAME_CHARS} allowed"
-            )));
-        }
-        let event_name = schema::normalize_event_name(&format!("{f}.event_name"), &t.event_name)?;
+        let event_name = rules::normalize_event_name(&format!("{f}.event_name"), &t.event_name)?;
         let action = t.action.ok_or_else(|| invalid(format!("{f}.action: required")))?;
-        let type_chars = action.r#type.chars().count();
-        if type_chars == 0 {
-            return Err(invalid(format!("{f}.action.type: must not be empty")));
-        }
-        if type_chars > MAX_TYPE_CHARS {
-            return Err(invalid(format!(
-                "{f}.action.type: {type_chars} characters, at most {MAX_TYPE_CHARS} allowed"
-            )));
-        }
-        if action.payload_template.len() > MAX_TEMPLATE_BYTES {
-            return Err(invalid(format!(
-                "{f}.action.payload_template: {} bytes, at most {MAX_TEMPLATE_BYTES} allowed",
-                action.payload_template.len()
-            )));
-        }
-        template::check(&action.payload_template)
-            .map_err(|e| invalid(format!("{f}.action.payload_template: does not parse: {e}")))?;
+        rules::check_trigger_fields(f, &t.name, &action.r#type, &action.payload_template)?;
         let (raw_condition, condition) = match &t.condition {
             Some(c) => {
                 let (raw, valid) =
@@ -98,7 +70,7 @@ impl TriggerApi {
     /// (attribute conditions on the cancelling event, combined with all/any/not) and the window.
     fn absence_check(&self, u: &proto::AbsenceCheck) -> Result<AbsenceCheck, Error> {
         let f = "trigger.unless";
-        let event_name = schema::normalize_event_name(&format!("{f}.event_name"), &u.event_name)?;
+        let event_name = rules::normalize_event_name(&format!("{f}.event_name"), &u.event_name)?;
         let within = u
             .within
             .as_ref()
@@ -157,11 +129,7 @@ impl TriggerService for TriggerApi {
         request: Request<proto::ListTriggersRequest>,
     ) -> Result<Response<proto::ListTriggersResponse>, Status> {
         let r = request.into_inner();
-        let event_name = if r.event_name.is_empty() {
-            String::new()
-        } else {
-            schema::normalize_event_name("event_name", &r.event_name)?
-        };
+        let event_name = rules::optional_event_name("event_name", &r.event_name)?;
         let size = page_size(r.page_size, 50);
         let scope = format!("triggers|{event_name}");
         let after = PageToken::decode(&r.page_token, &scope)?;

@@ -15,17 +15,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::{decode, encode, Store, StoreError, WriteBatch};
-use crate::model::{Timer, Timestamp};
+use super::codec::{decode, encode};
+use super::keys::{due_key, due_key_parts, timer_bucket_key, DUE};
+use super::{Store, StoreError, WriteBatch};
+use crate::domain::bytes::fnv1a;
+use crate::domain::model::{Timer, Timestamp};
 
-const BUCKET: u8 = b'P';
-const DUE: u8 = b'Q';
-
-/// The bucket of a user's timers (FNV-1a of the user id, 16 bits).
-pub fn bucket_of(user_id: &str) -> u16 {
-    let h = user_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
+/// The bucket of a user's timers (FNV-1a of the user id, folded to 16 bits).
+pub fn user_bucket(user_id: &str) -> u16 {
+    let h = fnv1a(user_id.as_bytes());
     (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
 }
 
@@ -34,49 +32,10 @@ pub fn minute_of(at: Timestamp) -> i64 {
     at.secs.div_euclid(60)
 }
 
-fn bucket_key(bucket: u16) -> [u8; 3] {
-    let b = bucket.to_be_bytes();
-    [BUCKET, b[0], b[1]]
-}
-
-fn due_key(minute: i64, part: u8) -> [u8; 10] {
-    let mut k = [0u8; 10];
-    k[0] = DUE;
-    k[1..9].copy_from_slice(&((minute as u64) ^ (1 << 63)).to_be_bytes());
-    k[9] = part;
-    k
-}
-
-fn due_key_parts(key: &[u8]) -> Option<(i64, u8)> {
-    let m: [u8; 8] = key.get(1..9)?.try_into().ok()?;
-    Some(((u64::from_be_bytes(m) ^ (1 << 63)) as i64, *key.get(9)?))
-}
-
 impl Store {
-    /// Removes timer keys written by pre-release builds of the timers (two keys per timer: `Q`
-    /// keys longer than this layout's, `P` keys other than buckets, and `Z` keys): they would
-    /// never fire and would hold user data that erasure does not look for. Answers how many.
-    pub fn drop_unpacked_timers(&self) -> Result<usize, StoreError> {
-        let mut batch = sled::Batch::default();
-        let mut dropped = 0;
-        for (prefix, keep_len) in [(DUE, 10), (BUCKET, 3), (b'Z', usize::MAX)] {
-            for k in self.tree.scan_prefix([prefix]).keys() {
-                let k = k?;
-                if k.len() != keep_len {
-                    batch.remove(k);
-                    dropped += 1;
-                }
-            }
-        }
-        if dropped > 0 {
-            self.tree.apply_batch(batch)?;
-        }
-        Ok(dropped)
-    }
-
     /// The pending timers of a bucket.
     pub fn timer_bucket(&self, bucket: u16) -> Result<Vec<Timer>, StoreError> {
-        let key = bucket_key(bucket);
+        let key = timer_bucket_key(bucket);
         match self.tree.get(key)? {
             Some(v) => decode(&key, &v),
             None => Ok(Vec::new()),
@@ -90,10 +49,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.tree.range(vec![DUE]..end.to_vec()) {
             let (k, v) = kv?;
-            let (minute, part) = due_key_parts(&k).ok_or_else(|| StoreError::Corrupt {
-                key: k.to_vec(),
-                reason: "short due key".into(),
-            })?;
+            let (minute, part) = due_key_parts(&k).ok_or_else(|| StoreError::corrupt(&k, "short due key"))?;
             // A set that does not decode is read as empty: retired when its minute is past.
             let buckets = decode(&k, &v).unwrap_or_else(|e| {
                 tracing::error!(error = %e, minute, "dropping a due set that does not decode");
@@ -152,7 +108,7 @@ impl TimerOverlay {
 
     /// The pending timer of (trigger, user), from the overlay or the store.
     pub fn get(&self, store: &Store, trigger_id: &str, user_id: &str) -> Result<Option<Timer>, StoreError> {
-        let bucket = bucket_of(user_id);
+        let bucket = user_bucket(user_id);
         let find = |timers: &[Timer]| {
             timers
                 .iter()
@@ -174,14 +130,14 @@ impl TimerOverlay {
 
     /// Removes the timer of (trigger, user) (its bucket must be loaded).
     pub fn remove(&mut self, trigger_id: &str, user_id: &str) {
-        if let Some(timers) = self.bucket_mut(bucket_of(user_id)) {
+        if let Some(timers) = self.bucket_mut(user_bucket(user_id)) {
             timers.retain(|t| !(t.trigger_id == trigger_id && t.event.user_id == user_id));
         }
     }
 
     /// Arms a timer, replacing the pending one of its (trigger, user) (bucket loaded).
     pub fn arm(&mut self, timer: Timer) {
-        let bucket = bucket_of(&timer.event.user_id);
+        let bucket = user_bucket(&timer.event.user_id);
         let minute = minute_of(timer.due);
         self.remove(&timer.trigger_id, &timer.event.user_id);
         if let Some(timers) = self.bucket_mut(bucket) {
@@ -195,7 +151,7 @@ impl TimerOverlay {
 
     /// Removes every timer of a user (bucket loaded); answers how many.
     pub fn remove_user(&mut self, user_id: &str) -> usize {
-        match self.bucket_mut(bucket_of(user_id)) {
+        match self.bucket_mut(user_bucket(user_id)) {
             Some(timers) => {
                 let before = timers.len();
                 timers.retain(|t| t.event.user_id != user_id);
@@ -243,7 +199,7 @@ impl TimerOverlay {
     /// stored ones (read, merged, rewritten), retired due sets removed.
     pub fn write(self, store: &Store, batch: &mut WriteBatch) -> Result<(), StoreError> {
         for bucket in &self.changed {
-            let key = bucket_key(*bucket).to_vec();
+            let key = timer_bucket_key(*bucket).to_vec();
             match self.buckets.get(bucket) {
                 Some(timers) if !timers.is_empty() => batch.put_raw(key, encode(timers)),
                 _ => batch.remove_raw(key),
@@ -280,9 +236,9 @@ mod tests {
     #[test]
     fn a_bucket_that_does_not_decode_is_dropped_not_fatal() {
         let (_dir, store) = temp_store();
-        let bucket = bucket_of("ann");
+        let bucket = user_bucket("ann");
         let mut batch = WriteBatch::default();
-        batch.put_raw(bucket_key(bucket).to_vec(), vec![0xff, 0xff, 0xff]);
+        batch.put_raw(timer_bucket_key(bucket).to_vec(), vec![0xff, 0xff, 0xff]);
         batch.put_raw(due_key(5, 0).to_vec(), vec![0xff]);
         store.apply(batch).expect("apply");
         let mut overlay = TimerOverlay::default();
@@ -296,28 +252,8 @@ mod tests {
         store.apply(batch).expect("apply");
         assert_eq!(store.timer_bucket(bucket).expect("read"), Vec::<Timer>::new());
         assert!(
-            store.tree.get(bucket_key(bucket)).expect("get").is_none(),
+            store.tree.get(timer_bucket_key(bucket)).expect("get").is_none(),
             "rewritten away"
         );
-    }
-
-    #[test]
-    fn keys_of_the_unpacked_layout_are_dropped_and_buckets_kept() {
-        let (_dir, store) = temp_store();
-        let mut batch = WriteBatch::default();
-        batch.put_raw(b"Q0123456789abtrigger\0ann".to_vec(), b"old timer ann".to_vec());
-        batch.put_raw(b"Ptrigger\0ann".to_vec(), b"old index".to_vec());
-        batch.put_raw(b"Ztrigger".to_vec(), Vec::new());
-        batch.put_raw(bucket_key(7).to_vec(), encode(&Vec::<Timer>::new()));
-        batch.put_raw(due_key(9, 1).to_vec(), encode(&vec![7u16]));
-        store.apply(batch).expect("apply");
-        assert_eq!(store.drop_unpacked_timers().expect("drop"), 3);
-        let left: Vec<Vec<u8>> = store
-            .tree
-            .iter()
-            .keys()
-            .map(|k| k.expect("key").to_vec())
-            .collect();
-        assert_eq!(left, vec![bucket_key(7).to_vec(), due_key(9, 1).to_vec()]);
     }
 }

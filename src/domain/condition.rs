@@ -1,4 +1,4 @@
-//! The condition language shared by triggers (issue 3) and FilterUsers (issue 4), SPEC §3:
+//! The condition language shared by triggers, absence checks and FilterUsers:
 //! attribute conditions on one event, history conditions on a user's aggregated events, combined
 //! with all/any/not. Validation happens once, at submission; evaluation never fails.
 //!
@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::model::{AttributeType, Event, NumberAggregate, UserNameAggregate, Value};
+use crate::domain::{rules, typing};
 use crate::error::{invalid, Error};
-use crate::model::{AttributeType, Event, NumberAggregate, UserNameAggregate, Value};
-use crate::schema;
 
 /// A comparison operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,7 +218,7 @@ pub fn validate(
                     "{field}: a history condition's where may hold attribute conditions only"
                 )));
             }
-            let event_name = schema::normalize_event_name(&format!("{field}.event_name"), event_name)?;
+            let event_name = rules::normalize_event_name(&format!("{field}.event_name"), event_name)?;
             let filter = match filter {
                 Some(f) => Some(Box::new(validate(
                     f,
@@ -238,16 +238,13 @@ pub fn validate(
                 }
                 Aggregate::Count => {}
                 Aggregate::Sum | Aggregate::Min | Aggregate::Max | Aggregate::Avg => {
-                    schema::check_attribute_name(
-                        || format!("{field}.attribute"),
+                    rules::check_number_attribute(
+                        &format!("{field}.attribute"),
+                        aggregate,
                         attribute,
+                        type_of,
                         max_attribute_name_chars,
                     )?;
-                    if let Some(t) = type_of(attribute).filter(|t| *t != AttributeType::Number) {
-                        return Err(invalid(format!(
-                            "{field}.attribute: {aggregate} needs a NUMBER attribute, {attribute:?} is {t}"
-                        )));
-                    }
                 }
             }
             let op = match op {
@@ -295,7 +292,7 @@ fn validate_attribute(
     type_of: &dyn Fn(&str) -> Option<AttributeType>,
     max_attribute_name_chars: usize,
 ) -> Result<AttributeCondition, Error> {
-    schema::check_attribute_name(
+    rules::check_attribute_name(
         || format!("{field}.attribute"),
         attribute,
         max_attribute_name_chars,
@@ -333,7 +330,7 @@ fn validate_attribute(
     let values = inputs
         .into_iter()
         .map(|v| {
-            schema::coerce(ty, v).map_err(|e| {
+            typing::coerce(ty, v).map_err(|e| {
                 invalid(format!(
                     "{field}.value: attribute {attribute:?} is {}, cannot coerce {}",
                     e.expected, e.shown
@@ -377,7 +374,7 @@ impl AttributeCondition {
         let aligned;
         let actual = match self.values.first() {
             Some(v) if std::mem::discriminant(v) != std::mem::discriminant(stored) => {
-                match schema::coerce(natural_type(v), stored) {
+                match typing::coerce(natural_type(v), stored) {
                     Ok(c) => {
                         aligned = c;
                         &aligned
@@ -541,7 +538,7 @@ impl HistoryCondition {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Timestamp;
+    use crate::domain::model::Timestamp;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

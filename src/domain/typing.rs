@@ -1,8 +1,7 @@
-//! Attribute typing (SPEC §2): coercion of incoming values to their defined type, the type an
-//! undefined attribute is created with, and the naming rules for events and attributes.
+//! Attribute typing: coercion of incoming values to their defined type, the type an undefined
+//! attribute is created with, and the canonical text of values.
 
-use crate::error::{invalid, Error};
-use crate::model::{AttributeType, Timestamp, Value};
+use crate::domain::model::{AttributeType, Timestamp, Value};
 
 /// Why a value cannot be coerced; the caller adds the attribute's name.
 #[derive(Debug, Clone, PartialEq)]
@@ -12,7 +11,7 @@ pub struct CoerceError {
     pub shown: String,
 }
 
-/// Coerces `value` to `ty` (SPEC §2), returning the value as stored.
+/// Coerces `value` to `ty`, returning the value as stored.
 pub fn coerce(ty: AttributeType, value: &Value) -> Result<Value, CoerceError> {
     let fail = || CoerceError {
         expected: ty,
@@ -68,7 +67,7 @@ pub fn number_text(n: f64) -> String {
     format!("{n}")
 }
 
-/// The canonical text of a scalar (SPEC §2): how a STRING attribute stores it and how
+/// The canonical text of a scalar: how a STRING attribute stores it and how
 /// templates render it. `None` for a non-finite number or invalid JSON.
 pub fn canonical_text(value: &Value) -> Option<String> {
     match value {
@@ -107,49 +106,6 @@ pub fn show(value: &Value) -> String {
     } else {
         cut
     }
-}
-
-/// Strips the `event.` prefix browser snippets write and checks the event-name rules:
-/// 1-128 characters, letters, digits and `_ . : -`. `field` names the field in messages.
-pub fn normalize_event_name(field: &str, raw: &str) -> Result<String, Error> {
-    let name = raw.strip_prefix("event.").unwrap_or(raw);
-    let chars = name.chars().count();
-    if chars == 0 {
-        return Err(invalid(format!("{field}: must not be empty")));
-    }
-    if chars > 128 {
-        return Err(invalid(format!(
-            "{field}: {chars} characters, at most 128 allowed"
-        )));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-    {
-        return Err(invalid(format!(
-            "{field}: {name:?} contains {bad:?}; allowed are letters, digits and _ . : -"
-        )));
-    }
-    Ok(name.to_string())
-}
-
-/// Checks the attribute-name rules: letters, digits and `_`, starting with a letter or `_`,
-/// 1 to `max_chars` characters (so templates can write `event.attributes.NAME`). `field` names
-/// the field in messages; it is only evaluated on failure (this runs per attribute on ingest).
-pub fn check_attribute_name(field: impl Fn() -> String, name: &str, max_chars: usize) -> Result<(), Error> {
-    let chars = name.chars().count();
-    let problem = if chars == 0 {
-        "attribute name must not be empty".to_string()
-    } else if chars > max_chars {
-        format!("attribute name is {chars} characters, limit is {max_chars} (max_attribute_name_chars)")
-    } else if !name.starts_with(|c: char| c.is_alphabetic() || c == '_')
-        || !name.chars().all(|c| c.is_alphanumeric() || c == '_')
-    {
-        format!("attribute name {name:?} must be letters, digits and _, starting with a letter or _")
-    } else {
-        return Ok(());
-    };
-    Err(invalid(format!("{}: {problem}", field())))
 }
 
 #[cfg(test)]
@@ -211,21 +167,6 @@ mod tests {
         );
         assert!(coerce(AttributeType::Date, &Value::String("31/01/2026".into())).is_err());
         assert!(coerce(AttributeType::Json, &Value::String("{oops".into())).is_err());
-    }
-
-    #[test]
-    fn names_follow_the_rules() {
-        assert_eq!(
-            normalize_event_name("name", "event.product_purchased").unwrap(),
-            "product_purchased"
-        );
-        assert!(normalize_event_name("name", "event.").is_err());
-        assert!(normalize_event_name("name", "a b").is_err());
-        assert!(normalize_event_name("name", &"x".repeat(129)).is_err());
-        let field = || "a".to_string();
-        assert!(check_attribute_name(field, "_price2", 128).is_ok());
-        assert!(check_attribute_name(field, "2price", 128).is_err());
-        assert!(check_attribute_name(field, "pri-ce", 128).is_err());
     }
 
     proptest! {

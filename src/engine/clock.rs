@@ -1,20 +1,21 @@
 //! The timer clock: wakes the writer when the earliest pending timer falls due.
 //!
-//! Pending timers live in sled (`store::timers`: per-user-bucket lists and per-minute due sets);
+//! Pending timers live in the store (`store::timers`: per-user-bucket lists and per-minute due sets);
 //! memory holds only the earliest due time. One thread sleeps until that moment (or until the
 //! writer arms an earlier timer, which wakes it), then hands the writer a job that fires every
 //! due timer: no polling. The writer owns every timer write, so arming, cancelling and firing
 //! are ordered with the events that cause them, and a fired timer's action and the timer's
 //! removal are one atomic batch (no double firing, no loss, whenever a crash comes).
 
-use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use crate::model::Timestamp;
+use parking_lot::{Condvar, Mutex};
+
+use crate::domain::model::Timestamp;
 
 /// The earliest due time known, shared by the writer and the clock thread.
 #[derive(Default)]
-pub struct TimerClock {
+pub(super) struct TimerClock {
     state: Mutex<ClockState>,
     wake: Condvar,
 }
@@ -31,8 +32,8 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 
 impl TimerClock {
     /// A timer due at `due` exists: wake earlier if it is the earliest.
-    pub fn armed(&self, due: Timestamp) {
-        let Ok(mut s) = self.state.lock() else { return };
+    pub(super) fn armed(&self, due: Timestamp) {
+        let mut s = self.state.lock();
         if s.next_due.is_none_or(|next| due < next) {
             s.next_due = Some(due);
             self.wake.notify_all();
@@ -40,8 +41,8 @@ impl TimerClock {
     }
 
     /// After firing: the earliest timer still pending (or none).
-    pub fn set_next(&self, due: Option<Timestamp>) {
-        let Ok(mut s) = self.state.lock() else { return };
+    pub(super) fn set_next(&self, due: Option<Timestamp>) {
+        let mut s = self.state.lock();
         s.next_due = match (s.next_due, due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -50,48 +51,36 @@ impl TimerClock {
     }
 
     /// Ends [`TimerClock::run`].
-    pub fn stop(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.stopped = true;
-        }
+    pub(super) fn stop(&self) {
+        self.state.lock().stopped = true;
         self.wake.notify_all();
     }
 
     /// Sleeps until the earliest timer is due, then calls `fire` (which must lead to
     /// [`TimerClock::set_next`]); returns when stopped or when `fire` answers false.
-    pub fn run(&self, mut fire: impl FnMut() -> bool) {
-        let Ok(mut s) = self.state.lock() else { return };
+    pub(super) fn run(&self, mut fire: impl FnMut() -> bool) {
+        let mut s = self.state.lock();
         loop {
             if s.stopped {
                 return;
             }
             let Some(due) = s.next_due else {
                 // Nothing pending: sleep until a timer is armed (or the clock stops).
-                s = match self.wake.wait(s) {
-                    Ok(s) => s,
-                    Err(_) => return,
-                };
+                self.wake.wait(&mut s);
                 continue;
             };
             let wait = due.as_nanos() - Timestamp::now().as_nanos();
             if wait > 0 {
                 let wait = Duration::from_nanos(wait.min(u64::MAX as i128) as u64).min(MAX_SLEEP);
-                s = match self.wake.wait_timeout(s, wait) {
-                    Ok((s, _)) => s,
-                    Err(_) => return,
-                };
+                self.wake.wait_for(&mut s, wait);
                 continue;
             }
             // Due: hand over to the writer, which sets the next due time when done.
             s.next_due = None;
-            drop(s);
-            if !fire() {
+            let keep_going = parking_lot::MutexGuard::unlocked(&mut s, &mut fire);
+            if !keep_going {
                 return;
             }
-            s = match self.state.lock() {
-                Ok(s) => s,
-                Err(_) => return,
-            };
         }
     }
 }

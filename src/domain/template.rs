@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use minijinja::{Environment, UndefinedBehavior, Value as J};
 
-use crate::model::{Event, Value};
-use crate::schema;
+use crate::domain::model::{Event, Value};
+use crate::domain::typing;
 
 /// Bounded work per render: minijinja's fuel counts executed instructions.
 const FUEL: u64 = 50_000;
@@ -48,7 +48,7 @@ fn attribute(v: &Value) -> J {
         Value::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => J::from(*n as i64),
         Value::Number(n) => J::from(*n),
         Value::Bool(b) => J::from(*b),
-        other => J::from(schema::canonical_text(other).unwrap_or_default()),
+        other => J::from(typing::canonical_text(other).unwrap_or_default()),
     }
 }
 
@@ -133,7 +133,7 @@ pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Timestamp;
+    use crate::domain::model::Timestamp;
 
     fn event() -> Event {
         let mut attributes = BTreeMap::new();

@@ -1,35 +1,36 @@
 //! User timelines: one user's events by `occurred_at` (ties by `sequence`), paged with opaque
-//! tokens. A read touches only the requested user's keys (see `store`): with an `event_name`
+//! tokens. A read touches only the requested user's keys (see `store::events`): with an `event_name`
 //! filter exactly one range, without it one range per name the user has, merged.
 
 use std::ops::Bound;
 
+use crate::domain::bytes::{fnv1a_from, hex, unhex, FNV_OFFSET};
+use crate::domain::model::{Event, Timestamp};
+use crate::domain::rules::MAX_PAGE_SIZE;
 use crate::error::{invalid, Error};
-use crate::model::{Event, Timestamp};
 use crate::store::{Store, TimelinePos};
 
-/// Default and largest page sizes (SPEC §3).
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-pub const MAX_PAGE_SIZE: usize = 1000;
+/// The page size when a request asks for none.
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
 
 /// A validated timeline request.
 #[derive(Clone, Debug, Default)]
-pub struct TimelineQuery {
-    pub user_id: String,
+pub(crate) struct TimelineQuery {
+    pub(crate) user_id: String,
     /// Normalised event name, or empty for all.
-    pub event_name: String,
-    pub from: Option<Timestamp>,
-    pub to: Option<Timestamp>,
-    pub page_size: usize,
-    pub page_token: String,
-    pub oldest_first: bool,
+    pub(crate) event_name: String,
+    pub(crate) from: Option<Timestamp>,
+    pub(crate) to: Option<Timestamp>,
+    pub(crate) page_size: usize,
+    pub(crate) page_token: String,
+    pub(crate) oldest_first: bool,
 }
 
 /// One page of a timeline.
 #[derive(Debug, Default)]
-pub struct TimelinePage {
-    pub events: Vec<Event>,
-    pub next_page_token: String,
+pub(crate) struct TimelinePage {
+    pub(crate) events: Vec<Event>,
+    pub(crate) next_page_token: String,
 }
 
 const TOKEN_VERSION: u8 = 1;
@@ -37,21 +38,15 @@ const TOKEN_VERSION: u8 = 1;
 /// FNV-1a: binds a page token to the request it continues, so a token replayed against another
 /// user or filter is refused instead of silently skipping events.
 fn fingerprint(q: &TimelineQuery) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= *b as u64;
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
+    let mut h = FNV_OFFSET;
+    // Each part ends with 0xff, which no part's own bytes can imitate at a part boundary.
+    let mut feed = |bytes: &[u8]| h = fnv1a_from(fnv1a_from(h, bytes), &[0xff]);
     feed(q.user_id.as_bytes());
     feed(q.event_name.as_bytes());
     feed(&[q.oldest_first as u8]);
     for ts in [q.from, q.to] {
         match ts {
-            Some(t) => feed(&crate::store::encode_ts(t)),
+            Some(t) => feed(&t.sort_key()),
             None => feed(b"-"),
         }
     }
@@ -65,7 +60,7 @@ fn encode_token(q: &TimelineQuery, pos: TimelinePos) -> String {
     bytes.extend_from_slice(&pos.0.nanos.to_be_bytes());
     bytes.extend_from_slice(&pos.1.to_be_bytes());
     bytes.extend_from_slice(&fingerprint(q).to_be_bytes());
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
 }
 
 fn decode_token(q: &TimelineQuery) -> Result<Option<TimelinePos>, Error> {
@@ -73,15 +68,7 @@ fn decode_token(q: &TimelineQuery) -> Result<Option<TimelinePos>, Error> {
         return Ok(None);
     }
     let bad = || invalid("page_token: not a token this request issued");
-    let text = q.page_token.as_bytes();
-    if text.len() != 58 {
-        return Err(bad());
-    }
-    let mut bytes = Vec::with_capacity(29);
-    for pair in text.chunks(2) {
-        let s = std::str::from_utf8(pair).map_err(|_| bad())?;
-        bytes.push(u8::from_str_radix(s, 16).map_err(|_| bad())?);
-    }
+    let bytes = unhex(&q.page_token).filter(|b| b.len() == 29).ok_or_else(bad)?;
     let num = |range: std::ops::Range<usize>| -> [u8; 8] {
         let mut a = [0u8; 8];
         a[8 - range.len()..].copy_from_slice(&bytes[range]);
@@ -98,7 +85,7 @@ fn decode_token(q: &TimelineQuery) -> Result<Option<TimelinePos>, Error> {
 
 /// Reads one page of a user's timeline: `page_size` + 1 events read (the extra one tells whether
 /// another page exists), plus, without a name filter, a scan of the user's event names.
-pub fn read(store: &Store, q: &TimelineQuery) -> Result<TimelinePage, Error> {
+pub(crate) fn read(store: &Store, q: &TimelineQuery) -> Result<TimelinePage, Error> {
     if let (Some(from), Some(to)) = (q.from, q.to) {
         if from >= to {
             return Err(invalid(format!("from: {from} must be before to: {to}")));

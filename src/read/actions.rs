@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::error::{invalid, Error};
-use crate::ingest::Ingest;
-use crate::model::{FiredAction, Timestamp};
+use crate::domain::model::{FiredAction, Timestamp};
+use crate::engine::Ingest;
+use crate::error::Error;
 use crate::store::{ActionOwner, Store};
 
-/// Where a subscription starts (SPEC §3 `StartFrom`).
+/// Where a subscription starts (the wire's `StartFrom`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartFrom {
     Unspecified,
@@ -298,12 +298,4 @@ impl Subscription {
             _ = self.tx.send(Err(e)) => {}
         }
     }
-}
-
-/// Checks a consumer name: the event-name rules (letters, digits, `_ . : -`, 1-128 characters).
-pub fn check_consumer(field: &str, name: &str) -> Result<(), Error> {
-    if name.starts_with("event.") {
-        return Err(invalid(format!("{field}: must not start with \"event.\"")));
-    }
-    crate::schema::normalize_event_name(field, name).map(|_| ())
 }

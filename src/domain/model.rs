@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::bytes::{from_sortable_i64, sortable_i64};
+
 /// A point in time with nanosecond precision (seconds since the Unix epoch, UTC).
 ///
 /// Ordered chronologically; the range is that of `google.protobuf.Timestamp`
@@ -72,6 +74,27 @@ impl Timestamp {
         Self::from_nanos(self.as_nanos() + secs as i128 * 1_000_000_000)
     }
 
+    /// 12 bytes whose byte order is time order: seconds (order-preserving, see
+    /// [`sortable_i64`]) then nanoseconds, both big-endian.
+    pub fn sort_key(self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..8].copy_from_slice(&sortable_i64(self.secs));
+        out[8..].copy_from_slice(&self.nanos.to_be_bytes());
+        out
+    }
+
+    /// The inverse of [`Timestamp::sort_key`] (no range check: the bytes are our own).
+    pub fn from_sort_key(bytes: [u8; 12]) -> Self {
+        let mut secs = [0u8; 8];
+        secs.copy_from_slice(&bytes[..8]);
+        let mut nanos = [0u8; 4];
+        nanos.copy_from_slice(&bytes[8..]);
+        Self {
+            secs: from_sortable_i64(secs),
+            nanos: u32::from_be_bytes(nanos),
+        }
+    }
+
     fn to_jiff(self) -> Option<jiff::Timestamp> {
         jiff::Timestamp::new(self.secs, self.nanos as i32).ok()
     }
@@ -102,7 +125,7 @@ impl fmt::Display for Timestamp {
     }
 }
 
-/// The type of an attribute (SPEC §2).
+/// The type of an attribute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AttributeType {
     String,
@@ -165,7 +188,7 @@ pub struct NewEvent {
     pub attributes: Vec<(String, Value)>,
 }
 
-/// A global attribute definition (SPEC §2).
+/// A global attribute definition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttributeDefinition {
     pub name: String,
@@ -218,8 +241,8 @@ pub struct Trigger {
     pub name: String,
     pub paused: bool,
     pub event_name: String,
-    pub raw_condition: Option<crate::condition::RawCondition>,
-    pub condition: Option<crate::condition::Condition>,
+    pub raw_condition: Option<crate::domain::condition::RawCondition>,
+    pub condition: Option<crate::domain::condition::Condition>,
     pub action: ActionTemplate,
     /// Nanoseconds; `None` when unset.
     pub cooldown_nanos: Option<i128>,
@@ -244,49 +267,13 @@ impl Trigger {
     }
 }
 
-/// What cancels a pending firing (SPEC §3 AbsenceCheck), validated.
+/// What cancels a pending firing (the wire's AbsenceCheck), validated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AbsenceCheck {
     pub event_name: String,
-    pub raw_condition: Option<crate::condition::RawCondition>,
-    pub condition: Option<crate::condition::Condition>,
+    pub raw_condition: Option<crate::domain::condition::RawCondition>,
+    pub condition: Option<crate::domain::condition::Condition>,
     pub within_nanos: i128,
-}
-
-/// A trigger as stored before timers existed (read once, then rewritten in the current form).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TriggerV1 {
-    pub id: String,
-    pub name: String,
-    pub paused: bool,
-    pub event_name: String,
-    pub raw_condition: Option<crate::condition::RawCondition>,
-    pub condition: Option<crate::condition::Condition>,
-    pub action: ActionTemplate,
-    pub cooldown_nanos: Option<i128>,
-    pub once_per_user: bool,
-    pub created_at: Timestamp,
-    pub updated_at: Timestamp,
-}
-
-impl From<TriggerV1> for Trigger {
-    fn from(t: TriggerV1) -> Self {
-        Trigger {
-            id: t.id,
-            name: t.name,
-            paused: t.paused,
-            event_name: t.event_name,
-            raw_condition: t.raw_condition,
-            condition: t.condition,
-            action: t.action,
-            cooldown_nanos: t.cooldown_nanos,
-            once_per_user: t.once_per_user,
-            created_at: t.created_at,
-            updated_at: t.updated_at,
-            delay_nanos: None,
-            unless: None,
-        }
-    }
 }
 
 /// A pending firing of a timed trigger for one user: due at `due`, rendered from `event`.

@@ -1,0 +1,16 @@
+//! The domain: what engage stores and answers, and every rule about it, with no knowledge of
+//! tokio, sled or tonic.
+//!
+//! - [`model`]: the types (events, values, timestamps, triggers, actions, aggregates).
+//! - [`typing`]: coercion of attribute values to their defined type, canonical text.
+//! - [`rules`]: every validation rule and limit (ids, names, sizes, page sizes, triggers).
+//! - [`condition`]: the condition language of triggers and FilterUsers: validation, evaluation.
+//! - [`template`]: action payload templates (minijinja).
+//! - [`bytes`]: hashing, hex and order-preserving integer encoding, written once.
+
+pub(crate) mod bytes;
+pub mod condition;
+pub mod model;
+pub(crate) mod rules;
+pub(crate) mod template;
+pub(crate) mod typing;

@@ -1,0 +1,287 @@
+//! The handle callers use: every write is a job for the writer thread, answered once durable;
+//! reads answer from the views the writer publishes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, watch};
+
+use super::track::{Defined, Tracked};
+use super::writer::Job;
+use super::{unavailable, Group, Ingest, Writer};
+use crate::domain::model::{AttributeDefinition, AttributeType, EventNameStats, Timestamp, Trigger};
+use crate::domain::rules::{Limits, PreparedEvent};
+use crate::error::Error;
+
+impl Ingest {
+    /// The limits in force.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Follows the highest action sequence that is durable (only those may be delivered).
+    pub(crate) fn durable_actions(&self) -> watch::Receiver<u64> {
+        self.durable_actions.clone()
+    }
+
+    /// Runs `job` on the writer thread; answers after the group it joined is durable.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.submit(job, false).await
+    }
+
+    /// Like [`Ingest::run`], as a barrier (see [`Job`]).
+    async fn run_alone<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        self.submit(job, true).await
+    }
+
+    async fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
+        barrier: bool,
+    ) -> Result<T, Error> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(unavailable());
+        }
+        let (tx, rx) = oneshot::channel::<Result<T, Error>>();
+        let job = Job {
+            run: Box::new(move |writer, group| {
+                let result = job(writer, group);
+                group.replies.push(Box::new(move |fault| {
+                    let _ = tx.send(match fault {
+                        Some(e) => Err(e.clone()),
+                        None => result,
+                    });
+                }));
+            }),
+            barrier,
+        };
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        rx.await.map_err(|_| unavailable())?
+    }
+
+    /// Tracks events: one result per input, in order. `events` hold the outcome of [`prepare`],
+    /// so a batch keeps its positions when some items were already rejected.
+    pub(crate) async fn track(
+        &self,
+        events: Vec<Result<PreparedEvent, Error>>,
+    ) -> Result<Vec<Result<Tracked, Error>>, Error> {
+        self.run(move |writer, group| {
+            Ok(events
+                .into_iter()
+                .map(|e| e.and_then(|e| writer.track_one(e, group)))
+                .collect())
+        })
+        .await
+    }
+
+    /// Defines an attribute: same type again is a no-op, another type is
+    /// FAILED_PRECONDITION.
+    pub(crate) async fn define_attribute(
+        &self,
+        name: String,
+        attribute_type: AttributeType,
+        description: String,
+    ) -> Defined {
+        self.run(move |writer, group| writer.define(name, attribute_type, description, group))
+            .await
+    }
+
+    /// Stores a new trigger (already validated); the writer assigns its id and times.
+    pub(crate) async fn create_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
+        self.run_alone(move |writer, group| {
+            let now = Timestamp::now();
+            let trigger = Trigger {
+                id: writer.generate_id(),
+                created_at: now,
+                updated_at: now,
+                ..trigger
+            };
+            writer.put_trigger(trigger.clone(), group)?;
+            Ok(trigger)
+        })
+        .await
+    }
+
+    /// Replaces a trigger by id, keeping its creation time and its firing history.
+    pub(crate) async fn update_trigger(&self, trigger: Trigger) -> Result<Trigger, Error> {
+        self.run_alone(move |writer, group| {
+            let existing = writer
+                .triggers
+                .get(&trigger.id)
+                .ok_or_else(|| Error::NotFound(format!("trigger.id: no trigger {:?}", trigger.id)))?;
+            let trigger = Trigger {
+                created_at: existing.created_at,
+                // Strictly later than before: the generation of timers armed before the change.
+                updated_at: Timestamp::now().max(Timestamp::from_nanos(existing.updated_at.as_nanos() + 1)),
+                ..trigger
+            };
+            writer.put_trigger(trigger.clone(), group)?;
+            Ok(trigger)
+        })
+        .await
+    }
+
+    /// Deletes a trigger and its per-user firing state.
+    pub(crate) async fn delete_trigger(&self, id: String) -> Result<(), Error> {
+        self.run_alone(move |writer, group| {
+            if !writer.triggers.contains_key(&id) {
+                return Err(Error::NotFound(format!("id: no trigger {id:?}")));
+            }
+            let firing_users = writer.store.firing_state_users(&id)?;
+            writer.triggers.remove(&id);
+            writer.templates.remove(&id);
+            group.batch.remove_trigger(&id);
+            for user in firing_users {
+                group.batch.remove_firing_state(&id, &user);
+            }
+            group.firing.retain(|(t, _), _| t != &id);
+            group.triggers_changed = true;
+            writer.reindex(&mut group.batch);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Erases a user everywhere (DeleteUser): events, event ids, running aggregates,
+    /// firing state and event-name counts; the user's fired actions keep their sequence but lose
+    /// user id, payload and event. Answers the number of events erased.
+    pub(crate) async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
+        // Erasure runs alone in its group: if any read fails half-way, dropping the group's
+        // writes leaves the user exactly as before (and a retry starts from scratch).
+        let erased = self
+            .run_alone(move |writer, group| {
+                let erased = writer.erase(&user_id, group);
+                if erased.is_err() {
+                    group.discard_writes();
+                }
+                erased
+            })
+            .await;
+        self.erasures.fetch_add(1, Ordering::SeqCst);
+        erased
+    }
+
+    /// How many erasures were requested since start.
+    pub(crate) fn erasures(&self) -> u64 {
+        self.erasures.load(Ordering::SeqCst)
+    }
+
+    /// Asks for `name`'s rollup to be rebuilt (see `store::columns`) unless a rebuild is already
+    /// queued; returns at once. The rebuild runs in the writer, alone in its write group.
+    pub(crate) fn request_rollup(&self, name: String) {
+        let fresh = self.refreshing.lock().insert(name.clone());
+        if !fresh {
+            return;
+        }
+        let ingest = self.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let done = ingest
+                .run_alone({
+                    let name = name.clone();
+                    move |writer, group| {
+                        let now = Timestamp::now();
+                        let refreshed = writer
+                            .columns
+                            .refresh_rollup(&writer.store, &mut group.batch, &name, writer.last_seq, now)
+                            .map_err(Error::from);
+                        if refreshed.is_err() {
+                            group.discard_writes();
+                        }
+                        refreshed
+                    }
+                })
+                .await;
+            match done {
+                Ok(meta) => tracing::info!(
+                    name,
+                    users = meta.users,
+                    ms = started.elapsed().as_millis() as u64,
+                    "rollup rebuilt"
+                ),
+                Err(e) => tracing::warn!(name, error = %e, "rollup refresh failed"),
+            }
+            ingest.refreshing.lock().remove(&name);
+        });
+    }
+
+    /// Deletes up to `max` actions fired before `cutoff` from the start of the log.
+    pub(crate) async fn expire_actions(&self, cutoff: Timestamp, max: usize) -> Result<usize, Error> {
+        self.run(move |writer, group| Ok(writer.store.expire_actions(&mut group.batch, cutoff, max)?))
+            .await
+    }
+
+    /// A named consumer's position, creating the consumer at `initial` when it is new.
+    pub(crate) async fn ensure_consumer(&self, name: String, initial: u64) -> Result<u64, Error> {
+        self.run(move |writer, group| {
+            if let Some(pos) = writer.consumer(&name, group)? {
+                return Ok(pos);
+            }
+            group.batch.put_consumer(&name, initial);
+            group.consumers.insert(name, initial);
+            Ok(initial)
+        })
+        .await
+    }
+
+    /// Moves a named consumer's position forward to `up_to` (never back); answers the position.
+    pub(crate) async fn ack(&self, name: String, up_to: u64) -> Result<u64, Error> {
+        self.run(move |writer, group| {
+            let current = writer
+                .consumer(&name, group)?
+                .ok_or_else(|| Error::NotFound(format!("consumer: no consumer {name:?}")))?;
+            if up_to > writer.last_action_seq {
+                return Err(Error::OutOfRange(format!(
+                    "up_to_sequence: {up_to} is past the last fired sequence {}",
+                    writer.last_action_seq
+                )));
+            }
+            if up_to <= current {
+                return Ok(current);
+            }
+            group.batch.put_consumer(&name, up_to);
+            group.consumers.insert(name, up_to);
+            Ok(up_to)
+        })
+        .await
+    }
+
+    /// Every attribute definition, by name.
+    pub(crate) fn attributes(&self) -> Vec<AttributeDefinition> {
+        self.published.attributes.read().values().cloned().collect()
+    }
+
+    /// The type of one attribute, if defined.
+    pub(crate) fn attribute_type(&self, name: &str) -> Option<AttributeType> {
+        self.published
+            .attributes
+            .read()
+            .get(name)
+            .map(|d| d.attribute_type)
+    }
+
+    /// Every event name seen, by name.
+    pub(crate) fn event_names(&self) -> Vec<(String, EventNameStats)> {
+        self.published
+            .event_names
+            .read()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Every trigger, by id (creation order).
+    pub(crate) fn triggers(&self) -> BTreeMap<String, Arc<Trigger>> {
+        self.published.triggers.read().clone()
+    }
+}

@@ -1,0 +1,185 @@
+//! Tracking events and defining attributes: typing, sequencing, idempotency by event id, and
+//! everything an event adds to its group (timeline, index, name statistics, aggregates), then
+//! the triggers it matches and the timers it arms or cancels.
+
+use std::collections::BTreeMap;
+
+use super::{Group, Writer};
+use crate::domain::model::{AttributeDefinition, AttributeType, Event, EventNameStats, Timer, Timestamp};
+use crate::domain::rules::{self, PreparedEvent};
+use crate::domain::typing;
+use crate::error::Error;
+use crate::store::timers::user_bucket;
+
+/// What happened to one tracked event.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Tracked {
+    pub(crate) event_id: String,
+    pub(crate) sequence: u64,
+    pub(crate) duplicate: bool,
+    pub(crate) actions_fired: u32,
+}
+
+/// The outcome of DefineAttribute.
+pub(crate) type Defined = Result<AttributeDefinition, Error>;
+
+impl Writer {
+    pub(super) fn define(
+        &mut self,
+        name: String,
+        attribute_type: AttributeType,
+        description: String,
+        group: &mut Group,
+    ) -> Defined {
+        if let Some(existing) = self.definition(&name, group) {
+            if existing.attribute_type == attribute_type {
+                return Ok(existing);
+            }
+            return Err(Error::FailedPrecondition(format!(
+                "type: attribute {name:?} is already defined as {}, cannot redefine it as {attribute_type}",
+                existing.attribute_type
+            )));
+        }
+        let def = AttributeDefinition {
+            name,
+            attribute_type,
+            description,
+            auto_created: false,
+            created_at: Timestamp::now(),
+        };
+        group.batch.put_attribute(&def);
+        group.new_attributes.push(def.clone());
+        Ok(def)
+    }
+
+    pub(super) fn track_one(&mut self, event: PreparedEvent, group: &mut Group) -> Result<Tracked, Error> {
+        if let Some(id) = &event.event_id {
+            let known = match group.event_ids.get(id) {
+                Some(seq) => Some(*seq),
+                None => self.store.sequence_of_event_id(id)?,
+            };
+            if let Some(sequence) = known {
+                return Ok(Tracked {
+                    event_id: id.clone(),
+                    sequence,
+                    duplicate: true,
+                    actions_fired: 0,
+                });
+            }
+        }
+        // Type every attribute before writing anything: a rejected event leaves nothing behind.
+        let now = Timestamp::now();
+        let mut attributes = BTreeMap::new();
+        let mut created = Vec::new();
+        for (name, value) in event.attributes {
+            let (ty, auto) = match self.attribute_type(&name, group) {
+                Some(ty) => (ty, false),
+                None => (typing::type_for_undefined(&value), true),
+            };
+            let typed = rules::typed_value(&self.limits, &name, ty, &value)?;
+            if auto {
+                created.push(AttributeDefinition {
+                    name: name.clone(),
+                    attribute_type: ty,
+                    description: String::new(),
+                    auto_created: true,
+                    created_at: now,
+                });
+            }
+            attributes.insert(name, typed);
+        }
+        let event_id = match &event.event_id {
+            Some(id) => id.clone(),
+            None => self.generate_id(),
+        };
+        let stored = Event {
+            event_id,
+            user_id: event.user_id,
+            name: event.name,
+            occurred_at: event.occurred_at.unwrap_or(now),
+            received_at: now,
+            sequence: self.last_seq + 1,
+            attributes,
+        };
+        // Reads that may fail come before any change to the group.
+        let aggregate = match self.maintained.get(&stored.name) {
+            Some(epoch) => {
+                let (mut agg, _) = self.aggregate(&stored.user_id, &stored.name, *epoch, group)?;
+                agg.add(&stored);
+                Some(agg)
+            }
+            None => None,
+        };
+        let firing = self.matching_triggers(&stored, aggregate.as_ref(), group)?;
+        let cancels = self.cancellations(&stored, group)?;
+        let plan = self.plan_timers(&stored, firing, group)?;
+        if !cancels.is_empty() || !plan.removals.is_empty() || !plan.arms.is_empty() {
+            group.timers.load(&self.store, user_bucket(&stored.user_id))?;
+        }
+
+        self.last_seq += 1;
+        if let Some(id) = event.event_id {
+            group.batch.put_event_id(&id, stored.sequence);
+            group.event_ids.insert(id, stored.sequence);
+        }
+        for def in created {
+            group.batch.put_attribute(&def);
+            group.new_attributes.push(def);
+        }
+        group.batch.put_event(&stored);
+        group.columns.add(&stored);
+        self.count_name(&stored, group);
+        // (user, name) keys are built only when something is kept per pair: most events of a
+        // batch need neither.
+        if let Some(agg) = aggregate {
+            group
+                .aggregates
+                .insert((stored.user_id.clone(), stored.name.clone()), agg);
+        }
+        if self.history_triggers > 0 {
+            group
+                .recent
+                .entry((stored.user_id.clone(), stored.name.clone()))
+                .or_default()
+                .push(stored.clone());
+        }
+        for (trigger_id, _) in cancels {
+            group.timers.remove(&trigger_id, &stored.user_id);
+        }
+        for (trigger_id, _) in plan.removals {
+            group.timers.remove(&trigger_id, &stored.user_id);
+        }
+        let mut actions_fired = 0;
+        for (firing, event) in plan.overdue {
+            // Fired by the timer, not by this call: not counted in actions_fired.
+            self.fire(&event, vec![firing], group, now);
+        }
+        for arm in plan.arms {
+            group.timers.arm(Timer {
+                trigger_id: arm.trigger_id,
+                due: arm.due,
+                generation: arm.generation,
+                event: stored.clone(),
+            });
+            self.clock.armed(arm.due);
+        }
+        actions_fired += self.fire(&stored, plan.now_firing, group, now);
+        Ok(Tracked {
+            event_id: stored.event_id,
+            sequence: stored.sequence,
+            duplicate: false,
+            actions_fired,
+        })
+    }
+
+    pub(super) fn count_name(&self, event: &Event, group: &mut Group) {
+        let stats = match self.name_stats(&event.name, group) {
+            Some(mut s) => {
+                s.record(event.occurred_at);
+                s
+            }
+            None => EventNameStats::first(event.occurred_at),
+        };
+        group.name_stats.insert(event.name.clone(), stats);
+    }
+}

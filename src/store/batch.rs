@@ -1,0 +1,164 @@
+//! [`WriteBatch`]: the writes of one write group, applied atomically by `Store::apply`.
+
+use super::codec::encode;
+use super::keys::*;
+use crate::domain::model::{
+    AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Trigger, UserNameAggregate,
+};
+
+/// Writes that become visible and durable together (see `Store::apply`).
+#[derive(Default)]
+pub struct WriteBatch {
+    batch: sled::Batch,
+    writes: usize,
+    /// Index blocks are rewritten or removed (see `Store::apply`).
+    moves_index: bool,
+}
+
+impl WriteBatch {
+    pub(super) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key, value);
+        self.writes += 1;
+    }
+
+    pub(super) fn remove_raw(&mut self, key: Vec<u8>) {
+        self.batch.remove(key);
+        self.writes += 1;
+    }
+
+    /// Marks the batch as one that moves records between index keys: it is applied while no
+    /// query collects blocks.
+    pub(super) fn moves_index(&mut self) {
+        self.moves_index = true;
+    }
+
+    /// Takes the sled batch out, with whether it moves index records.
+    pub(super) fn into_parts(self) -> (sled::Batch, bool) {
+        (self.batch, self.moves_index)
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0
+    }
+
+    /// How many writes were added.
+    pub fn len(&self) -> usize {
+        self.writes
+    }
+
+    /// Stores an event on its user's timeline.
+    pub fn put_event(&mut self, event: &Event) {
+        self.put_raw(event_key(event), encode(event));
+    }
+
+    /// Removes a stored event from its user's timeline.
+    pub fn remove_event(&mut self, event: &Event) {
+        self.remove_raw(event_key(event));
+    }
+
+    /// Stores a user's running aggregates for one event name.
+    pub fn put_user_aggregate(&mut self, user_id: &str, name: &str, agg: &UserNameAggregate) {
+        self.put_raw(pair(AGGREGATE, user_id, name), encode(agg));
+    }
+
+    /// Removes a user's running aggregates for one event name.
+    pub fn remove_user_aggregate(&mut self, user_id: &str, name: &str) {
+        self.remove_raw(pair(AGGREGATE, user_id, name));
+    }
+
+    /// Stores a trigger (create or replace).
+    pub fn put_trigger(&mut self, trigger: &Trigger) {
+        self.put_raw(prefixed(TRIGGER, &trigger.id), encode(trigger));
+    }
+
+    /// Removes a trigger.
+    pub fn remove_trigger(&mut self, id: &str) {
+        self.remove_raw(prefixed(TRIGGER, id));
+    }
+
+    /// Appends an action to the log, with its by-user and by-trigger index entries.
+    pub fn put_action(&mut self, action: &FiredAction) {
+        self.put_raw(action_key(action.sequence).to_vec(), encode(action));
+        self.put_raw(
+            seq_index_key(USER_ACTION, &action.user_id, action.sequence),
+            Vec::new(),
+        );
+        self.put_raw(
+            seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence),
+            Vec::new(),
+        );
+    }
+
+    /// Rewrites an action's log record (its index entries are left as they are).
+    pub fn put_action_record(&mut self, action: &FiredAction) {
+        self.put_raw(action_key(action.sequence).to_vec(), encode(action));
+    }
+
+    /// Removes an action from the log with its index entries (`action` as it is stored).
+    pub fn remove_action(&mut self, action: &FiredAction) {
+        self.remove_raw(action_key(action.sequence).to_vec());
+        self.remove_user_action(&action.user_id, action.sequence);
+        self.remove_raw(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
+    }
+
+    /// Removes an action from a user's index (the log keeps it).
+    pub fn remove_user_action(&mut self, user_id: &str, sequence: u64) {
+        self.remove_raw(seq_index_key(USER_ACTION, user_id, sequence));
+    }
+
+    /// Stores a trigger's firing state for one user.
+    pub fn put_firing_state(&mut self, trigger_id: &str, user_id: &str, state: &FiringState) {
+        self.put_raw(pair(FIRING, trigger_id, user_id), encode(state));
+    }
+
+    /// Removes a trigger's firing state for one user.
+    pub fn remove_firing_state(&mut self, trigger_id: &str, user_id: &str) {
+        self.remove_raw(pair(FIRING, trigger_id, user_id));
+    }
+
+    /// Remembers a client-supplied event id and the sequence it was stored with.
+    pub fn put_event_id(&mut self, event_id: &str, sequence: u64) {
+        self.put_raw(prefixed(EVENT_ID, event_id), sequence.to_be_bytes().to_vec());
+    }
+
+    /// Forgets a client event id.
+    pub fn remove_event_id(&mut self, event_id: &str) {
+        self.remove_raw(prefixed(EVENT_ID, event_id));
+    }
+
+    /// Stores an event name's aggregate maintenance epoch.
+    pub fn put_epoch(&mut self, name: &str, epoch: u64) {
+        self.put_raw(prefixed(EPOCH, name), epoch.to_be_bytes().to_vec());
+    }
+
+    /// Stores a consumer's acknowledged position.
+    pub fn put_consumer(&mut self, name: &str, acked: u64) {
+        self.put_raw(prefixed(CONSUMER, name), acked.to_be_bytes().to_vec());
+    }
+
+    /// Stores the last action sequence handed out.
+    pub fn put_last_action_seq(&mut self, seq: u64) {
+        self.put_raw(META_ACTION_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    }
+
+    /// Stores the last event sequence handed out.
+    pub fn put_last_event_seq(&mut self, seq: u64) {
+        self.put_raw(META_EVENT_SEQ.to_vec(), seq.to_be_bytes().to_vec());
+    }
+
+    /// Stores an attribute definition.
+    pub fn put_attribute(&mut self, def: &AttributeDefinition) {
+        self.put_raw(prefixed(ATTRIBUTE, &def.name), encode(def));
+    }
+
+    /// Stores an event name's statistics.
+    pub fn put_name_stats(&mut self, name: &str, stats: &EventNameStats) {
+        self.put_raw(prefixed(NAME_STATS, name), encode(stats));
+    }
+
+    /// Marks the by-name index as built.
+    pub(super) fn put_columns_built(&mut self) {
+        self.put_raw(META_COLUMNS.to_vec(), vec![1]);
+    }
+}

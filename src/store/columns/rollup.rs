@@ -1,0 +1,227 @@
+//! Rollups: per event name, every user's all-history aggregates (count, and count/sum/min/max
+//! of each NUMBER attribute), packed 4096 users per key (`Y`), with what they cover (`X`).
+//! FilterUsers answers an all-history condition without `where` from the rollup plus the
+//! events it does not cover yet; the writer rebuilds a rollup when a query finds it missing or
+//! lagging.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::super::codec::{decode, encode};
+use super::super::keys::*;
+use super::super::{Store, StoreError, WriteBatch};
+use super::{period_of, Block, Columns, Level, ValueRef};
+use crate::domain::model::{NumberAggregate, Timestamp};
+
+/// Users per rollup chunk.
+const ROLLUP_CHUNK: usize = 4096;
+
+/// What a name's rollup covers: every event with `sequence <= sequence` and
+/// `occurred_at <= cutoff`, where `cutoff` is the latest date among them (events dated after the
+/// rebuild wait for the next one). A rollup answers "all history up to as_of" for any
+/// `as_of >= cutoff`, with the events it does not cover added.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollupMeta {
+    pub sequence: u64,
+    pub cutoff: Timestamp,
+    pub users: u64,
+}
+
+/// One user's all-history aggregates of one name in a rollup chunk, borrowed from the chunk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RollupEntry<'a> {
+    #[serde(borrow)]
+    pub user_id: &'a str,
+    pub count: u64,
+    /// Per NUMBER attribute, by name.
+    #[serde(borrow)]
+    pub numbers: Vec<(&'a str, NumberAggregate)>,
+}
+
+/// A consistent view of a name for an all-history query: its rollup and every block.
+pub struct RollupView {
+    pub meta: RollupMeta,
+    pub chunks: Vec<RollupChunk>,
+    pub blocks: Vec<Block>,
+}
+
+/// One stored rollup chunk.
+pub struct RollupChunk {
+    key: sled::IVec,
+    bytes: sled::IVec,
+}
+
+impl RollupChunk {
+    /// The chunk's entries, by user id ascending, borrowed from it.
+    pub fn entries(&self) -> Result<Vec<RollupEntry<'_>>, StoreError> {
+        decode_rollup_chunk(&self.key, &self.bytes)
+    }
+}
+
+impl RollupView {
+    /// True when a block may hold events the rollup does not cover.
+    pub fn is_delta_block(&self, block: &Block) -> Result<bool, StoreError> {
+        Ok(block.max_sequence()? > self.meta.sequence
+            || block.hour()? >= period_of(self.meta.cutoff, Level::Hour))
+    }
+
+    /// True when an event is not covered by the rollup.
+    pub fn is_delta(&self, sequence: u64, occurred_at: Timestamp) -> bool {
+        sequence > self.meta.sequence || occurred_at > self.meta.cutoff
+    }
+}
+
+/// The entries of a rollup chunk, by user id ascending.
+fn decode_rollup_chunk<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<RollupEntry<'a>>, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::corrupt(key, e))
+}
+
+/// Owned aggregates of one user while a rollup is rebuilt.
+#[derive(Default)]
+struct OwnedEntry {
+    count: u64,
+    numbers: BTreeMap<String, NumberAggregate>,
+}
+
+impl Store {
+    /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
+    pub fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
+        let _reading = self.index.read();
+        let meta_key = prefixed(ROLLUP_META, name);
+        let Some(meta) = self.tree.get(&meta_key)? else {
+            return Ok(None);
+        };
+        let meta: RollupMeta = decode(&meta_key, &meta)?;
+        let chunks = self
+            .tree
+            .scan_prefix(under(ROLLUP, name))
+            .map(|kv| kv.map(|(key, bytes)| RollupChunk { key, bytes }))
+            .collect::<Result<_, _>>()?;
+        let blocks = self.all_blocks(name)?;
+        Ok(Some(RollupView { meta, chunks, blocks }))
+    }
+}
+
+impl Columns {
+    /// Rebuilds the rollup of `name` to cover every applied event (`last_sequence`) dated up to
+    /// `now`: the previous rollup plus the events it does not cover, written in chunks of
+    /// [`ROLLUP_CHUNK`] users that replace the old ones atomically.
+    pub fn refresh_rollup(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        name: &str,
+        last_sequence: u64,
+        now: Timestamp,
+    ) -> Result<RollupMeta, StoreError> {
+        let old = store.rollup_view(name)?;
+        let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
+        // The latest date covered: a rollup answers any as_of from there on.
+        let mut cutoff = old.as_ref().map(|v| v.meta.cutoff);
+        let blocks: Vec<Block> = match &old {
+            Some(view) => {
+                for chunk in &view.chunks {
+                    for e in chunk.entries()? {
+                        let entry = users.entry(e.user_id.to_string()).or_default();
+                        entry.count += e.count;
+                        for (attr, agg) in e.numbers {
+                            entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
+                        }
+                    }
+                    batch.remove_raw(chunk.key.to_vec());
+                }
+                view.blocks.clone()
+            }
+            None => store.all_blocks(name)?,
+        };
+        for block in &blocks {
+            if let Some(view) = &old {
+                if !view.is_delta_block(block)? {
+                    continue;
+                }
+            }
+            for (row, _) in block.split()? {
+                let covered_before = old
+                    .as_ref()
+                    .is_some_and(|v| !v.is_delta(row.sequence, row.occurred_at));
+                if covered_before || row.occurred_at > now || row.sequence > last_sequence {
+                    continue;
+                }
+                cutoff = Some(cutoff.map_or(row.occurred_at, |c| c.max(row.occurred_at)));
+                let entry = users.entry(row.user_id.to_string()).or_default();
+                entry.count += 1;
+                for (attr, value) in row.attributes()? {
+                    if let ValueRef::Number(n) = value {
+                        entry.numbers.entry(attr.to_string()).or_default().add(n);
+                    }
+                }
+            }
+        }
+        let all: Vec<(&String, &OwnedEntry)> = users.iter().collect();
+        for chunk in all.chunks(ROLLUP_CHUNK) {
+            let entries: Vec<RollupEntry> = chunk
+                .iter()
+                .map(|(user, e)| RollupEntry {
+                    user_id: user.as_str(),
+                    count: e.count,
+                    numbers: e.numbers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
+                })
+                .collect();
+            if let Some(first) = entries.first() {
+                batch.put_raw(rollup_chunk_key(name, first.user_id), encode(&entries));
+            }
+        }
+        let meta = RollupMeta {
+            sequence: last_sequence,
+            // Covering nothing, it answers any as_of.
+            cutoff: cutoff.unwrap_or(Timestamp::from_nanos(i128::MIN)),
+            users: users.len() as u64,
+        };
+        batch.put_raw(prefixed(ROLLUP_META, name), encode(&meta));
+        batch.moves_index();
+        Ok(meta)
+    }
+
+    /// Removes `user` from the rollups of `names`.
+    pub fn erase_from_rollups(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        user: &str,
+        names: &BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        for name in names {
+            let meta_key = prefixed(ROLLUP_META, name);
+            let Some(meta) = store.tree.get(&meta_key)? else {
+                continue;
+            };
+            let mut meta: RollupMeta = decode(&meta_key, &meta)?;
+            let prefix = under(ROLLUP, name);
+            let Some(kv) = store
+                .tree
+                .range(prefix.clone()..=rollup_chunk_key(name, user))
+                .next_back()
+            else {
+                continue;
+            };
+            let (key, value) = kv?;
+            let mut entries = decode_rollup_chunk(&key, &value)?;
+            let before = entries.len();
+            entries.retain(|e| e.user_id != user);
+            if entries.len() == before {
+                continue;
+            }
+            // A chunk is keyed by its first user: when that was the erased user, the chunk moves
+            // to its new first user's key (the old key holds the erased id).
+            batch.remove_raw(key.to_vec());
+            if let Some(first) = entries.first() {
+                batch.put_raw(rollup_chunk_key(name, first.user_id), encode(&entries));
+            }
+            meta.users = meta.users.saturating_sub(1);
+            batch.put_raw(meta_key, encode(&meta));
+            batch.moves_index();
+        }
+        Ok(())
+    }
+}

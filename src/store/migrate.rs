@@ -1,0 +1,217 @@
+//! Older on-disk layouts, all in one place, and what brings a data directory written by an
+//! earlier release up to date. Every migration runs at start-up (from [`Store::migrate`], or
+//! while decoding, for records that still decode in an older form) and is idempotent: a crash
+//! half-way leaves a directory the next start migrates again.
+//!
+//! | layout | how it is recognised | what happens |
+//! |---|---|---|
+//! | triggers stored before timers existed | the record decodes as [`TriggerV1`] with no bytes left | read as a trigger without `delay`/`unless`; rewritten in the current form by its next change |
+//! | timers of pre-release builds (one key per timer) | `Q` keys longer than 10 bytes, `P` keys other than 3 bytes, any `Z` key | removed (they would never fire, and erasure does not look for them) |
+//! | a data directory from before the by-name index | no `Mcolumns` key | the index is built from the stored events, 10 000 at a time, then marked built |
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::decode;
+use super::columns::{ColumnWrites, Columns};
+use super::keys::*;
+use super::{Store, StoreError, WriteBatch};
+use crate::domain::model::{ActionTemplate, Event, Timestamp, Trigger};
+
+/// A trigger as stored before timers existed (read once, then rewritten in the current form).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(super) struct TriggerV1 {
+    id: String,
+    name: String,
+    paused: bool,
+    event_name: String,
+    raw_condition: Option<crate::domain::condition::RawCondition>,
+    condition: Option<crate::domain::condition::Condition>,
+    action: ActionTemplate,
+    cooldown_nanos: Option<i128>,
+    once_per_user: bool,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+impl From<TriggerV1> for Trigger {
+    fn from(t: TriggerV1) -> Self {
+        Trigger {
+            id: t.id,
+            name: t.name,
+            paused: t.paused,
+            event_name: t.event_name,
+            raw_condition: t.raw_condition,
+            condition: t.condition,
+            action: t.action,
+            cooldown_nanos: t.cooldown_nanos,
+            once_per_user: t.once_per_user,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+            delay_nanos: None,
+            unless: None,
+        }
+    }
+}
+
+/// Decodes a stored trigger, in its current form or the one from before timers existed.
+pub(super) fn decode_trigger(key: &[u8], bytes: &[u8]) -> Result<Trigger, StoreError> {
+    // A trigger stored before timers existed lacks their trailing fields: it decodes as the old
+    // form with nothing left over, and nothing else does.
+    match decode::<Trigger>(key, bytes) {
+        Ok(t) => Ok(t),
+        Err(e) => match postcard::take_from_bytes::<TriggerV1>(bytes) {
+            Ok((old, [])) => Ok(old.into()),
+            _ => Err(e),
+        },
+    }
+}
+
+/// What [`Store::migrate`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Migrated {
+    /// Timer keys of the pre-release layout removed.
+    pub dropped_timer_keys: usize,
+    /// Events added to a by-name index built from scratch (`None`: it was already built).
+    pub indexed_events: Option<u64>,
+}
+
+impl Store {
+    /// Brings the data directory up to date (see the module documentation). `columns` is the
+    /// writer's index state, which the index backfill writes through.
+    pub fn migrate(&self, columns: &mut Columns) -> Result<Migrated, StoreError> {
+        Ok(Migrated {
+            dropped_timer_keys: self.drop_unpacked_timers()?,
+            indexed_events: self.backfill_columns(columns)?,
+        })
+    }
+
+    /// Removes timer keys written by pre-release builds of the timers (two keys per timer: `Q`
+    /// keys longer than this layout's, `P` keys other than buckets, and `Z` keys). Answers how
+    /// many.
+    fn drop_unpacked_timers(&self) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        for (prefix, keep_len) in [(DUE, 10), (TIMER_BUCKET, 3), (b'Z', usize::MAX)] {
+            for k in self.tree.scan_prefix([prefix]).keys() {
+                let k = k?;
+                if k.len() != keep_len {
+                    batch.remove_raw(k.to_vec());
+                }
+            }
+        }
+        let dropped = batch.len();
+        self.apply(batch)?;
+        Ok(dropped)
+    }
+
+    /// Builds the by-name index from the stored events when the data directory predates it
+    /// (once; in batches of 10 000 events, then marked built). Answers how many events it
+    /// indexed, or `None` when the index was already built.
+    fn backfill_columns(&self, columns: &mut Columns) -> Result<Option<u64>, StoreError> {
+        if self.tree.contains_key(META_COLUMNS)? {
+            return Ok(None);
+        }
+        self.clear_columns()?;
+        let mut events = 0u64;
+        let mut writes = ColumnWrites::default();
+        let mut pending = 0;
+        for event in self.all_events() {
+            writes.add(&event?);
+            pending += 1;
+            events += 1;
+            if pending == 10_000 {
+                let mut batch = WriteBatch::default();
+                columns.write(self, &mut batch, std::mem::take(&mut writes))?;
+                self.apply(batch)?;
+                pending = 0;
+            }
+        }
+        let mut batch = WriteBatch::default();
+        columns.write(self, &mut batch, writes)?;
+        batch.put_columns_built();
+        self.apply(batch)?;
+        self.flush()?;
+        Ok(Some(events))
+    }
+
+    /// Removes every index key (before a backfill, which a crash may have interrupted).
+    fn clear_columns(&self) -> Result<(), StoreError> {
+        for prefix in [BLOCK, MINUTE_BUCKET, HOUR_BUCKET, USER, ROLLUP, ROLLUP_META] {
+            loop {
+                let mut batch = WriteBatch::default();
+                for k in self.tree.scan_prefix([prefix]).keys().take(10_000) {
+                    batch.remove_raw(k?.to_vec());
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                self.apply(batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every stored event, in key order (for the index backfill).
+    fn all_events(&self) -> impl Iterator<Item = Result<Event, StoreError>> + '_ {
+        self.tree.scan_prefix([TIMELINE]).map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::temp_store;
+
+    #[test]
+    fn keys_of_the_unpacked_timer_layout_are_dropped_and_buckets_kept() {
+        let (_dir, store) = temp_store();
+        let mut batch = WriteBatch::default();
+        batch.put_raw(b"Q0123456789abtrigger\0ann".to_vec(), b"old timer ann".to_vec());
+        batch.put_raw(b"Ptrigger\0ann".to_vec(), b"old index".to_vec());
+        batch.put_raw(b"Ztrigger".to_vec(), Vec::new());
+        batch.put_raw(
+            timer_bucket_key(7).to_vec(),
+            super::super::codec::encode(&Vec::<u8>::new()),
+        );
+        batch.put_raw(due_key(9, 1).to_vec(), super::super::codec::encode(&vec![7u16]));
+        store.apply(batch).expect("apply");
+        assert_eq!(store.drop_unpacked_timers().expect("drop"), 3);
+        let left: Vec<Vec<u8>> = store
+            .tree
+            .iter()
+            .keys()
+            .map(|k| k.expect("key").to_vec())
+            .collect();
+        assert_eq!(left, vec![timer_bucket_key(7).to_vec(), due_key(9, 1).to_vec()]);
+    }
+
+    #[test]
+    fn a_trigger_of_the_layout_before_timers_decodes_without_timers() {
+        let at = Timestamp { secs: 5, nanos: 0 };
+        let old = TriggerV1 {
+            id: "t1".into(),
+            name: "n".into(),
+            paused: false,
+            event_name: "e".into(),
+            raw_condition: None,
+            condition: None,
+            action: ActionTemplate {
+                action_type: "email".into(),
+                payload_template: "hi".into(),
+            },
+            cooldown_nanos: Some(7),
+            once_per_user: true,
+            created_at: at,
+            updated_at: at,
+        };
+        let bytes = super::super::codec::encode(&old);
+        let t = decode_trigger(b"Rt1", &bytes).expect("decodes");
+        assert_eq!(
+            (t.id.as_str(), t.cooldown_nanos, t.delay_nanos, t.unless),
+            ("t1", Some(7), None, None)
+        );
+        assert!(decode_trigger(b"Rt1", &bytes[..bytes.len() - 1]).is_err());
+    }
+}
