@@ -13,6 +13,8 @@
 //!
 //! The library exports what the binary, the tests and the benchmarks need, no more.
 
+#![warn(unreachable_pub)]
+
 mod api;
 pub mod config;
 mod domain;
@@ -40,5 +42,15 @@ pub mod model {
 /// engage's on-disk encoding of events, for the benchmarks' raw-sled baseline (which writes
 /// the same keys and values as engage, without engage).
 pub mod layout {
-    pub use crate::store::{encode_event, event_key};
+    use crate::domain::model::Event;
+
+    /// The key engage stores `event` under.
+    pub fn event_key(event: &Event) -> Vec<u8> {
+        crate::store::event_key(event)
+    }
+
+    /// The value engage stores for `event`.
+    pub fn encode_event(event: &Event) -> Vec<u8> {
+        crate::store::encode_event(event)
+    }
 }

@@ -8,6 +8,9 @@
 //! ```sh
 //! ENGAGE_WRITE_FIXTURE=tests/fixtures/vN cargo test --test compat -- --ignored write_fixture
 //! ```
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

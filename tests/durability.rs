@@ -1,6 +1,9 @@
 //! Acknowledged means durable (SPEC §4): a server killed with SIGKILL under concurrent writers
 //! loses no acknowledged event.
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;

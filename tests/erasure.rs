@@ -1,5 +1,8 @@
 //! DeleteUser (SPEC §3): right to erasure.
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,8 @@
 //! Operations (SPEC §5): health, reflection, restart, SIGTERM, unimplemented RPCs.
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! QueryService (SPEC §3): FilterUsers and GetEventStats, checked against a plain in-test
 //! implementation over random event sets, across restarts, erasure and an index rebuild.
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

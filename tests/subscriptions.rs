@@ -1,5 +1,8 @@
 //! SubscribeActions, AckActions, ListFiredActions and retention (SPEC §3 ActionService, §4).
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

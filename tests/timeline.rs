@@ -1,5 +1,8 @@
 //! GetUserTimeline paging and filters, and ListEventNames.
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -5,6 +5,9 @@
 //! fire by a *control* timer due later (timers fire in due order, so when the control's action
 //! arrives, every earlier timer has fired or never will).
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,5 +1,8 @@
 //! The trigger engine (SPEC §3 TriggerService, evaluation semantics).
 
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -16,6 +16,9 @@
 //! Latency is per call (microseconds, HDR histogram). Ratios are printed at the end; only ratios
 //! are meaningful across machines.
 
+// A benchmark tool: a failed setup step aborts the run with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod segments;
 mod timers;
 

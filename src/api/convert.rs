@@ -10,7 +10,7 @@ use crate::error::{invalid, Error};
 use crate::proto;
 
 /// A wire timestamp as a domain one; `field` names it in errors.
-pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<Timestamp, Error> {
+pub(crate) fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<Timestamp, Error> {
     Timestamp::new(ts.seconds, ts.nanos).ok_or_else(|| {
         invalid(format!(
             "{field}: seconds {} / nanos {} is not a valid timestamp (years 1-9999, nanos 0-999999999)",
@@ -20,12 +20,15 @@ pub fn timestamp(field: &str, ts: &prost_types::Timestamp) -> Result<Timestamp, 
 }
 
 /// An optional wire timestamp.
-pub fn opt_timestamp(field: &str, ts: &Option<prost_types::Timestamp>) -> Result<Option<Timestamp>, Error> {
+pub(crate) fn opt_timestamp(
+    field: &str,
+    ts: &Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>, Error> {
     ts.as_ref().map(|t| timestamp(field, t)).transpose()
 }
 
 /// A domain timestamp on the wire.
-pub fn to_proto_ts(ts: Timestamp) -> prost_types::Timestamp {
+pub(crate) fn to_proto_ts(ts: Timestamp) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: ts.secs,
         nanos: ts.nanos as i32,
@@ -33,7 +36,7 @@ pub fn to_proto_ts(ts: Timestamp) -> prost_types::Timestamp {
 }
 
 /// A wire attribute value; an AttributeValue with no value set is rejected.
-pub fn value(field: &str, v: &proto::AttributeValue) -> Result<Value, Error> {
+pub(crate) fn value(field: &str, v: &proto::AttributeValue) -> Result<Value, Error> {
     use proto::attribute_value::Value as V;
     match &v.value {
         None => Err(invalid(format!("{field}: no value set"))),
@@ -47,7 +50,7 @@ pub fn value(field: &str, v: &proto::AttributeValue) -> Result<Value, Error> {
 }
 
 /// A domain value on the wire.
-pub fn to_proto_value(v: &Value) -> proto::AttributeValue {
+pub(crate) fn to_proto_value(v: &Value) -> proto::AttributeValue {
     use proto::attribute_value::Value as V;
     let value = match v {
         Value::String(s) => V::StringValue(s.clone()),
@@ -60,7 +63,7 @@ pub fn to_proto_value(v: &Value) -> proto::AttributeValue {
 }
 
 /// A wire event as submitted; field names in errors are relative to the event.
-pub fn new_event(e: proto::Event) -> Result<NewEvent, Error> {
+pub(crate) fn new_event(e: proto::Event) -> Result<NewEvent, Error> {
     let occurred_at = opt_timestamp("occurred_at", &e.occurred_at)?;
     let mut attributes = Vec::with_capacity(e.attributes.len());
     for (name, v) in &e.attributes {
@@ -76,7 +79,7 @@ pub fn new_event(e: proto::Event) -> Result<NewEvent, Error> {
 }
 
 /// A stored event on the wire.
-pub fn to_proto_event(e: &Event) -> proto::Event {
+pub(crate) fn to_proto_event(e: &Event) -> proto::Event {
     proto::Event {
         event_id: e.event_id.clone(),
         user_id: e.user_id.clone(),
@@ -93,7 +96,7 @@ pub fn to_proto_event(e: &Event) -> proto::Event {
 }
 
 /// A wire attribute type; UNSPECIFIED and unknown numbers are rejected.
-pub fn attribute_type(field: &str, raw: i32) -> Result<AttributeType, Error> {
+pub(crate) fn attribute_type(field: &str, raw: i32) -> Result<AttributeType, Error> {
     use proto::AttributeType as P;
     match P::try_from(raw) {
         Ok(P::String) => Ok(AttributeType::String),
@@ -109,7 +112,7 @@ pub fn attribute_type(field: &str, raw: i32) -> Result<AttributeType, Error> {
 }
 
 /// A domain attribute type on the wire.
-pub fn to_proto_type(t: AttributeType) -> proto::AttributeType {
+pub(crate) fn to_proto_type(t: AttributeType) -> proto::AttributeType {
     match t {
         AttributeType::String => proto::AttributeType::String,
         AttributeType::Number => proto::AttributeType::Number,
@@ -120,7 +123,7 @@ pub fn to_proto_type(t: AttributeType) -> proto::AttributeType {
 }
 
 /// An attribute definition on the wire.
-pub fn to_proto_definition(d: &AttributeDefinition) -> proto::AttributeDefinition {
+pub(crate) fn to_proto_definition(d: &AttributeDefinition) -> proto::AttributeDefinition {
     proto::AttributeDefinition {
         name: d.name.clone(),
         r#type: to_proto_type(d.attribute_type) as i32,
@@ -131,7 +134,7 @@ pub fn to_proto_definition(d: &AttributeDefinition) -> proto::AttributeDefinitio
 }
 
 /// An event name's statistics on the wire.
-pub fn to_proto_name_summary(name: &str, s: &EventNameStats) -> proto::EventNameSummary {
+pub(crate) fn to_proto_name_summary(name: &str, s: &EventNameStats) -> proto::EventNameSummary {
     proto::EventNameSummary {
         name: name.to_string(),
         count: s.count,
@@ -141,7 +144,7 @@ pub fn to_proto_name_summary(name: &str, s: &EventNameStats) -> proto::EventName
 }
 
 /// A wire duration in nanoseconds; `field` names it in errors. Must be positive.
-pub fn positive_duration(field: &str, d: &prost_types::Duration) -> Result<i128, Error> {
+pub(crate) fn positive_duration(field: &str, d: &prost_types::Duration) -> Result<i128, Error> {
     if !(0..1_000_000_000).contains(&d.nanos) || d.seconds < 0 {
         return Err(invalid(format!(
             "{field}: seconds {} / nanos {} is not a valid positive duration",
@@ -156,7 +159,7 @@ pub fn positive_duration(field: &str, d: &prost_types::Duration) -> Result<i128,
 }
 
 /// Nanoseconds as a wire duration.
-pub fn to_proto_duration(nanos: i128) -> prost_types::Duration {
+pub(crate) fn to_proto_duration(nanos: i128) -> prost_types::Duration {
     prost_types::Duration {
         seconds: (nanos / 1_000_000_000) as i64,
         nanos: (nanos % 1_000_000_000) as i32,
@@ -201,7 +204,7 @@ fn to_proto_operator(op: Option<Operator>) -> i32 {
 }
 
 /// A wire aggregate; UNSPECIFIED is `None` (the caller picks the default).
-pub fn aggregate(field: &str, raw: i32) -> Result<Option<Aggregate>, Error> {
+pub(crate) fn aggregate(field: &str, raw: i32) -> Result<Option<Aggregate>, Error> {
     use proto::Aggregate as P;
     Ok(match P::try_from(raw) {
         Ok(P::Unspecified) => None,
@@ -230,7 +233,7 @@ fn to_proto_aggregate(a: Option<Aggregate>) -> i32 {
 
 /// Converts a wire condition at `field` and validates it for `place` against the schema the
 /// engine knows: the submitted form (to answer reads) and the validated one (to evaluate).
-pub fn validated_condition(
+pub(crate) fn validated_condition(
     ingest: &crate::engine::Ingest,
     field: &str,
     c: &proto::Condition,
@@ -248,7 +251,7 @@ pub fn validated_condition(
 }
 
 /// A wire condition as submitted (validation is the domain's: `condition::validate`).
-pub fn raw_condition(field: &str, c: &proto::Condition) -> Result<RawCondition, Error> {
+pub(crate) fn raw_condition(field: &str, c: &proto::Condition) -> Result<RawCondition, Error> {
     use proto::condition::Kind;
     let list = |l: &proto::ConditionList, kind: &str| -> Result<Vec<RawCondition>, Error> {
         l.conditions
@@ -306,7 +309,7 @@ pub fn raw_condition(field: &str, c: &proto::Condition) -> Result<RawCondition, 
 }
 
 /// A submitted condition back on the wire, as it was sent.
-pub fn to_proto_condition(c: &RawCondition) -> proto::Condition {
+pub(crate) fn to_proto_condition(c: &RawCondition) -> proto::Condition {
     use proto::condition::Kind;
     let list = |items: &[RawCondition]| proto::ConditionList {
         conditions: items.iter().map(to_proto_condition).collect(),
@@ -351,7 +354,7 @@ pub fn to_proto_condition(c: &RawCondition) -> proto::Condition {
 }
 
 /// A stored trigger on the wire.
-pub fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
+pub(crate) fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
     proto::Trigger {
         id: t.id.clone(),
         name: t.name.clone(),
@@ -376,7 +379,7 @@ pub fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
 }
 
 /// A fired action on the wire.
-pub fn to_proto_action(a: &FiredAction) -> proto::FiredAction {
+pub(crate) fn to_proto_action(a: &FiredAction) -> proto::FiredAction {
     proto::FiredAction {
         sequence: a.sequence,
         action_id: a.action_id.clone(),

@@ -13,7 +13,7 @@ use crate::error::{invalid, Error};
 
 /// A comparison operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Operator {
+pub(crate) enum Operator {
     Eq,
     Ne,
     Gt,
@@ -66,7 +66,7 @@ impl Operator {
 
 /// An aggregate over events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Aggregate {
+pub(crate) enum Aggregate {
     Count,
     Sum,
     Min,
@@ -77,7 +77,7 @@ pub enum Aggregate {
 
 /// A validated condition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Condition {
+pub(crate) enum Condition {
     All(Vec<Condition>),
     Any(Vec<Condition>),
     Not(Box<Condition>),
@@ -87,7 +87,7 @@ pub enum Condition {
 
 /// Compares one attribute of an event; `values` are already coerced to the attribute's type.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AttributeCondition {
+pub(crate) struct AttributeCondition {
     pub attribute: String,
     pub op: Operator,
     pub values: Vec<Value>,
@@ -95,7 +95,7 @@ pub struct AttributeCondition {
 
 /// Aggregates a user's events named `event_name` matching `filter` over a window.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct HistoryCondition {
+pub(crate) struct HistoryCondition {
     pub event_name: String,
     pub filter: Option<Box<Condition>>,
     pub aggregate: Aggregate,
@@ -108,7 +108,7 @@ pub struct HistoryCondition {
 
 /// A condition as submitted, before validation (the API layer builds it from the wire).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum RawCondition {
+pub(crate) enum RawCondition {
     All(Vec<RawCondition>),
     Any(Vec<RawCondition>),
     Not(Option<Box<RawCondition>>),
@@ -133,7 +133,7 @@ pub enum RawCondition {
 
 /// Where a condition stands, which decides the kinds it may contain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Place {
+pub(crate) enum Place {
     /// A trigger's condition: attribute and history conditions.
     Trigger,
     /// A FilterUsers filter: history conditions only at the top.
@@ -144,7 +144,7 @@ pub enum Place {
 
 /// Validates `raw` at `field` (a path such as `trigger.condition`), coercing comparison values
 /// with the attribute types `type_of` knows (undefined attributes answer `None`).
-pub fn validate(
+pub(crate) fn validate(
     raw: &RawCondition,
     field: &str,
     place: Place,
@@ -359,12 +359,12 @@ fn natural_type(v: &Value) -> AttributeType {
 impl AttributeCondition {
     /// Evaluates on one event. A missing attribute makes NE and NOT_EXISTS true and every other
     /// operator false; a stored value of another type than the comparison value never matches.
-    pub fn matches(&self, event: &Event) -> bool {
+    pub(crate) fn matches(&self, event: &Event) -> bool {
         self.matches_value(event.attributes.get(&self.attribute))
     }
 
     /// Evaluates on a stored value (`None`: the event lacks the attribute).
-    pub fn matches_value(&self, stored: Option<&Value>) -> bool {
+    pub(crate) fn matches_value(&self, stored: Option<&Value>) -> bool {
         let Some(stored) = stored else {
             return matches!(self.op, Operator::Ne | Operator::NotExists);
         };
@@ -427,7 +427,11 @@ fn compare_ordering(op: Operator, o: std::cmp::Ordering) -> bool {
 
 /// Evaluates a condition on one event: attribute conditions read the event, history conditions
 /// are answered by `history` (which aggregates the user's events; see [`Accumulator`]).
-pub fn eval(cond: &Condition, event: &Event, history: &mut dyn FnMut(&HistoryCondition) -> bool) -> bool {
+pub(crate) fn eval(
+    cond: &Condition,
+    event: &Event,
+    history: &mut dyn FnMut(&HistoryCondition) -> bool,
+) -> bool {
     match cond {
         Condition::All(items) => items.iter().all(|c| eval(c, event, history)),
         Condition::Any(items) => items.iter().any(|c| eval(c, event, history)),
@@ -439,7 +443,7 @@ pub fn eval(cond: &Condition, event: &Event, history: &mut dyn FnMut(&HistoryCon
 
 /// Evaluates a `where` (attribute conditions combined with all/any/not) on an event whose
 /// attributes `get` reads. History conditions cannot appear there (validation) and are false.
-pub fn eval_where(cond: &Condition, get: &mut dyn FnMut(&str) -> Option<Value>) -> bool {
+pub(crate) fn eval_where(cond: &Condition, get: &mut dyn FnMut(&str) -> Option<Value>) -> bool {
     match cond {
         Condition::All(items) => items.iter().all(|c| eval_where(c, get)),
         Condition::Any(items) => items.iter().any(|c| eval_where(c, get)),
@@ -451,7 +455,7 @@ pub fn eval_where(cond: &Condition, get: &mut dyn FnMut(&str) -> Option<Value>) 
 
 /// Folds the matching events of a history condition into its aggregate.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Accumulator {
+pub(crate) struct Accumulator {
     pub count: u64,
     /// Events that carried a number for the aggregated attribute.
     pub numbers: u64,
@@ -462,12 +466,12 @@ pub struct Accumulator {
 
 impl Accumulator {
     /// The aggregate of everything a [`UserNameAggregate`] has seen, for `attribute`.
-    pub fn from_aggregate(agg: &UserNameAggregate, attribute: &str) -> Self {
+    pub(crate) fn from_aggregate(agg: &UserNameAggregate, attribute: &str) -> Self {
         Self::from_parts(agg.count, agg.numbers.get(attribute))
     }
 
     /// The aggregate of `count` events whose numbers for the attribute are `number`.
-    pub fn from_parts(count: u64, number: Option<&NumberAggregate>) -> Self {
+    pub(crate) fn from_parts(count: u64, number: Option<&NumberAggregate>) -> Self {
         let number = number.filter(|n| n.count > 0);
         Self {
             count,
@@ -479,7 +483,7 @@ impl Accumulator {
     }
 
     /// Adds one matching event, reading `attribute` when the aggregate needs it.
-    pub fn add(&mut self, event: &Event, attribute: &str) {
+    pub(crate) fn add(&mut self, event: &Event, attribute: &str) {
         let number = match event.attributes.get(attribute) {
             Some(Value::Number(n)) => Some(*n),
             _ => None,
@@ -488,7 +492,7 @@ impl Accumulator {
     }
 
     /// Adds one matching event carrying `number` for the aggregated attribute (or none).
-    pub fn add_number(&mut self, number: Option<f64>) {
+    pub(crate) fn add_number(&mut self, number: Option<f64>) {
         self.count += 1;
         if let Some(n) = number {
             self.numbers += 1;
@@ -499,7 +503,7 @@ impl Accumulator {
     }
 
     /// Adds everything another accumulator holds.
-    pub fn merge(&mut self, other: &Accumulator) {
+    pub(crate) fn merge(&mut self, other: &Accumulator) {
         self.count += other.count;
         self.numbers += other.numbers;
         self.sum += other.sum;
@@ -514,7 +518,7 @@ impl Accumulator {
     }
 
     /// The aggregate's value; `None` when it has none (MIN/MAX/AVG over no numbers).
-    pub fn value(&self, aggregate: Aggregate) -> Option<f64> {
+    pub(crate) fn value(&self, aggregate: Aggregate) -> Option<f64> {
         match aggregate {
             Aggregate::Count | Aggregate::DistinctUsers => Some(self.count as f64),
             Aggregate::Sum => Some(self.sum),
@@ -528,7 +532,7 @@ impl Accumulator {
 impl HistoryCondition {
     /// True when the aggregate compares with `op value`; an aggregate without a value (MIN, MAX,
     /// AVG over no events) makes the comparison false.
-    pub fn holds(&self, acc: &Accumulator) -> bool {
+    pub(crate) fn holds(&self, acc: &Accumulator) -> bool {
         acc.value(self.aggregate)
             .and_then(|v| v.partial_cmp(&self.value))
             .is_some_and(|o| compare_ordering(self.op, o))

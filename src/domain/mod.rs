@@ -9,8 +9,8 @@
 //! - [`bytes`]: hashing, hex and order-preserving integer encoding, written once.
 
 pub(crate) mod bytes;
-pub mod condition;
-pub mod model;
+pub(crate) mod condition;
+pub(crate) mod model;
 pub(crate) mod rules;
 pub(crate) mod template;
 pub(crate) mod typing;

@@ -127,7 +127,7 @@ impl fmt::Display for Timestamp {
 
 /// The type of an attribute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum AttributeType {
+pub(crate) enum AttributeType {
     String,
     Number,
     Date,
@@ -137,7 +137,7 @@ pub enum AttributeType {
 
 impl AttributeType {
     /// The name users see, as in the proto enum without its prefix.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AttributeType::String => "STRING",
             AttributeType::Number => "NUMBER",
@@ -179,7 +179,7 @@ pub struct Event {
 
 /// An event as a client submits it, before validation and coercion.
 #[derive(Clone, Debug, PartialEq, Default)]
-pub struct NewEvent {
+pub(crate) struct NewEvent {
     /// Empty means "generate one".
     pub event_id: String,
     pub user_id: String,
@@ -190,7 +190,7 @@ pub struct NewEvent {
 
 /// A global attribute definition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AttributeDefinition {
+pub(crate) struct AttributeDefinition {
     pub name: String,
     pub attribute_type: AttributeType,
     pub description: String,
@@ -200,7 +200,7 @@ pub struct AttributeDefinition {
 
 /// What the server knows of one event name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EventNameStats {
+pub(crate) struct EventNameStats {
     pub count: u64,
     /// Earliest `occurred_at` seen.
     pub first_seen: Timestamp,
@@ -210,7 +210,7 @@ pub struct EventNameStats {
 
 impl EventNameStats {
     /// Stats of a name seen once, at `at`.
-    pub fn first(at: Timestamp) -> Self {
+    pub(crate) fn first(at: Timestamp) -> Self {
         Self {
             count: 1,
             first_seen: at,
@@ -219,7 +219,7 @@ impl EventNameStats {
     }
 
     /// Counts one more event at `at`.
-    pub fn record(&mut self, at: Timestamp) {
+    pub(crate) fn record(&mut self, at: Timestamp) {
         self.count += 1;
         self.first_seen = self.first_seen.min(at);
         self.last_seen = self.last_seen.max(at);
@@ -228,7 +228,7 @@ impl EventNameStats {
 
 /// What a trigger fires.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ActionTemplate {
+pub(crate) struct ActionTemplate {
     pub action_type: String,
     pub payload_template: String,
 }
@@ -236,7 +236,7 @@ pub struct ActionTemplate {
 /// A trigger rule as stored: the condition as submitted (to answer reads) and as validated (to
 /// evaluate; validation coerced its comparison values with the types known at submission).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Trigger {
+pub(crate) struct Trigger {
     pub id: String,
     pub name: String,
     pub paused: bool,
@@ -259,7 +259,7 @@ impl Trigger {
     /// How long after the triggering event's `occurred_at` a timed trigger fires: the longer of
     /// `delay` and `unless.within` (an absence is known only once its window has closed).
     /// `None` for a trigger that fires at once.
-    pub fn timer_nanos(&self) -> Option<i128> {
+    pub(crate) fn timer_nanos(&self) -> Option<i128> {
         match (self.delay_nanos, &self.unless) {
             (None, None) => None,
             (d, u) => Some(d.unwrap_or(0).max(u.as_ref().map_or(0, |u| u.within_nanos))),
@@ -269,7 +269,7 @@ impl Trigger {
 
 /// What cancels a pending firing (the wire's AbsenceCheck), validated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AbsenceCheck {
+pub(crate) struct AbsenceCheck {
     pub event_name: String,
     pub raw_condition: Option<crate::domain::condition::RawCondition>,
     pub condition: Option<crate::domain::condition::Condition>,
@@ -280,7 +280,7 @@ pub struct AbsenceCheck {
 /// `generation` is the trigger's `updated_at` when armed: a timer of an older generation was
 /// cancelled by the change and never fires.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Timer {
+pub(crate) struct Timer {
     pub trigger_id: String,
     pub due: Timestamp,
     pub generation: Timestamp,
@@ -289,7 +289,7 @@ pub struct Timer {
 
 /// What the (trigger, user) index says of a pending timer.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PendingTimer {
+pub(crate) struct PendingTimer {
     pub due: Timestamp,
     /// The arming event's `occurred_at`.
     pub armed_at: Timestamp,
@@ -299,7 +299,7 @@ pub struct PendingTimer {
 /// The durable record of a fired action. After the user's erasure `user_id`, `payload` and
 /// `event` are empty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FiredAction {
+pub(crate) struct FiredAction {
     pub sequence: u64,
     pub action_id: String,
     pub trigger_id: String,
@@ -314,7 +314,7 @@ pub struct FiredAction {
 
 /// Running aggregates of one NUMBER attribute.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct NumberAggregate {
+pub(crate) struct NumberAggregate {
     pub count: u64,
     pub sum: f64,
     pub min: f64,
@@ -323,7 +323,7 @@ pub struct NumberAggregate {
 
 impl NumberAggregate {
     /// Adds one number.
-    pub fn add(&mut self, n: f64) {
+    pub(crate) fn add(&mut self, n: f64) {
         if self.count == 0 {
             self.min = n;
             self.max = n;
@@ -336,7 +336,7 @@ impl NumberAggregate {
     }
 
     /// Adds every number of `other`.
-    pub fn merge(&mut self, other: &NumberAggregate) {
+    pub(crate) fn merge(&mut self, other: &NumberAggregate) {
         if other.count == 0 {
             return;
         }
@@ -354,7 +354,7 @@ impl NumberAggregate {
 /// Everything-so-far aggregates of one user's events of one name, maintained on ingest for the
 /// names that all-history trigger conditions use, so that evaluating one costs one read.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct UserNameAggregate {
+pub(crate) struct UserNameAggregate {
     /// The maintenance epoch of the name it was built in; a record from an older epoch (the name
     /// stopped being maintained for a while) is stale and rebuilt from the events.
     pub epoch: u64,
@@ -367,7 +367,7 @@ pub struct UserNameAggregate {
 
 impl UserNameAggregate {
     /// Adds one event.
-    pub fn add(&mut self, event: &Event) {
+    pub(crate) fn add(&mut self, event: &Event) {
         self.count += 1;
         self.last_occurred_at = Some(
             self.last_occurred_at
@@ -383,7 +383,7 @@ impl UserNameAggregate {
 
 /// Per trigger and user: how often and when it last fired (for cooldown and once_per_user).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct FiringState {
+pub(crate) struct FiringState {
     pub firings: u64,
     pub last_fired_at: Option<Timestamp>,
 }

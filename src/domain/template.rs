@@ -30,7 +30,7 @@ fn environment() -> Environment<'static> {
 }
 
 /// Checks that `source` parses; the error text says where it does not.
-pub fn check(source: &str) -> Result<(), String> {
+pub(crate) fn check(source: &str) -> Result<(), String> {
     let env = environment();
     env.template_from_str(source).map(|_| ()).map_err(|e| {
         let mut msg = e.to_string();
@@ -80,7 +80,7 @@ fn rendered(result: Result<String, minijinja::Error>, trigger_id: &str) -> Strin
 
 /// The compiled payload templates of every trigger, by trigger id: parsed once when a trigger is
 /// stored, not on every firing.
-pub struct Templates {
+pub(crate) struct Templates {
     env: Environment<'static>,
 }
 
@@ -93,7 +93,7 @@ impl Default for Templates {
 impl Templates {
     /// Compiles (or replaces) a trigger's template. Templates are checked at submission, so a
     /// failure here means stored data no longer parses: the trigger then renders empty.
-    pub fn set(&mut self, trigger_id: &str, source: &str) {
+    pub(crate) fn set(&mut self, trigger_id: &str, source: &str) {
         if let Err(e) = self
             .env
             .add_template_owned(trigger_id.to_string(), source.to_string())
@@ -104,12 +104,12 @@ impl Templates {
     }
 
     /// Forgets a trigger's template.
-    pub fn remove(&mut self, trigger_id: &str) {
+    pub(crate) fn remove(&mut self, trigger_id: &str) {
         self.env.remove_template(trigger_id);
     }
 
     /// Renders a trigger's payload for `event`; never fails (see the module documentation).
-    pub fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event) -> String {
+    pub(crate) fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event) -> String {
         match self.env.get_template(trigger_id) {
             Ok(t) => rendered(t.render(context(event, trigger_id, trigger_name)), trigger_id),
             Err(_) => String::new(),
@@ -120,7 +120,7 @@ impl Templates {
 /// Renders `source` once (compiling it on the spot) for `event` fired by a trigger; the tests'
 /// reference for [`Templates::render`].
 #[cfg(test)]
-pub fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
+pub(crate) fn render(source: &str, event: &Event, trigger_id: &str, trigger_name: &str) -> String {
     if source.is_empty() {
         return String::new();
     }

@@ -5,14 +5,14 @@ use crate::domain::model::{AttributeType, Timestamp, Value};
 
 /// Why a value cannot be coerced; the caller adds the attribute's name.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CoerceError {
+pub(crate) struct CoerceError {
     pub expected: AttributeType,
     /// The offending value as the client sent it, quoted and shortened for messages.
     pub shown: String,
 }
 
 /// Coerces `value` to `ty`, returning the value as stored.
-pub fn coerce(ty: AttributeType, value: &Value) -> Result<Value, CoerceError> {
+pub(crate) fn coerce(ty: AttributeType, value: &Value) -> Result<Value, CoerceError> {
     let fail = || CoerceError {
         expected: ty,
         shown: show(value),
@@ -37,7 +37,7 @@ pub fn coerce(ty: AttributeType, value: &Value) -> Result<Value, CoerceError> {
 }
 
 /// The type an undefined attribute is created with: JSON for a `json_value`, STRING otherwise.
-pub fn type_for_undefined(value: &Value) -> AttributeType {
+pub(crate) fn type_for_undefined(value: &Value) -> AttributeType {
     match value {
         Value::Json(_) => AttributeType::Json,
         _ => AttributeType::String,
@@ -45,7 +45,7 @@ pub fn type_for_undefined(value: &Value) -> AttributeType {
 }
 
 /// A finite decimal number (sign, fraction and exponent allowed, surrounding spaces ignored).
-pub fn parse_number(text: &str) -> Option<f64> {
+pub(crate) fn parse_number(text: &str) -> Option<f64> {
     let t = text.trim();
     // Rust also parses "inf", "NaN" and "infinity": only digits and number punctuation pass.
     if t.is_empty()
@@ -60,7 +60,7 @@ pub fn parse_number(text: &str) -> Option<f64> {
 }
 
 /// The canonical text of a number: `39`, `39.5`, `-0.001` (shortest round-trip, no exponent).
-pub fn number_text(n: f64) -> String {
+pub(crate) fn number_text(n: f64) -> String {
     if n == 0.0 {
         return "0".to_string();
     }
@@ -69,7 +69,7 @@ pub fn number_text(n: f64) -> String {
 
 /// The canonical text of a scalar: how a STRING attribute stores it and how
 /// templates render it. `None` for a non-finite number or invalid JSON.
-pub fn canonical_text(value: &Value) -> Option<String> {
+pub(crate) fn canonical_text(value: &Value) -> Option<String> {
     match value {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) if n.is_finite() => Some(number_text(*n)),
@@ -81,13 +81,13 @@ pub fn canonical_text(value: &Value) -> Option<String> {
 }
 
 /// Valid JSON re-serialised compactly (key order kept), or `None` when `text` is not JSON.
-pub fn compact_json(text: &str) -> Option<String> {
+pub(crate) fn compact_json(text: &str) -> Option<String> {
     let parsed: serde_json::Value = serde_json::from_str(text).ok()?;
     serde_json::to_string(&parsed).ok()
 }
 
 /// A value as messages show it: strings quoted, long ones cut at 64 characters.
-pub fn show(value: &Value) -> String {
+pub(crate) fn show(value: &Value) -> String {
     let (text, quoted) = match value {
         Value::String(s) => (s.clone(), true),
         Value::Json(s) => (s.clone(), true),

@@ -21,7 +21,7 @@ use crate::store::{ActionOwner, Store};
 
 /// Where a subscription starts (the wire's `StartFrom`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StartFrom {
+pub(crate) enum StartFrom {
     Unspecified,
     Latest,
     Earliest,
@@ -31,7 +31,7 @@ pub enum StartFrom {
 
 /// Which actions a subscription delivers.
 #[derive(Clone, Debug, Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     pub trigger_ids: HashSet<String>,
     pub action_types: HashSet<String>,
 }
@@ -57,7 +57,7 @@ pub struct DeliveryOptions {
 
 /// The action log as subscribers and listings see it.
 #[derive(Clone)]
-pub struct ActionLog {
+pub(crate) struct ActionLog {
     store: Store,
     ingest: Ingest,
     permits: Arc<Semaphore>,
@@ -67,7 +67,7 @@ pub struct ActionLog {
 
 impl ActionLog {
     /// `shutdown` turning true ends every open subscription.
-    pub fn new(
+    pub(crate) fn new(
         store: Store,
         ingest: Ingest,
         options: &DeliveryOptions,
@@ -83,7 +83,7 @@ impl ActionLog {
     }
 
     /// The oldest sequence still kept (one past the last when the log is empty).
-    pub fn earliest_available(&self) -> Result<u64, Error> {
+    pub(crate) fn earliest_available(&self) -> Result<u64, Error> {
         match self.store.first_action()? {
             Some(a) => Ok(a.sequence),
             None => Ok(*self.ingest.durable_actions().borrow() + 1),
@@ -102,7 +102,7 @@ impl ActionLog {
     /// Opens a subscription and answers the channel its actions arrive on, in strictly
     /// increasing sequence. A named consumer is created at this subscription's start point if
     /// new; its stored position moves only through [`Ingest::ack`].
-    pub async fn subscribe(
+    pub(crate) async fn subscribe(
         &self,
         consumer: Option<String>,
         start: StartFrom,
@@ -169,7 +169,7 @@ impl ActionLog {
     /// Up to `limit` durable actions newest first, with sequence below `before` (0: from the
     /// newest): all, a user's, a trigger's, or a user's of one trigger (read through the user's
     /// index, keeping the trigger's). Actions not yet durable are never listed.
-    pub fn list(
+    pub(crate) fn list(
         &self,
         user: Option<&str>,
         trigger: Option<&str>,
@@ -209,7 +209,7 @@ impl ActionLog {
 
     /// Deletes the actions older than the retention period; answers how many. Runs through the
     /// writer, like every other write, so it never races an erasure rewriting an action.
-    pub async fn expire(&self) -> Result<usize, Error> {
+    pub(crate) async fn expire(&self) -> Result<usize, Error> {
         let cutoff = Timestamp::now().plus_secs(-(self.retention_secs.min(i64::MAX as u64) as i64));
         let mut total = 0;
         loop {

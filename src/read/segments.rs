@@ -83,7 +83,7 @@ impl Users {
 /// [`condition::Place::Filter`].
 /// Names whose rollup is missing or lags are added to `stale` (the caller asks the writer to
 /// rebuild them; see [`rollup_history`]).
-pub fn filter_users(
+pub(crate) fn filter_users(
     store: &Store,
     filter: &Condition,
     as_of: Timestamp,

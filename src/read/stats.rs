@@ -18,14 +18,14 @@ use crate::store::Store;
 
 /// The size of a statistics bucket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granularity {
+pub(crate) enum Granularity {
     Minute,
     Hour,
     Day,
 }
 
 impl Granularity {
-    pub fn seconds(self) -> i64 {
+    pub(crate) fn seconds(self) -> i64 {
         match self {
             Granularity::Minute => MINUTE,
             Granularity::Hour => HOUR,
@@ -35,11 +35,11 @@ impl Granularity {
 }
 
 /// Most buckets one GetEventStats call may ask for (a week of minutes is 10 080).
-pub const MAX_BUCKETS: i64 = 20_000;
+pub(crate) const MAX_BUCKETS: i64 = 20_000;
 
 /// A validated statistics request over `[from, to)`.
 #[derive(Clone, Debug)]
-pub struct StatsQuery {
+pub(crate) struct StatsQuery {
     pub event_name: String,
     pub from: Timestamp,
     pub to: Timestamp,
@@ -51,7 +51,7 @@ pub struct StatsQuery {
 
 /// One bucket: its start, the aggregate's value and the number of events.
 #[derive(Clone, Debug, PartialEq)]
-pub struct StatsBucket {
+pub(crate) struct StatsBucket {
     pub start: Timestamp,
     pub value: f64,
     pub events: u64,
@@ -59,14 +59,14 @@ pub struct StatsBucket {
 
 /// Buckets covering the range and the aggregate over all of it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub buckets: Vec<StatsBucket>,
     pub total: f64,
 }
 
 /// The first bucket's start (`from` aligned down) and the number of buckets covering
 /// `[from, to)`; `from < to` is checked by the caller.
-pub fn bucket_span(from: Timestamp, to: Timestamp, g: Granularity) -> (i64, i64) {
+pub(crate) fn bucket_span(from: Timestamp, to: Timestamp, g: Granularity) -> (i64, i64) {
     let w = g.seconds();
     let first = from.secs.div_euclid(w) * w;
     // The last bucket starts before `to`.
@@ -102,7 +102,7 @@ fn value_of(summary: &BucketSummary, aggregate: Aggregate, attribute: &str) -> f
 }
 
 /// Computes GetEventStats.
-pub fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
+pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error> {
     let w = q.granularity.seconds();
     let (first, count) = bucket_span(q.from, q.to, q.granularity);
     let index = |at: Timestamp| ((at.secs - first).div_euclid(w)) as usize;

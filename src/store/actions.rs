@@ -8,7 +8,10 @@ use crate::domain::model::{FiredAction, FiringState, Timestamp};
 
 impl Store {
     /// A user's fired actions (those still in the log).
-    pub fn user_actions(&self, user_id: &str) -> impl Iterator<Item = Result<FiredAction, StoreError>> + '_ {
+    pub(crate) fn user_actions(
+        &self,
+        user_id: &str,
+    ) -> impl Iterator<Item = Result<FiredAction, StoreError>> + '_ {
         self.tree
             .scan_prefix(under(USER_ACTION, user_id))
             .filter_map(move |kv| {
@@ -25,13 +28,17 @@ impl Store {
     }
 
     /// A trigger's firing state for one user.
-    pub fn firing_state(&self, trigger_id: &str, user_id: &str) -> Result<Option<FiringState>, StoreError> {
+    pub(crate) fn firing_state(
+        &self,
+        trigger_id: &str,
+        user_id: &str,
+    ) -> Result<Option<FiringState>, StoreError> {
         let key = pair(FIRING, trigger_id, user_id);
         self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
 
     /// The users with a firing state of a trigger (to delete them with the trigger).
-    pub fn firing_state_users(&self, trigger_id: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn firing_state_users(&self, trigger_id: &str) -> Result<Vec<String>, StoreError> {
         let prefix = under(FIRING, trigger_id);
         self.tree
             .scan_prefix(&prefix)
@@ -44,13 +51,13 @@ impl Store {
     }
 
     /// A consumer's acknowledged position.
-    pub fn consumer(&self, name: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn consumer(&self, name: &str) -> Result<Option<u64>, StoreError> {
         let key = prefixed(CONSUMER, name);
         self.tree.get(&key)?.map(|v| decode_u64(&key, &v)).transpose()
     }
 
     /// Up to `limit` actions with sequences from `from` to `to` inclusive, in order.
-    pub fn actions(&self, from: u64, to: u64, limit: usize) -> Result<Vec<FiredAction>, StoreError> {
+    pub(crate) fn actions(&self, from: u64, to: u64, limit: usize) -> Result<Vec<FiredAction>, StoreError> {
         if from > to {
             return Ok(Vec::new());
         }
@@ -65,7 +72,7 @@ impl Store {
     }
 
     /// The oldest action kept, if any.
-    pub fn first_action(&self) -> Result<Option<FiredAction>, StoreError> {
+    pub(crate) fn first_action(&self) -> Result<Option<FiredAction>, StoreError> {
         match self.tree.scan_prefix([ACTION]).next() {
             Some(kv) => {
                 let (k, v) = kv?;
@@ -76,7 +83,7 @@ impl Store {
     }
 
     /// Actions newest first with sequence below `before`, all or those of one user or trigger.
-    pub fn actions_newest_first(
+    pub(crate) fn actions_newest_first(
         &self,
         owner: ActionOwner<'_>,
         before: u64,
@@ -116,7 +123,7 @@ impl Store {
 
     /// Adds to `batch` the deletion of up to `max` actions from the start of the log fired
     /// before `cutoff`, with their index entries. Returns how many.
-    pub fn expire_actions(
+    pub(crate) fn expire_actions(
         &self,
         batch: &mut WriteBatch,
         cutoff: Timestamp,
@@ -138,7 +145,7 @@ impl Store {
 
 /// Whose actions to list.
 #[derive(Clone, Copy, Debug)]
-pub enum ActionOwner<'a> {
+pub(crate) enum ActionOwner<'a> {
     All,
     User(&'a str),
     Trigger(&'a str),

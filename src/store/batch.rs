@@ -8,7 +8,7 @@ use crate::domain::model::{
 
 /// Writes that become visible and durable together (see `Store::apply`).
 #[derive(Default)]
-pub struct WriteBatch {
+pub(crate) struct WriteBatch {
     batch: sled::Batch,
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
@@ -38,47 +38,47 @@ impl WriteBatch {
     }
 
     /// True when nothing was added.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.writes == 0
     }
 
     /// How many writes were added.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.writes
     }
 
     /// Stores an event on its user's timeline.
-    pub fn put_event(&mut self, event: &Event) {
+    pub(crate) fn put_event(&mut self, event: &Event) {
         self.put_raw(event_key(event), encode(event));
     }
 
     /// Removes a stored event from its user's timeline.
-    pub fn remove_event(&mut self, event: &Event) {
+    pub(crate) fn remove_event(&mut self, event: &Event) {
         self.remove_raw(event_key(event));
     }
 
     /// Stores a user's running aggregates for one event name.
-    pub fn put_user_aggregate(&mut self, user_id: &str, name: &str, agg: &UserNameAggregate) {
+    pub(crate) fn put_user_aggregate(&mut self, user_id: &str, name: &str, agg: &UserNameAggregate) {
         self.put_raw(pair(AGGREGATE, user_id, name), encode(agg));
     }
 
     /// Removes a user's running aggregates for one event name.
-    pub fn remove_user_aggregate(&mut self, user_id: &str, name: &str) {
+    pub(crate) fn remove_user_aggregate(&mut self, user_id: &str, name: &str) {
         self.remove_raw(pair(AGGREGATE, user_id, name));
     }
 
     /// Stores a trigger (create or replace).
-    pub fn put_trigger(&mut self, trigger: &Trigger) {
+    pub(crate) fn put_trigger(&mut self, trigger: &Trigger) {
         self.put_raw(prefixed(TRIGGER, &trigger.id), encode(trigger));
     }
 
     /// Removes a trigger.
-    pub fn remove_trigger(&mut self, id: &str) {
+    pub(crate) fn remove_trigger(&mut self, id: &str) {
         self.remove_raw(prefixed(TRIGGER, id));
     }
 
     /// Appends an action to the log, with its by-user and by-trigger index entries.
-    pub fn put_action(&mut self, action: &FiredAction) {
+    pub(crate) fn put_action(&mut self, action: &FiredAction) {
         self.put_raw(action_key(action.sequence).to_vec(), encode(action));
         self.put_raw(
             seq_index_key(USER_ACTION, &action.user_id, action.sequence),
@@ -91,69 +91,69 @@ impl WriteBatch {
     }
 
     /// Rewrites an action's log record (its index entries are left as they are).
-    pub fn put_action_record(&mut self, action: &FiredAction) {
+    pub(crate) fn put_action_record(&mut self, action: &FiredAction) {
         self.put_raw(action_key(action.sequence).to_vec(), encode(action));
     }
 
     /// Removes an action from the log with its index entries (`action` as it is stored).
-    pub fn remove_action(&mut self, action: &FiredAction) {
+    pub(crate) fn remove_action(&mut self, action: &FiredAction) {
         self.remove_raw(action_key(action.sequence).to_vec());
         self.remove_user_action(&action.user_id, action.sequence);
         self.remove_raw(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
     }
 
     /// Removes an action from a user's index (the log keeps it).
-    pub fn remove_user_action(&mut self, user_id: &str, sequence: u64) {
+    pub(crate) fn remove_user_action(&mut self, user_id: &str, sequence: u64) {
         self.remove_raw(seq_index_key(USER_ACTION, user_id, sequence));
     }
 
     /// Stores a trigger's firing state for one user.
-    pub fn put_firing_state(&mut self, trigger_id: &str, user_id: &str, state: &FiringState) {
+    pub(crate) fn put_firing_state(&mut self, trigger_id: &str, user_id: &str, state: &FiringState) {
         self.put_raw(pair(FIRING, trigger_id, user_id), encode(state));
     }
 
     /// Removes a trigger's firing state for one user.
-    pub fn remove_firing_state(&mut self, trigger_id: &str, user_id: &str) {
+    pub(crate) fn remove_firing_state(&mut self, trigger_id: &str, user_id: &str) {
         self.remove_raw(pair(FIRING, trigger_id, user_id));
     }
 
     /// Remembers a client-supplied event id and the sequence it was stored with.
-    pub fn put_event_id(&mut self, event_id: &str, sequence: u64) {
+    pub(crate) fn put_event_id(&mut self, event_id: &str, sequence: u64) {
         self.put_raw(prefixed(EVENT_ID, event_id), sequence.to_be_bytes().to_vec());
     }
 
     /// Forgets a client event id.
-    pub fn remove_event_id(&mut self, event_id: &str) {
+    pub(crate) fn remove_event_id(&mut self, event_id: &str) {
         self.remove_raw(prefixed(EVENT_ID, event_id));
     }
 
     /// Stores an event name's aggregate maintenance epoch.
-    pub fn put_epoch(&mut self, name: &str, epoch: u64) {
+    pub(crate) fn put_epoch(&mut self, name: &str, epoch: u64) {
         self.put_raw(prefixed(EPOCH, name), epoch.to_be_bytes().to_vec());
     }
 
     /// Stores a consumer's acknowledged position.
-    pub fn put_consumer(&mut self, name: &str, acked: u64) {
+    pub(crate) fn put_consumer(&mut self, name: &str, acked: u64) {
         self.put_raw(prefixed(CONSUMER, name), acked.to_be_bytes().to_vec());
     }
 
     /// Stores the last action sequence handed out.
-    pub fn put_last_action_seq(&mut self, seq: u64) {
+    pub(crate) fn put_last_action_seq(&mut self, seq: u64) {
         self.put_raw(META_ACTION_SEQ.to_vec(), seq.to_be_bytes().to_vec());
     }
 
     /// Stores the last event sequence handed out.
-    pub fn put_last_event_seq(&mut self, seq: u64) {
+    pub(crate) fn put_last_event_seq(&mut self, seq: u64) {
         self.put_raw(META_EVENT_SEQ.to_vec(), seq.to_be_bytes().to_vec());
     }
 
     /// Stores an attribute definition.
-    pub fn put_attribute(&mut self, def: &AttributeDefinition) {
+    pub(crate) fn put_attribute(&mut self, def: &AttributeDefinition) {
         self.put_raw(prefixed(ATTRIBUTE, &def.name), encode(def));
     }
 
     /// Stores an event name's statistics.
-    pub fn put_name_stats(&mut self, name: &str, stats: &EventNameStats) {
+    pub(crate) fn put_name_stats(&mut self, name: &str, stats: &EventNameStats) {
         self.put_raw(prefixed(NAME_STATS, name), encode(stats));
     }
 

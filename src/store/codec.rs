@@ -22,6 +22,6 @@ pub(super) fn decode_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
 }
 
 /// An event encoded as engage stores it (for the benchmarks' raw-sled baseline).
-pub fn encode_event(event: &crate::domain::model::Event) -> Vec<u8> {
+pub(crate) fn encode_event(event: &crate::domain::model::Event) -> Vec<u8> {
     encode(event)
 }

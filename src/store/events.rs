@@ -10,7 +10,7 @@ use crate::domain::model::{Event, Timestamp, UserNameAggregate};
 
 impl Store {
     /// The sequence a client-supplied event id was stored with, if any.
-    pub fn sequence_of_event_id(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn sequence_of_event_id(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
         let key = prefixed(EVENT_ID, event_id);
         match self.tree.get(&key)? {
             Some(v) => Ok(Some(decode_u64(&key, &v)?)),
@@ -20,7 +20,7 @@ impl Store {
 
     /// The names of the events a user has: one seek per name over the user's event keys, which
     /// are grouped by name.
-    pub fn user_event_names(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn user_event_names(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
         let prefix = under(TIMELINE, user_id);
         let end = end_of(&prefix);
         let mut names = Vec::new();
@@ -43,7 +43,7 @@ impl Store {
 
     /// One user's events within `[lower, upper]` bounds, of one name or all, in timeline order
     /// (or reversed). Reads only that user's keys: one range per event name, merged.
-    pub fn timeline(
+    pub(crate) fn timeline(
         &self,
         user_id: &str,
         name: Option<&str>,
@@ -84,14 +84,18 @@ impl Store {
     }
 
     /// A user's running aggregates for one event name.
-    pub fn user_aggregate(&self, user_id: &str, name: &str) -> Result<Option<UserNameAggregate>, StoreError> {
+    pub(crate) fn user_aggregate(
+        &self,
+        user_id: &str,
+        name: &str,
+    ) -> Result<Option<UserNameAggregate>, StoreError> {
         let key = pair(AGGREGATE, user_id, name);
         self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
 
     /// Positions of a user's events of one name with `occurred_at` in `(after, until]`
     /// (`after` `None`: from the beginning), oldest first. Reads only those keys.
-    pub fn named_positions(
+    pub(crate) fn named_positions(
         &self,
         user_id: &str,
         name: &str,
@@ -113,7 +117,7 @@ impl Store {
     }
 
     /// Every event of a user, grouped by name.
-    pub fn user_events(&self, user_id: &str) -> impl Iterator<Item = Result<Event, StoreError>> + '_ {
+    pub(crate) fn user_events(&self, user_id: &str) -> impl Iterator<Item = Result<Event, StoreError>> + '_ {
         self.tree.scan_prefix(under(TIMELINE, user_id)).map(|kv| {
             let (k, v) = kv?;
             decode(&k, &v)
@@ -121,7 +125,7 @@ impl Store {
     }
 
     /// All of a user's events of one name, oldest first.
-    pub fn named_events(
+    pub(crate) fn named_events(
         &self,
         user_id: &str,
         name: &str,
@@ -133,7 +137,12 @@ impl Store {
     }
 
     /// The event of `user_id` named `name` at a timeline position.
-    pub fn event_at(&self, user_id: &str, name: &str, pos: TimelinePos) -> Result<Option<Event>, StoreError> {
+    pub(crate) fn event_at(
+        &self,
+        user_id: &str,
+        name: &str,
+        pos: TimelinePos,
+    ) -> Result<Option<Event>, StoreError> {
         let key = named_key(user_id, name, pos);
         self.tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
     }
@@ -142,7 +151,7 @@ impl Store {
 type KvIter = Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send>;
 
 /// A user's events in timeline order: a merge of one range per event name.
-pub struct TimelineIter {
+pub(crate) struct TimelineIter {
     /// Per event name: the key prefix length and the range.
     ranges: Vec<(usize, std::iter::Peekable<KvIter>)>,
     newest_first: bool,

@@ -35,7 +35,7 @@ pub(super) const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 pub(super) const META_COLUMNS: &[u8] = b"Mcolumns";
 
 /// A position in a user's timeline: an event's `occurred_at` and `sequence`.
-pub type TimelinePos = (Timestamp, u64);
+pub(crate) type TimelinePos = (Timestamp, u64);
 
 /// `prefix` name: the key of a record named by one string.
 pub(super) fn prefixed(prefix: u8, name: &str) -> Vec<u8> {
@@ -87,7 +87,7 @@ pub(super) fn named_key(user_id: &str, name: &str, pos: TimelinePos) -> Vec<u8> 
 }
 
 /// The key a stored event lives under.
-pub fn event_key(event: &Event) -> Vec<u8> {
+pub(crate) fn event_key(event: &Event) -> Vec<u8> {
     named_key(&event.user_id, &event.name, (event.occurred_at, event.sequence))
 }
 

@@ -68,7 +68,7 @@ pub(super) fn decode_trigger(key: &[u8], bytes: &[u8]) -> Result<Trigger, StoreE
 
 /// What [`Store::migrate`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Migrated {
+pub(crate) struct Migrated {
     /// Timer keys of the pre-release layout removed.
     pub dropped_timer_keys: usize,
     /// Events added to a by-name index built from scratch (`None`: it was already built).
@@ -78,7 +78,7 @@ pub struct Migrated {
 impl Store {
     /// Brings the data directory up to date (see the module documentation). `columns` is the
     /// writer's index state, which the index backfill writes through.
-    pub fn migrate(&self, columns: &mut Columns) -> Result<Migrated, StoreError> {
+    pub(crate) fn migrate(&self, columns: &mut Columns) -> Result<Migrated, StoreError> {
         Ok(Migrated {
             dropped_timer_keys: self.drop_unpacked_timers()?,
             indexed_events: self.backfill_columns(columns)?,

@@ -68,10 +68,10 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-pub use actions::ActionOwner;
-pub use batch::WriteBatch;
-pub use codec::encode_event;
-pub use keys::{event_key, TimelinePos};
+pub(crate) use actions::ActionOwner;
+pub(crate) use batch::WriteBatch;
+pub(crate) use codec::encode_event;
+pub(crate) use keys::{event_key, TimelinePos};
 
 use crate::domain::model::{AttributeDefinition, EventNameStats, Trigger};
 use crate::error::Error;
@@ -115,7 +115,7 @@ pub struct StoreOptions {
 
 /// The sled database behind engage.
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     db: sled::Db,
     tree: sled::Tree,
     /// Held for writing while a batch that rewrites or removes index blocks is applied, and for
@@ -126,7 +126,7 @@ pub struct Store {
 
 /// Everything the engine keeps in memory, read once at start-up.
 #[derive(Debug, Default)]
-pub struct LoadedState {
+pub(crate) struct LoadedState {
     pub last_event_seq: u64,
     /// Aggregate maintenance epochs by event name.
     pub epochs: Vec<(String, u64)>,
@@ -142,7 +142,7 @@ impl Store {
     /// The directory's lock may still be held for a moment by a process (or, in one process, a
     /// database handle) that just closed it: sled releases it from a background thread. So a
     /// held lock is retried for up to 5 s before the error is returned.
-    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+    pub(crate) fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(opts.cache_capacity)
@@ -168,7 +168,7 @@ impl Store {
     }
 
     /// Reads the state the engine keeps in memory.
-    pub fn load_state(&self) -> Result<LoadedState, StoreError> {
+    pub(crate) fn load_state(&self) -> Result<LoadedState, StoreError> {
         let mut state = LoadedState::default();
         if let Some(v) = self.tree.get(META_EVENT_SEQ)? {
             state.last_event_seq = decode_u64(META_EVENT_SEQ, &v)?;
@@ -198,7 +198,7 @@ impl Store {
     }
 
     /// Applies a batch atomically. Visible at once; durable after the next [`Store::flush`].
-    pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    pub(crate) fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -214,7 +214,7 @@ impl Store {
 
     /// Makes every write applied before this call durable. Blocking; call it from one thread
     /// at a time (concurrent `flush_async` calls deadlock in sled 0.34.7).
-    pub fn flush(&self) -> Result<usize, StoreError> {
+    pub(crate) fn flush(&self) -> Result<usize, StoreError> {
         Ok(self.db.flush()?)
     }
 }

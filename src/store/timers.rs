@@ -22,19 +22,19 @@ use crate::domain::bytes::fnv1a;
 use crate::domain::model::{Timer, Timestamp};
 
 /// The bucket of a user's timers (FNV-1a of the user id, folded to 16 bits).
-pub fn user_bucket(user_id: &str) -> u16 {
+pub(crate) fn user_bucket(user_id: &str) -> u16 {
     let h = fnv1a(user_id.as_bytes());
     (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
 }
 
 /// The UTC minute of a due time.
-pub fn minute_of(at: Timestamp) -> i64 {
+pub(crate) fn minute_of(at: Timestamp) -> i64 {
     at.secs.div_euclid(60)
 }
 
 impl Store {
     /// The pending timers of a bucket.
-    pub fn timer_bucket(&self, bucket: u16) -> Result<Vec<Timer>, StoreError> {
+    pub(crate) fn timer_bucket(&self, bucket: u16) -> Result<Vec<Timer>, StoreError> {
         let key = timer_bucket_key(bucket);
         match self.tree.get(key)? {
             Some(v) => decode(&key, &v),
@@ -44,7 +44,7 @@ impl Store {
 
     /// The due sets of every minute up to `upto` (inclusive), earliest first: (minute, part,
     /// buckets).
-    pub fn due_sets(&self, upto: i64) -> Result<Vec<(i64, u8, Vec<u16>)>, StoreError> {
+    pub(crate) fn due_sets(&self, upto: i64) -> Result<Vec<(i64, u8, Vec<u16>)>, StoreError> {
         let end = due_key(upto.saturating_add(1), 0);
         let mut out = Vec::new();
         for kv in self.tree.range(vec![DUE]..end.to_vec()) {
@@ -61,7 +61,7 @@ impl Store {
     }
 
     /// The first minute after `after` with a due set.
-    pub fn next_due_minute(&self, after: Option<i64>) -> Result<Option<i64>, StoreError> {
+    pub(crate) fn next_due_minute(&self, after: Option<i64>) -> Result<Option<i64>, StoreError> {
         let start = match after {
             Some(m) => due_key(m.saturating_add(1), 0).to_vec(),
             None => vec![DUE],
@@ -79,7 +79,7 @@ impl Store {
 /// A write group's view of the timers: the buckets it read, changed in memory, and the due
 /// sets it adds to or retires; written into the group's batch by [`TimerOverlay::write`].
 #[derive(Default)]
-pub struct TimerOverlay {
+pub(crate) struct TimerOverlay {
     buckets: HashMap<u16, Vec<Timer>>,
     changed: HashSet<u16>,
     added: BTreeMap<(i64, u8), BTreeSet<u16>>,
@@ -88,7 +88,7 @@ pub struct TimerOverlay {
 
 impl TimerOverlay {
     /// Reads a bucket into the overlay (once per group); every change needs it loaded.
-    pub fn load(&mut self, store: &Store, bucket: u16) -> Result<(), StoreError> {
+    pub(crate) fn load(&mut self, store: &Store, bucket: u16) -> Result<(), StoreError> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.buckets.entry(bucket) {
             match store.timer_bucket(bucket) {
                 Ok(timers) => {
@@ -107,7 +107,12 @@ impl TimerOverlay {
     }
 
     /// The pending timer of (trigger, user), from the overlay or the store.
-    pub fn get(&self, store: &Store, trigger_id: &str, user_id: &str) -> Result<Option<Timer>, StoreError> {
+    pub(crate) fn get(
+        &self,
+        store: &Store,
+        trigger_id: &str,
+        user_id: &str,
+    ) -> Result<Option<Timer>, StoreError> {
         let bucket = user_bucket(user_id);
         let find = |timers: &[Timer]| {
             timers
@@ -129,14 +134,14 @@ impl TimerOverlay {
     }
 
     /// Removes the timer of (trigger, user) (its bucket must be loaded).
-    pub fn remove(&mut self, trigger_id: &str, user_id: &str) {
+    pub(crate) fn remove(&mut self, trigger_id: &str, user_id: &str) {
         if let Some(timers) = self.bucket_mut(user_bucket(user_id)) {
             timers.retain(|t| !(t.trigger_id == trigger_id && t.event.user_id == user_id));
         }
     }
 
     /// Arms a timer, replacing the pending one of its (trigger, user) (bucket loaded).
-    pub fn arm(&mut self, timer: Timer) {
+    pub(crate) fn arm(&mut self, timer: Timer) {
         let bucket = user_bucket(&timer.event.user_id);
         let minute = minute_of(timer.due);
         self.remove(&timer.trigger_id, &timer.event.user_id);
@@ -150,7 +155,7 @@ impl TimerOverlay {
     }
 
     /// Removes every timer of a user (bucket loaded); answers how many.
-    pub fn remove_user(&mut self, user_id: &str) -> usize {
+    pub(crate) fn remove_user(&mut self, user_id: &str) -> usize {
         match self.bucket_mut(user_bucket(user_id)) {
             Some(timers) => {
                 let before = timers.len();
@@ -162,7 +167,7 @@ impl TimerOverlay {
     }
 
     /// Takes the timers of a bucket due at or before `now` (bucket loaded), earliest first.
-    pub fn take_due(&mut self, bucket: u16, now: Timestamp) -> Vec<Timer> {
+    pub(crate) fn take_due(&mut self, bucket: u16, now: Timestamp) -> Vec<Timer> {
         let Some(timers) = self.buckets.get_mut(&bucket) else {
             return Vec::new();
         };
@@ -176,7 +181,7 @@ impl TimerOverlay {
     }
 
     /// The earliest due time in a loaded bucket within `minute`.
-    pub fn earliest_in(&self, bucket: u16, minute: i64) -> Option<Timestamp> {
+    pub(crate) fn earliest_in(&self, bucket: u16, minute: i64) -> Option<Timestamp> {
         self.buckets
             .get(&bucket)?
             .iter()
@@ -186,18 +191,18 @@ impl TimerOverlay {
     }
 
     /// Forgets a minute's due set (every timer due in it has been handled).
-    pub fn retire(&mut self, minute: i64, part: u8) {
+    pub(crate) fn retire(&mut self, minute: i64, part: u8) {
         self.retired.insert((minute, part));
     }
 
     /// True when nothing changed.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.changed.is_empty() && self.added.is_empty() && self.retired.is_empty()
     }
 
     /// Adds the group's timer changes to `batch`: changed buckets, due sets merged with the
     /// stored ones (read, merged, rewritten), retired due sets removed.
-    pub fn write(self, store: &Store, batch: &mut WriteBatch) -> Result<(), StoreError> {
+    pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Result<(), StoreError> {
         for bucket in &self.changed {
             let key = timer_bucket_key(*bucket).to_vec();
             match self.buckets.get(bucket) {

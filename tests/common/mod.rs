@@ -1,6 +1,8 @@
 //! Test harness: a real engage server on a pre-bound ephemeral loopback port with a temporary
 //! data directory, and the generated clients to talk to it.
 #![allow(dead_code)]
+// Test helpers: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

@@ -11,7 +11,7 @@ use crate::domain::model::{Event, Timestamp, Value};
 /// One stored block, as a query reads it (its key and bytes, as read together with the others
 /// of a consistent set).
 #[derive(Clone)]
-pub struct Block {
+pub(crate) struct Block {
     key: sled::IVec,
     bytes: sled::IVec,
 }
@@ -23,7 +23,7 @@ impl Block {
 
     /// The rows of the block, in (time, sequence) order, borrowed from it; none when the block
     /// holds no record in `[from, to]` (see [`decode_block`]).
-    pub fn rows(&self, from: Option<Timestamp>, to: Timestamp) -> Result<Vec<Row<'_>>, StoreError> {
+    pub(crate) fn rows(&self, from: Option<Timestamp>, to: Timestamp) -> Result<Vec<Row<'_>>, StoreError> {
         decode_block(&self.key, &self.bytes, from, to)
     }
 
@@ -33,12 +33,12 @@ impl Block {
     }
 
     /// The highest sequence in the block, from its header.
-    pub fn max_sequence(&self) -> Result<u64, StoreError> {
+    pub(crate) fn max_sequence(&self) -> Result<u64, StoreError> {
         block_max_sequence(&self.key, &self.bytes)
     }
 
     /// The block's hour, from its key.
-    pub fn hour(&self) -> Result<i64, StoreError> {
+    pub(crate) fn hour(&self) -> Result<i64, StoreError> {
         block_hour(&self.key)
     }
 }
@@ -46,7 +46,7 @@ impl Block {
 /// An attribute value as stored in a block, borrowed from the block's bytes. Same encoding as
 /// [`Value`].
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub enum ValueRef<'a> {
+pub(crate) enum ValueRef<'a> {
     String(&'a str),
     Number(f64),
     Bool(bool),
@@ -56,7 +56,7 @@ pub enum ValueRef<'a> {
 
 impl<'a> ValueRef<'a> {
     /// Borrows a stored value.
-    pub fn of(v: &'a Value) -> Self {
+    pub(crate) fn of(v: &'a Value) -> Self {
         match v {
             Value::String(s) => ValueRef::String(s),
             Value::Number(n) => ValueRef::Number(*n),
@@ -67,7 +67,7 @@ impl<'a> ValueRef<'a> {
     }
 
     /// An owned copy.
-    pub fn to_value(self) -> Value {
+    pub(crate) fn to_value(self) -> Value {
         match self {
             ValueRef::String(s) => Value::String(s.to_string()),
             ValueRef::Number(n) => Value::Number(n),
@@ -80,7 +80,7 @@ impl<'a> ValueRef<'a> {
 
 /// One event in a block: everything a query reads, borrowed from the block.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Record<'a> {
+pub(crate) struct Record<'a> {
     #[serde(borrow)]
     pub user_id: &'a str,
     pub occurred_at: Timestamp,
@@ -92,7 +92,7 @@ pub struct Record<'a> {
 
 impl<'a> Record<'a> {
     /// The record of a stored event.
-    pub fn of(event: &'a Event) -> Self {
+    pub(crate) fn of(event: &'a Event) -> Self {
         Self {
             user_id: &event.user_id,
             occurred_at: event.occurred_at,
@@ -118,7 +118,7 @@ struct RecordHead<'a> {
 /// A record as read from a block: the head decoded, the attributes only on demand (a COUNT
 /// without `where` never decodes them).
 #[derive(Clone, Copy, Debug)]
-pub struct Row<'a> {
+pub(crate) struct Row<'a> {
     pub user_id: &'a str,
     pub occurred_at: Timestamp,
     pub sequence: u64,
@@ -138,12 +138,12 @@ impl<'a> Row<'a> {
     }
 
     /// The attributes, by name ascending.
-    pub fn attributes(&self) -> Result<Vec<(&'a str, ValueRef<'a>)>, StoreError> {
+    pub(crate) fn attributes(&self) -> Result<Vec<(&'a str, ValueRef<'a>)>, StoreError> {
         postcard::from_bytes(self.attributes).map_err(|e| StoreError::corrupt(self.user_id.as_bytes(), e))
     }
 
     /// The whole record.
-    pub fn record(&self) -> Result<Record<'a>, StoreError> {
+    pub(crate) fn record(&self) -> Result<Record<'a>, StoreError> {
         Ok(Record {
             user_id: self.user_id,
             occurred_at: self.occurred_at,

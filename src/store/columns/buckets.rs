@@ -11,7 +11,7 @@ use crate::domain::model::{NumberAggregate, Timestamp};
 
 /// Per-bucket statistics of one event name.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct BucketSummary {
+pub(crate) struct BucketSummary {
     pub events: u64,
     /// Per NUMBER attribute.
     pub numbers: BTreeMap<String, NumberAggregate>,
@@ -19,7 +19,7 @@ pub struct BucketSummary {
 
 impl BucketSummary {
     /// Adds one event's record.
-    pub fn add(&mut self, record: &Record<'_>) {
+    pub(crate) fn add(&mut self, record: &Record<'_>) {
         self.events += 1;
         for (name, value) in &record.attributes {
             if let ValueRef::Number(n) = value {
@@ -36,7 +36,7 @@ impl BucketSummary {
     }
 
     /// Adds another summary.
-    pub fn merge(&mut self, other: &BucketSummary) {
+    pub(crate) fn merge(&mut self, other: &BucketSummary) {
         self.events += other.events;
         for (name, agg) in &other.numbers {
             self.numbers.entry(name.clone()).or_default().merge(agg);
@@ -46,13 +46,13 @@ impl BucketSummary {
 
 /// The granularity a statistics bucket is kept at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Level {
+pub(crate) enum Level {
     Minute,
     Hour,
 }
 
 impl Level {
-    pub fn seconds(self) -> i64 {
+    pub(crate) fn seconds(self) -> i64 {
         match self {
             Level::Minute => MINUTE,
             Level::Hour => HOUR,
@@ -68,6 +68,6 @@ impl Level {
 }
 
 /// The number of the minute or hour `at` falls in (periods since the epoch, floored).
-pub fn period_of(at: Timestamp, level: Level) -> i64 {
+pub(crate) fn period_of(at: Timestamp, level: Level) -> i64 {
     at.secs.div_euclid(level.seconds())
 }

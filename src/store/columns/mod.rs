@@ -28,8 +28,8 @@ mod block;
 mod buckets;
 mod rollup;
 
-pub use block::{Block, Record, Row, ValueRef};
-pub use buckets::{period_of, BucketSummary, Level};
+pub(crate) use block::{Block, Record, Row, ValueRef};
+pub(crate) use buckets::{period_of, BucketSummary, Level};
 
 use super::codec::{decode, encode};
 use super::keys::*;
@@ -38,13 +38,13 @@ use crate::domain::model::{Event, Timestamp};
 use block::{block_len, build_block, split_block};
 
 /// Blocks of one size class merged at once.
-pub const FAN_IN: usize = 8;
+pub(crate) const FAN_IN: usize = 8;
 /// A block with this many records is full: never merged again.
-pub const FULL: usize = 512;
+pub(crate) const FULL: usize = 512;
 
 /// Seconds per minute and per hour.
-pub const MINUTE: i64 = 60;
-pub const HOUR: i64 = 3600;
+pub(crate) const MINUTE: i64 = 60;
+pub(crate) const HOUR: i64 = 3600;
 
 fn size_class(len: usize) -> usize {
     match len {
@@ -67,7 +67,7 @@ type Encoded = (Timestamp, u64, Vec<u8>);
 
 /// What one write group adds to the index: its events' records, bucket contributions and users.
 #[derive(Default)]
-pub struct ColumnWrites {
+pub(crate) struct ColumnWrites {
     /// name → hour → records.
     records: HashMap<String, HashMap<i64, Vec<Encoded>>>,
     buckets: HashMap<String, HashMap<(Level, i64), BucketSummary>>,
@@ -76,7 +76,7 @@ pub struct ColumnWrites {
 
 impl ColumnWrites {
     /// Adds a newly stored event.
-    pub fn add(&mut self, event: &Event) {
+    pub(crate) fn add(&mut self, event: &Event) {
         let record = Record::of(event);
         let hour = period_of(event.occurred_at, Level::Hour);
         let encoded = (event.occurred_at, event.sequence, encode(&record));
@@ -105,7 +105,7 @@ impl ColumnWrites {
     }
 
     /// True when no event was added.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
 }
@@ -113,7 +113,7 @@ impl ColumnWrites {
 /// The writer's view of the index: the small blocks of the hours it touched, and users it
 /// knows are registered (so a returning user costs no read).
 #[derive(Default)]
-pub struct Columns {
+pub(crate) struct Columns {
     small: HashMap<(String, i64), Vec<SmallBlock>>,
     registered: HashSet<Box<str>>,
 }
@@ -129,7 +129,7 @@ impl Columns {
     /// Adds a group's index writes to `batch`: one block per (name, hour), merged with the
     /// hour's small blocks when a size class is full; bucket summaries read, merged and
     /// rewritten; users not yet known registered.
-    pub fn write(
+    pub(crate) fn write(
         &mut self,
         store: &Store,
         batch: &mut WriteBatch,
@@ -281,7 +281,7 @@ impl Columns {
     }
 
     /// Forgets what is remembered of an hour's blocks (after erasure rewrote them).
-    pub fn forget(&mut self, name: &str, hour: i64) {
+    pub(crate) fn forget(&mut self, name: &str, hour: i64) {
         self.small.remove(&(name.to_string(), hour));
     }
 }
@@ -290,7 +290,7 @@ impl Columns {
     /// Removes `user`'s records from the blocks of the given (name, hour)s and recomputes those
     /// hours' buckets from what remains (a MIN or MAX cannot be un-added), and unregisters the
     /// user.
-    pub fn erase(
+    pub(crate) fn erase(
         &mut self,
         store: &Store,
         batch: &mut WriteBatch,
@@ -352,7 +352,7 @@ impl Columns {
 impl Store {
     /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order: a consistent
     /// set (no merge moves records between them while they are read).
-    pub fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
+    pub(crate) fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
         let lo = bucket_key(BLOCK, name, from_hour);
         let hi = bucket_key(BLOCK, name, to_hour.saturating_add(1));
         let _reading = self.index.read();
@@ -373,7 +373,7 @@ impl Store {
     }
 
     /// The non-empty statistics buckets of `name` at `level` in `from..to` (bucket numbers).
-    pub fn buckets(
+    pub(crate) fn buckets(
         &self,
         level: Level,
         name: &str,
@@ -393,7 +393,7 @@ impl Store {
     }
 
     /// Every user with at least one stored event, ascending.
-    pub fn users(&self) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
+    pub(crate) fn users(&self) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
         self.tree.scan_prefix([USER]).map(|kv| {
             let (k, _) = kv?;
             Ok(String::from_utf8_lossy(&k[1..]).into_owned())

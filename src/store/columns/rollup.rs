@@ -22,7 +22,7 @@ const ROLLUP_CHUNK: usize = 4096;
 /// rebuild wait for the next one). A rollup answers "all history up to as_of" for any
 /// `as_of >= cutoff`, with the events it does not cover added.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RollupMeta {
+pub(crate) struct RollupMeta {
     pub sequence: u64,
     pub cutoff: Timestamp,
     pub users: u64,
@@ -30,7 +30,7 @@ pub struct RollupMeta {
 
 /// One user's all-history aggregates of one name in a rollup chunk, borrowed from the chunk.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RollupEntry<'a> {
+pub(crate) struct RollupEntry<'a> {
     #[serde(borrow)]
     pub user_id: &'a str,
     pub count: u64,
@@ -40,34 +40,34 @@ pub struct RollupEntry<'a> {
 }
 
 /// A consistent view of a name for an all-history query: its rollup and every block.
-pub struct RollupView {
+pub(crate) struct RollupView {
     pub meta: RollupMeta,
     pub chunks: Vec<RollupChunk>,
     pub blocks: Vec<Block>,
 }
 
 /// One stored rollup chunk.
-pub struct RollupChunk {
+pub(crate) struct RollupChunk {
     key: sled::IVec,
     bytes: sled::IVec,
 }
 
 impl RollupChunk {
     /// The chunk's entries, by user id ascending, borrowed from it.
-    pub fn entries(&self) -> Result<Vec<RollupEntry<'_>>, StoreError> {
+    pub(crate) fn entries(&self) -> Result<Vec<RollupEntry<'_>>, StoreError> {
         decode_rollup_chunk(&self.key, &self.bytes)
     }
 }
 
 impl RollupView {
     /// True when a block may hold events the rollup does not cover.
-    pub fn is_delta_block(&self, block: &Block) -> Result<bool, StoreError> {
+    pub(crate) fn is_delta_block(&self, block: &Block) -> Result<bool, StoreError> {
         Ok(block.max_sequence()? > self.meta.sequence
             || block.hour()? >= period_of(self.meta.cutoff, Level::Hour))
     }
 
     /// True when an event is not covered by the rollup.
-    pub fn is_delta(&self, sequence: u64, occurred_at: Timestamp) -> bool {
+    pub(crate) fn is_delta(&self, sequence: u64, occurred_at: Timestamp) -> bool {
         sequence > self.meta.sequence || occurred_at > self.meta.cutoff
     }
 }
@@ -86,7 +86,7 @@ struct OwnedEntry {
 
 impl Store {
     /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
-    pub fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
+    pub(crate) fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
         let _reading = self.index.read();
         let meta_key = prefixed(ROLLUP_META, name);
         let Some(meta) = self.tree.get(&meta_key)? else {
@@ -107,7 +107,7 @@ impl Columns {
     /// Rebuilds the rollup of `name` to cover every applied event (`last_sequence`) dated up to
     /// `now`: the previous rollup plus the events it does not cover, written in chunks of
     /// [`ROLLUP_CHUNK`] users that replace the old ones atomically.
-    pub fn refresh_rollup(
+    pub(crate) fn refresh_rollup(
         &mut self,
         store: &Store,
         batch: &mut WriteBatch,
@@ -184,7 +184,7 @@ impl Columns {
     }
 
     /// Removes `user` from the rollups of `names`.
-    pub fn erase_from_rollups(
+    pub(crate) fn erase_from_rollups(
         &mut self,
         store: &Store,
         batch: &mut WriteBatch,
