@@ -4,7 +4,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
+use tonic::transport::server::Router;
 use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::api::actions::ActionApi;
@@ -13,8 +16,13 @@ use crate::api::query::QueryApi;
 use crate::api::schema::SchemaApi;
 use crate::api::triggers::TriggerApi;
 use crate::config::ServeArgs;
-use crate::engine::Ingest;
+use crate::engine::{Ingest, IngestThreads};
 use crate::proto;
+use crate::proto::action_service_server::ActionServiceServer;
+use crate::proto::event_service_server::EventServiceServer;
+use crate::proto::query_service_server::QueryServiceServer;
+use crate::proto::schema_service_server::SchemaServiceServer;
+use crate::proto::trigger_service_server::TriggerServiceServer;
 use crate::read::actions::ActionLog;
 use crate::store::Store;
 
@@ -22,13 +30,22 @@ use crate::store::Store;
 pub type ServerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The fully-qualified names of the engage services, as health and reflection know them.
-pub const SERVICE_NAMES: &[&str] = &[
-    "engage.v1.EventService",
-    "engage.v1.SchemaService",
-    "engage.v1.TriggerService",
-    "engage.v1.ActionService",
-    "engage.v1.QueryService",
+const SERVICE_NAMES: &[&str] = &[
+    <EventServiceServer<EventApi> as NamedService>::NAME,
+    <SchemaServiceServer<SchemaApi> as NamedService>::NAME,
+    <TriggerServiceServer<TriggerApi> as NamedService>::NAME,
+    <ActionServiceServer<ActionApi> as NamedService>::NAME,
+    <QueryServiceServer<QueryApi> as NamedService>::NAME,
 ];
+
+/// A generated service server with the largest message accepted and sent set to `max` bytes.
+macro_rules! limited {
+    ($server:ident, $api:expr, $max:expr) => {
+        $server::new($api)
+            .max_decoding_message_size($max)
+            .max_encoding_message_size($max)
+    };
+}
 
 /// HTTP/2 receive windows. hyper's 64 KiB default makes a 100 KiB TrackEvents batch wait for
 /// window updates (measured: batched ingest was bound by round trips, not CPU).
@@ -54,37 +71,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr()?;
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", args.data_dir.display()))?;
-    let store = Store::open(&args.data_dir, &args.store_options())
-        .map_err(|e| format!("cannot open storage in {}: {e}", args.data_dir.display()))?;
+    let store = open_store(&args)?;
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in SERVICE_NAMES.iter().chain(&[""]) {
-        health.set_service_status(*name, ServingStatus::Serving).await;
-    }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    set_health(&health, ServingStatus::Serving).await;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let max = args.max_message_bytes;
-    let events = proto::event_service_server::EventServiceServer::new(EventApi {
-        ingest: ingest.clone(),
-        store: store.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
-    let schema = proto::schema_service_server::SchemaServiceServer::new(SchemaApi {
-        ingest: ingest.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
     let (stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
     let log = ActionLog::new(
         store.clone(),
@@ -92,26 +86,11 @@ pub async fn serve(
         &args.delivery(),
         streams_stopped.clone(),
     );
-    let triggers = proto::trigger_service_server::TriggerServiceServer::new(TriggerApi {
-        ingest: ingest.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
-    let actions = proto::action_service_server::ActionServiceServer::new(ActionApi {
-        ingest: ingest.clone(),
-        log: log.clone(),
-    })
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
     let retention = tokio::spawn(expire_actions(
-        log,
+        log.clone(),
         Duration::from_secs(args.retention_check_secs.max(1)),
         streams_stopped,
     ));
-    let queries =
-        proto::query_service_server::QueryServiceServer::new(QueryApi::new(ingest.clone(), store.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 
@@ -120,11 +99,7 @@ pub async fn serve(
     let on_shutdown = async move {
         shutdown.await;
         tracing::info!("shutdown requested; refusing new calls");
-        for name in SERVICE_NAMES.iter().chain(&[""]) {
-            health_on_stop
-                .set_service_status(*name, ServingStatus::NotServing)
-                .await;
-        }
+        set_health(&health_on_stop, ServingStatus::NotServing).await;
         // Open streams would hold graceful shutdown forever: end them now.
         let _ = stop_streams.send(true);
         let _ = started_tx.send(());
@@ -134,12 +109,9 @@ pub async fn serve(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(events)
-        .add_service(schema)
-        .add_service(triggers)
-        .add_service(actions)
-        .add_service(queries)
+        .add_service(reflection_v1alpha);
+    // The services hold the only handles to the engine besides `ingest` (and `log`, moved in).
+    let server = engage_services(server, &ingest, &store, log, args.max_message_bytes)
         .serve_with_incoming_shutdown(incoming(listener), on_shutdown);
 
     let grace = Duration::from_secs(args.shutdown_grace_secs);
@@ -155,16 +127,93 @@ pub async fn serve(
     }
 
     retention.abort();
-    // Every handle to the engine is gone once the services are: the writer drains what it
-    // accepted, the committer flushes it and both threads end.
+    stop_engine(ingest, threads, &store, grace).await?;
+    tracing::info!("engage stopped");
+    Ok(())
+}
+
+/// Adds engage's own services to `router`, each limited to messages of `max` bytes.
+fn engage_services(router: Router, ingest: &Ingest, store: &Store, log: ActionLog, max: usize) -> Router {
+    let events = limited!(
+        EventServiceServer,
+        EventApi {
+            ingest: ingest.clone(),
+            store: store.clone(),
+        },
+        max
+    );
+    let schema = limited!(
+        SchemaServiceServer,
+        SchemaApi {
+            ingest: ingest.clone()
+        },
+        max
+    );
+    let triggers = limited!(
+        TriggerServiceServer,
+        TriggerApi {
+            ingest: ingest.clone()
+        },
+        max
+    );
+    let actions = limited!(
+        ActionServiceServer,
+        ActionApi {
+            ingest: ingest.clone(),
+            log,
+        },
+        max
+    );
+    let queries = limited!(
+        QueryServiceServer,
+        QueryApi::new(ingest.clone(), store.clone()),
+        max
+    );
+    router
+        .add_service(events)
+        .add_service(schema)
+        .add_service(triggers)
+        .add_service(actions)
+        .add_service(queries)
+}
+
+/// Opens the store in the data directory, creating the directory if missing.
+fn open_store(args: &ServeArgs) -> Result<Store, ServerError> {
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("cannot create data directory {}: {e}", args.data_dir.display()))?;
+    Ok(Store::open(&args.data_dir, &args.store_options())
+        .map_err(|e| format!("cannot open storage in {}: {e}", args.data_dir.display()))?)
+}
+
+/// Drops the last handle to the engine and waits for its threads: the writer drains what it
+/// accepted, the committer flushes it and both threads end; then a final flush.
+async fn stop_engine(
+    ingest: Ingest,
+    threads: IngestThreads,
+    store: &Store,
+    grace: Duration,
+) -> Result<(), ServerError> {
     drop(ingest);
     let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || threads.join())).await;
     if joined.is_err() {
         tracing::warn!("ingest threads still busy after the grace period");
     }
     store.flush().map_err(|e| format!("final flush failed: {e}"))?;
-    tracing::info!("engage stopped");
     Ok(())
+}
+
+/// Sets every engage service, and the server as a whole, to `status`.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES.iter().chain(&[""]) {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+/// A reflection service builder over engage's and health's descriptors (for v1 and v1alpha).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 /// Accepted connections with Nagle's algorithm off: `serve_with_incoming` does not apply the

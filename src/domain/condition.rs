@@ -203,84 +203,97 @@ pub(crate) fn validate(
             )
             .map(Condition::Attribute)
         }
-        RawCondition::History {
-            event_name,
-            filter,
-            aggregate,
-            attribute,
-            op,
-            value,
-            within_nanos,
-        } => {
-            let field = format!("{field}.history");
-            if place == Place::Where {
-                return Err(invalid(format!(
-                    "{field}: a history condition's where may hold attribute conditions only"
-                )));
-            }
-            let event_name = rules::normalize_event_name(&format!("{field}.event_name"), event_name)?;
-            let filter = match filter {
-                Some(f) => Some(Box::new(validate(
-                    f,
-                    &format!("{field}.where"),
-                    Place::Where,
-                    type_of,
-                    max_attribute_name_chars,
-                )?)),
-                None => None,
-            };
-            let aggregate = aggregate.unwrap_or(Aggregate::Count);
-            match aggregate {
-                Aggregate::DistinctUsers => {
-                    return Err(invalid(format!(
-                        "{field}.aggregate: DISTINCT_USERS is for statistics only"
-                    )))
-                }
-                Aggregate::Count => {}
-                Aggregate::Sum | Aggregate::Min | Aggregate::Max | Aggregate::Avg => {
-                    rules::check_number_attribute(
-                        &format!("{field}.attribute"),
-                        aggregate,
-                        attribute,
-                        type_of,
-                        max_attribute_name_chars,
-                    )?;
-                }
-            }
-            let op = match op {
-                Some(
-                    o @ (Operator::Eq
-                    | Operator::Ne
-                    | Operator::Gt
-                    | Operator::Gte
-                    | Operator::Lt
-                    | Operator::Lte),
-                ) => *o,
-                _ => {
-                    return Err(invalid(format!(
-                        "{field}.op: must be one of EQ, NE, GT, GTE, LT, LTE"
-                    )))
-                }
-            };
-            if !value.is_finite() {
-                return Err(invalid(format!("{field}.value: must be a finite number")));
-            }
-            if let Some(w) = within_nanos {
-                if *w <= 0 {
-                    return Err(invalid(format!("{field}.within: must be positive")));
-                }
-            }
-            Ok(Condition::History(HistoryCondition {
-                event_name,
-                filter,
+        RawCondition::History { .. } => validate_history(
+            raw,
+            &format!("{field}.history"),
+            place,
+            type_of,
+            max_attribute_name_chars,
+        ),
+    }
+}
+
+/// Validates a history condition at `field` (its path ends with `.history`).
+fn validate_history(
+    raw: &RawCondition,
+    field: &str,
+    place: Place,
+    type_of: &dyn Fn(&str) -> Option<AttributeType>,
+    max_attribute_name_chars: usize,
+) -> Result<Condition, Error> {
+    let RawCondition::History {
+        event_name,
+        filter,
+        aggregate,
+        attribute,
+        op,
+        value,
+        within_nanos,
+    } = raw
+    else {
+        return Err(Error::Internal(format!("{field}: not a history condition")));
+    };
+    if place == Place::Where {
+        return Err(invalid(format!(
+            "{field}: a history condition's where may hold attribute conditions only"
+        )));
+    }
+    let event_name = rules::normalize_event_name(&format!("{field}.event_name"), event_name)?;
+    let filter = match filter {
+        Some(f) => Some(Box::new(validate(
+            f,
+            &format!("{field}.where"),
+            Place::Where,
+            type_of,
+            max_attribute_name_chars,
+        )?)),
+        None => None,
+    };
+    let aggregate = aggregate.unwrap_or(Aggregate::Count);
+    match aggregate {
+        Aggregate::DistinctUsers => {
+            return Err(invalid(format!(
+                "{field}.aggregate: DISTINCT_USERS is for statistics only"
+            )))
+        }
+        Aggregate::Count => {}
+        Aggregate::Sum | Aggregate::Min | Aggregate::Max | Aggregate::Avg => {
+            rules::check_number_attribute(
+                &format!("{field}.attribute"),
                 aggregate,
-                attribute: attribute.clone(),
-                op,
-                value: *value,
-                within_nanos: *within_nanos,
-            }))
+                attribute,
+                type_of,
+                max_attribute_name_chars,
+            )?;
         }
     }
+    let op = match op {
+        Some(
+            o @ (Operator::Eq | Operator::Ne | Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte),
+        ) => *o,
+        _ => {
+            return Err(invalid(format!(
+                "{field}.op: must be one of EQ, NE, GT, GTE, LT, LTE"
+            )))
+        }
+    };
+    if !value.is_finite() {
+        return Err(invalid(format!("{field}.value: must be a finite number")));
+    }
+    if let Some(w) = within_nanos {
+        if *w <= 0 {
+            return Err(invalid(format!("{field}.within: must be positive")));
+        }
+    }
+    Ok(Condition::History(HistoryCondition {
+        event_name,
+        filter,
+        aggregate,
+        attribute: attribute.clone(),
+        op,
+        value: *value,
+        within_nanos: *within_nanos,
+    }))
 }
 
 fn validate_attribute(

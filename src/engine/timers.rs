@@ -5,7 +5,7 @@
 use super::triggers::Firing;
 use super::{Group, Writer};
 use crate::domain::condition;
-use crate::domain::model::{AbsenceCheck, Event, PendingTimer, Timestamp, Trigger};
+use crate::domain::model::{AbsenceCheck, Event, PendingTimer, Timer, Timestamp, Trigger};
 use crate::error::Error;
 use crate::store::timers::minute_of;
 
@@ -187,6 +187,35 @@ impl Writer {
             });
         }
         Ok(plan)
+    }
+
+    /// Writes what an event does to timed triggers into its group: the timers it cancels or
+    /// replaces are removed, overdue ones it replaces fire (not counted as the event's own
+    /// firings), new ones are armed. Answers the firings that are the event's own.
+    pub(super) fn settle_timers(
+        &mut self,
+        event: &Event,
+        cancels: Vec<(String, Timestamp)>,
+        plan: Plan,
+        group: &mut Group,
+        now: Timestamp,
+    ) -> Vec<Firing> {
+        for (trigger_id, _) in cancels.iter().chain(&plan.removals) {
+            group.timers.remove(trigger_id, &event.user_id);
+        }
+        for (firing, armed_by) in plan.overdue {
+            self.fire(&armed_by, vec![firing], group, now);
+        }
+        for arm in plan.arms {
+            group.timers.arm(Timer {
+                trigger_id: arm.trigger_id,
+                due: arm.due,
+                generation: arm.generation,
+                event: event.clone(),
+            });
+            self.clock.armed(arm.due);
+        }
+        plan.now_firing
     }
 
     /// Fires every timer due now (up to 1000 per call; the clock calls again at once for more)

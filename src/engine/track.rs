@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{Group, Writer};
-use crate::domain::model::{AttributeDefinition, AttributeType, Event, EventNameStats, Timer, Timestamp};
+use crate::domain::model::{AttributeDefinition, AttributeType, Event, EventNameStats, Timestamp, Value};
 use crate::domain::rules::{self, PreparedEvent};
 use crate::domain::typing;
 use crate::error::Error;
@@ -69,25 +69,7 @@ impl Writer {
         }
         // Type every attribute before writing anything: a rejected event leaves nothing behind.
         let now = Timestamp::now();
-        let mut attributes = BTreeMap::new();
-        let mut created = Vec::new();
-        for (name, value) in event.attributes {
-            let (ty, auto) = match self.attribute_type(&name, group) {
-                Some(ty) => (ty, false),
-                None => (typing::type_for_undefined(&value), true),
-            };
-            let typed = rules::typed_value(&self.limits, &name, ty, &value)?;
-            if auto {
-                created.push(AttributeDefinition {
-                    name: name.clone(),
-                    attribute_type: ty,
-                    description: String::new(),
-                    auto_created: true,
-                    created_at: now,
-                });
-            }
-            attributes.insert(name, typed);
-        }
+        let (attributes, created) = self.type_attributes(event.attributes, group, now)?;
         let event_id = match &event.event_id {
             Some(id) => id.clone(),
             None => self.generate_id(),
@@ -143,27 +125,8 @@ impl Writer {
                 .or_default()
                 .push(stored.clone());
         }
-        for (trigger_id, _) in cancels {
-            group.timers.remove(&trigger_id, &stored.user_id);
-        }
-        for (trigger_id, _) in plan.removals {
-            group.timers.remove(&trigger_id, &stored.user_id);
-        }
-        let mut actions_fired = 0;
-        for (firing, event) in plan.overdue {
-            // Fired by the timer, not by this call: not counted in actions_fired.
-            self.fire(&event, vec![firing], group, now);
-        }
-        for arm in plan.arms {
-            group.timers.arm(Timer {
-                trigger_id: arm.trigger_id,
-                due: arm.due,
-                generation: arm.generation,
-                event: stored.clone(),
-            });
-            self.clock.armed(arm.due);
-        }
-        actions_fired += self.fire(&stored, plan.now_firing, group, now);
+        let now_firing = self.settle_timers(&stored, cancels, plan, group, now);
+        let actions_fired = self.fire(&stored, now_firing, group, now);
         Ok(Tracked {
             event_id: stored.event_id,
             sequence: stored.sequence,
@@ -172,6 +135,38 @@ impl Writer {
         })
     }
 
+    /// Types an event's attributes as this group sees the schema: defined ones are coerced to
+    /// their type, undefined ones get the type their value gives them (answered as definitions
+    /// to create with the event).
+    fn type_attributes(
+        &self,
+        attributes: Vec<(String, Value)>,
+        group: &Group,
+        now: Timestamp,
+    ) -> Result<(BTreeMap<String, Value>, Vec<AttributeDefinition>), Error> {
+        let mut typed = BTreeMap::new();
+        let mut created = Vec::new();
+        for (name, value) in attributes {
+            let (ty, auto) = match self.attribute_type(&name, group) {
+                Some(ty) => (ty, false),
+                None => (typing::type_for_undefined(&value), true),
+            };
+            let value = rules::typed_value(&self.limits, &name, ty, &value)?;
+            if auto {
+                created.push(AttributeDefinition {
+                    name: name.clone(),
+                    attribute_type: ty,
+                    description: String::new(),
+                    auto_created: true,
+                    created_at: now,
+                });
+            }
+            typed.insert(name, value);
+        }
+        Ok((typed, created))
+    }
+
+    /// Counts an event in its name's statistics.
     pub(super) fn count_name(&self, event: &Event, group: &mut Group) {
         let stats = match self.name_stats(&event.name, group) {
             Some(mut s) => {

@@ -109,33 +109,7 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     let mut summaries = vec![BucketSummary::default(); count as usize];
     let mut total = BucketSummary::default();
     if q.aggregate == Aggregate::DistinctUsers {
-        let span = Span::until(Some(q.from), q.to);
-        let blocks = blocks(store, &q.event_name, span)?;
-        let mut users: Vec<HashSet<&str>> = vec![HashSet::new(); count as usize];
-        let mut all: HashSet<&str> = HashSet::new();
-        each_row(&blocks, span, &mut |r| {
-            let i = index(r.occurred_at);
-            if let (Some(s), Some(u)) = (summaries.get_mut(i), users.get_mut(i)) {
-                s.events += 1;
-                u.insert(r.user_id);
-            }
-            all.insert(r.user_id);
-            Ok(())
-        })?;
-        let buckets = summaries
-            .iter()
-            .zip(&users)
-            .enumerate()
-            .map(|(i, (s, u))| StatsBucket {
-                start: ts(first + i as i64 * w),
-                value: u.len() as f64,
-                events: s.events,
-            })
-            .collect();
-        return Ok(Stats {
-            buckets,
-            total: all.len() as f64,
-        });
+        return distinct_users(store, q, first, count);
     }
     // Pieces: partial minutes at both ends from records, whole minutes from minute summaries,
     // whole hours from hour summaries. No piece straddles a bucket: buckets are whole minutes,
@@ -212,5 +186,40 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     Ok(Stats {
         buckets,
         total: value_of(&total, q.aggregate, &q.attribute),
+    })
+}
+
+/// DISTINCT_USERS per bucket and over the range: users cannot be summed across buckets, so it
+/// reads the name's records in the range.
+fn distinct_users(store: &Store, q: &StatsQuery, first: i64, count: i64) -> Result<Stats, Error> {
+    let w = q.granularity.seconds();
+    let index = |at: Timestamp| ((at.secs - first).div_euclid(w)) as usize;
+    let mut summaries = vec![BucketSummary::default(); count as usize];
+    let span = Span::until(Some(q.from), q.to);
+    let blocks = blocks(store, &q.event_name, span)?;
+    let mut users: Vec<HashSet<&str>> = vec![HashSet::new(); count as usize];
+    let mut all: HashSet<&str> = HashSet::new();
+    each_row(&blocks, span, &mut |r| {
+        let i = index(r.occurred_at);
+        if let (Some(s), Some(u)) = (summaries.get_mut(i), users.get_mut(i)) {
+            s.events += 1;
+            u.insert(r.user_id);
+        }
+        all.insert(r.user_id);
+        Ok(())
+    })?;
+    let buckets = summaries
+        .iter()
+        .zip(&users)
+        .enumerate()
+        .map(|(i, (s, u))| StatsBucket {
+            start: ts(first + i as i64 * w),
+            value: u.len() as f64,
+            events: s.events,
+        })
+        .collect();
+    Ok(Stats {
+        buckets,
+        total: all.len() as f64,
     })
 }

@@ -196,21 +196,7 @@ impl Columns {
             return Ok(());
         }
         let slot = (name.to_string(), hour);
-        if !self.small.contains_key(&slot) {
-            let mut small = Vec::new();
-            for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, hour)) {
-                let (k, v) = kv?;
-                let len = block_len(&k, &v)?;
-                if len < FULL {
-                    small.push(SmallBlock {
-                        blockno: blockno_of(&k)?,
-                        len,
-                        pending: None,
-                    });
-                }
-            }
-            self.small.insert(slot.clone(), small);
-        }
+        self.remember_hour(store, &slot)?;
         let Some(small) = self.small.get_mut(&slot) else {
             return Ok(());
         };
@@ -226,43 +212,7 @@ impl Columns {
             let (merge, keep): (Vec<SmallBlock>, Vec<SmallBlock>) =
                 small.drain(..).partition(|b| size_class(b.len) == class);
             *small = keep;
-            let mut stored = Vec::new();
-            for b in &merge {
-                if b.pending.is_none() {
-                    let key = block_key(name, hour, b.blockno);
-                    match store.tree.get(&key)? {
-                        Some(v) => stored.push((key, v)),
-                        None => return Err(StoreError::corrupt(&key, "a remembered block is missing")),
-                    }
-                }
-            }
-            let mut parts: Vec<(Timestamp, u64, &[u8])> = Vec::new();
-            for b in &merge {
-                if let Some(bytes) = &b.pending {
-                    let key = block_key(name, hour, b.blockno);
-                    parts.extend(
-                        split_block(&key, bytes)?
-                            .into_iter()
-                            .map(|(r, s)| (r.occurred_at, r.sequence, s)),
-                    );
-                }
-            }
-            for (key, v) in &stored {
-                parts.extend(
-                    split_block(key, v)?
-                        .into_iter()
-                        .map(|(r, s)| (r.occurred_at, r.sequence, s)),
-                );
-            }
-            let merged = SmallBlock {
-                blockno: merge.iter().map(|b| b.blockno).min().unwrap_or(blockno),
-                len: parts.len(),
-                pending: Some(build_block(&mut parts)),
-            };
-            for (key, _) in stored {
-                batch.remove_raw(key);
-            }
-            batch.moves_index();
+            let merged = merge_blocks(store, batch, name, hour, merge, blockno)?;
             small.push(merged);
         }
         // Write what is new; a full block is forgotten (never merged again).
@@ -280,10 +230,81 @@ impl Columns {
         Ok(())
     }
 
+    /// Reads which small blocks an hour holds from sled, the first time the writer touches it.
+    fn remember_hour(&mut self, store: &Store, slot: &(String, i64)) -> Result<(), StoreError> {
+        if self.small.contains_key(slot) {
+            return Ok(());
+        }
+        let mut small = Vec::new();
+        for kv in store.tree.scan_prefix(bucket_key(BLOCK, &slot.0, slot.1)) {
+            let (k, v) = kv?;
+            let len = block_len(&k, &v)?;
+            if len < FULL {
+                small.push(SmallBlock {
+                    blockno: blockno_of(&k)?,
+                    len,
+                    pending: None,
+                });
+            }
+        }
+        self.small.insert(slot.clone(), small);
+        Ok(())
+    }
+
     /// Forgets what is remembered of an hour's blocks (after erasure rewrote them).
     pub(crate) fn forget(&mut self, name: &str, hour: i64) {
         self.small.remove(&(name.to_string(), hour));
     }
+}
+
+/// Merges the small blocks `merge` of one hour into one (pending, numbered by the lowest of
+/// them), removing the stored ones in `batch`.
+fn merge_blocks(
+    store: &Store,
+    batch: &mut WriteBatch,
+    name: &str,
+    hour: i64,
+    merge: Vec<SmallBlock>,
+    blockno: u64,
+) -> Result<SmallBlock, StoreError> {
+    let mut stored = Vec::new();
+    for b in &merge {
+        if b.pending.is_none() {
+            let key = block_key(name, hour, b.blockno);
+            match store.tree.get(&key)? {
+                Some(v) => stored.push((key, v)),
+                None => return Err(StoreError::corrupt(&key, "a remembered block is missing")),
+            }
+        }
+    }
+    let mut parts: Vec<(Timestamp, u64, &[u8])> = Vec::new();
+    for b in &merge {
+        if let Some(bytes) = &b.pending {
+            let key = block_key(name, hour, b.blockno);
+            parts.extend(
+                split_block(&key, bytes)?
+                    .into_iter()
+                    .map(|(r, s)| (r.occurred_at, r.sequence, s)),
+            );
+        }
+    }
+    for (key, v) in &stored {
+        parts.extend(
+            split_block(key, v)?
+                .into_iter()
+                .map(|(r, s)| (r.occurred_at, r.sequence, s)),
+        );
+    }
+    let merged = SmallBlock {
+        blockno: merge.iter().map(|b| b.blockno).min().unwrap_or(blockno),
+        len: parts.len(),
+        pending: Some(build_block(&mut parts)),
+    };
+    for (key, _) in stored {
+        batch.remove_raw(key);
+    }
+    batch.moves_index();
+    Ok(merged)
 }
 
 impl Columns {
