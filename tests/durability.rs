@@ -1,4 +1,4 @@
-//! Acknowledged means durable (SPEC §4): a server killed with SIGKILL under concurrent writers
+//! Acknowledged means durable: a server killed with SIGKILL under concurrent writers
 //! loses no acknowledged event.
 
 // Test helpers: a failed expectation is a failed test.

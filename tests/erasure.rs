@@ -1,4 +1,4 @@
-//! DeleteUser (SPEC §3): right to erasure.
+//! DeleteUser: right to erasure.
 
 // Test helpers: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

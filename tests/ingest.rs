@@ -1,4 +1,4 @@
-//! Typed ingest (SPEC §2, §4): coercion, auto-creation, rejection, idempotency, batches, limits.
+//! Typed ingest (README: typing rules and limits): coercion, auto-creation, rejection, idempotency, batches, limits.
 
 // Test helpers: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! Operations (SPEC §5): health, reflection, restart, SIGTERM, unimplemented RPCs.
+//! Operations: health, reflection, restart, SIGTERM, unimplemented RPCs.
 
 // Test helpers: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! QueryService (SPEC §3): FilterUsers and GetEventStats, checked against a plain in-test
+//! QueryService (`proto/engage/v1/query.proto`): FilterUsers and GetEventStats, checked against a plain in-test
 //! implementation over random event sets, across restarts, erasure and an index rebuild.
 
 // Test helpers: a failed expectation is a failed test.
@@ -213,7 +213,7 @@ fn compare(op: O, a: f64, b: f64) -> bool {
 }
 
 impl Hist {
-    /// SPEC §3: aggregate the user's matching events in (as_of − within, as_of]; COUNT and SUM
+    /// `HistoryCondition.within`: aggregate the user's matching events in (as_of − within, as_of]; COUNT and SUM
     /// of nothing are 0, MIN/MAX/AVG of nothing make the comparison false.
     fn holds(&self, events: &[Ev], user: &str, as_of: i128) -> bool {
         let matching: Vec<&Ev> = events

@@ -1,4 +1,4 @@
-//! SubscribeActions, AckActions, ListFiredActions and retention (SPEC §3 ActionService, §4).
+//! SubscribeActions, AckActions, ListFiredActions and retention (`proto/engage/v1/actions.proto`).
 
 // Test helpers: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

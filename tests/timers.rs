@@ -1,4 +1,4 @@
-//! Delayed and absence triggers with durable timers (SPEC §3 Trigger.delay and .unless, §4).
+//! Delayed and absence triggers with durable timers (`Trigger.delay` and `.unless` in `proto/engage/v1/triggers.proto`).
 //!
 //! Timers here are due a second or two after their event. No test sleeps to synchronise: each
 //! waits for the action it expects on a subscription stream, and proves that something did NOT

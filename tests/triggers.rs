@@ -1,4 +1,4 @@
-//! The trigger engine (SPEC §3 TriggerService, evaluation semantics).
+//! The trigger engine (`proto/engage/v1/triggers.proto`, evaluation semantics).
 
 // Test helpers: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]

@@ -1,4 +1,4 @@
-//! The segments benchmark (issue 4): the same 1M events in engage and in PostgreSQL 15, the five
+//! The segments benchmark: the same 1M events in engage and in PostgreSQL 15, the five
 //! example filters and the 24-hour hourly chart timed in both, reported as engage/PostgreSQL.
 //!
 //! ```text
@@ -241,7 +241,7 @@ fn not(c: proto::Condition) -> proto::Condition {
     }
 }
 
-/// The five example filters of issue 4.
+/// The five example filters of the README (segments section).
 pub fn filters() -> Vec<(&'static str, &'static str, proto::Condition)> {
     use proto::attribute_value::Value as V;
     use proto::Aggregate as A;
@@ -332,7 +332,7 @@ pub async fn run(a: SegmentArgs) {
     let channel = super::channel(engage.addr).await;
     let ingest = proto::event_service_client::EventServiceClient::new(channel.clone())
         .max_decoding_message_size(64 << 20);
-    // Numbers must be defined as NUMBER: an undefined attribute is created as STRING (SPEC §2).
+    // Numbers must be defined as NUMBER: an undefined attribute is created as STRING.
     let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
     for name in ["price", "amount"] {
         schema

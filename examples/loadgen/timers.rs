@@ -1,4 +1,4 @@
-//! The timers benchmark (issue 5): ingest with many pending timers, the memory they cost, and
+//! The timers benchmark: ingest with many pending timers, the memory they cost, and
 //! how late timers fire.
 //!
 //! ```text

@@ -43,7 +43,7 @@ fn has_history(c: &Condition) -> bool {
 }
 
 impl Writer {
-    /// Stores a trigger (created or changed). A change cancels its pending timers (SPEC §3)
+    /// Stores a trigger (created or changed). A change cancels its pending timers
     /// without touching them: they carry the `updated_at` they were armed under, and a timer of
     /// another generation is dropped when it falls due (so a change costs nothing per timer,
     /// even with a million pending).
