@@ -110,7 +110,8 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    // The services hold the only handles to the engine besides `ingest` (and `log`, moved in).
+    // `log` moves into the action service: no handle to the engine outlives the services here
+    // but `ingest`, which `stop_engine` drops.
     let server = engage_services(server, &ingest, &store, log, args.max_message_bytes)
         .serve_with_incoming_shutdown(incoming(listener), on_shutdown);
 

@@ -497,6 +497,16 @@ async fn invalid_triggers_name_the_part_that_is_wrong_and_store_nothing() {
             Code::InvalidArgument,
             "trigger.delay",
         ),
+        // The name is checked first: with a bad event name and no action too, it is the name.
+        (
+            with(&|t| {
+                t.name = "n".repeat(257);
+                t.event_name.clear();
+                t.action = None;
+            }),
+            Code::InvalidArgument,
+            "trigger.name",
+        ),
     ];
     let mut t = server.triggers().await;
     for (tr, code, field) in cases {

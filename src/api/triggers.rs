@@ -20,9 +20,10 @@ impl TriggerApi {
     /// Validates a submitted trigger into its stored form; `field` is `trigger`.
     fn validate(&self, t: proto::Trigger) -> Result<Trigger, Error> {
         let f = "trigger";
+        rules::check_trigger_name(f, &t.name)?;
         let event_name = rules::normalize_event_name(&format!("{f}.event_name"), &t.event_name)?;
         let action = t.action.ok_or_else(|| invalid(format!("{f}.action: required")))?;
-        rules::check_trigger_fields(f, &t.name, &action.r#type, &action.payload_template)?;
+        rules::check_action(f, &action.r#type, &action.payload_template)?;
         let (raw_condition, condition) = match &t.condition {
             Some(c) => {
                 let (raw, valid) =

@@ -166,19 +166,19 @@ pub(crate) fn check_description(field: &str, description: &str) -> Result<(), Er
     Ok(())
 }
 
-/// Checks a trigger's name, action type and payload template (`f` is the trigger's field path).
-pub(crate) fn check_trigger_fields(
-    f: &str,
-    name: &str,
-    action_type: &str,
-    template_source: &str,
-) -> Result<(), Error> {
+/// Checks a trigger's name (`f` is the trigger's field path).
+pub(crate) fn check_trigger_name(f: &str, name: &str) -> Result<(), Error> {
     let name_chars = name.chars().count();
     if name_chars > MAX_TRIGGER_NAME_CHARS {
         return Err(invalid(format!(
             "{f}.name: {name_chars} characters, at most {MAX_TRIGGER_NAME_CHARS} allowed"
         )));
     }
+    Ok(())
+}
+
+/// Checks a trigger's action type and payload template (`f` is the trigger's field path).
+pub(crate) fn check_action(f: &str, action_type: &str, template_source: &str) -> Result<(), Error> {
     let type_chars = action_type.chars().count();
     if type_chars == 0 {
         return Err(invalid(format!("{f}.action.type: must not be empty")));

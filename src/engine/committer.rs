@@ -17,11 +17,12 @@ pub(super) fn run_committer(
     failed: Arc<AtomicBool>,
     durable: watch::Sender<u64>,
 ) {
-    while let Ok((first, mut last_action)) = rx.recv() {
-        let mut replies = first;
-        while let Ok((more, seq)) = rx.try_recv() {
-            replies.extend(more);
-            last_action = last_action.max(seq);
+    while let Ok(first) = rx.recv() {
+        let mut replies = first.replies;
+        let mut last_action = first.last_action_seq;
+        while let Ok(more) = rx.try_recv() {
+            replies.extend(more.replies);
+            last_action = last_action.max(more.last_action_seq);
         }
         let fault = match store.flush() {
             Ok(_) => None,

@@ -171,7 +171,8 @@ impl Ingest {
         erased
     }
 
-    /// How many erasures were requested since start.
+    /// How many erasure jobs have finished since start (whatever their outcome): a cached
+    /// query result taken before one is not reused.
     pub(crate) fn erasures(&self) -> u64 {
         self.erasures.load(Ordering::SeqCst)
     }

@@ -168,8 +168,14 @@ impl Writer {
 
     /// Counts an event in its name's statistics.
     pub(super) fn count_name(&self, event: &Event, group: &mut Group) {
-        let stats = match self.name_stats(&event.name, group) {
-            Some(mut s) => {
+        // Hot path: most events of a group share a name already counted in it.
+        if let Some(stats) = group.name_stats.get_mut(&event.name) {
+            stats.record(event.occurred_at);
+            return;
+        }
+        let stats = match self.event_names.get(&event.name) {
+            Some(s) => {
+                let mut s = s.clone();
                 s.record(event.occurred_at);
                 s
             }

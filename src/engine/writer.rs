@@ -33,9 +33,12 @@ pub(super) type JobFn = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
 /// better but make sled's batch (and the callers' wait) large; measured best around here.
 const MAX_GROUP_WRITES: usize = 4096;
 
-/// What a group's reply and the committer need: the replies and the highest action sequence
-/// the group leaves behind.
-pub(super) type Applied = (Vec<Reply>, u64);
+/// An applied group, for the committer: its replies and the highest action sequence it leaves
+/// behind (durable once the committer's flush succeeds).
+pub(super) struct Applied {
+    pub(super) replies: Vec<Reply>,
+    pub(super) last_action_seq: u64,
+}
 
 /// The writer thread's state (see the module documentation of `engine`). It owns the state it
 /// writes; after each applied group it publishes what changed to the read views.
@@ -98,7 +101,11 @@ impl Writer {
                 }
                 continue;
             }
-            if commit.send((replies, self.last_action_seq)).is_err() {
+            let applied = Applied {
+                replies,
+                last_action_seq: self.last_action_seq,
+            };
+            if commit.send(applied).is_err() {
                 break;
             }
         }
