@@ -118,11 +118,16 @@ pub(super) fn seq_index_key(prefix: u8, owner: &str, seq: u64) -> Vec<u8> {
 
 /// The sequence at the end of an action index key.
 pub(super) fn seq_of_index_key(key: &[u8]) -> Result<u64, StoreError> {
+    trailing_u64(key, "action index key too short")
+}
+
+/// The big-endian number in the last 8 bytes of a key.
+fn trailing_u64(key: &[u8], short: &str) -> Result<u64, StoreError> {
     key.len()
         .checked_sub(8)
         .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
         .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::corrupt(key, "action index key too short"))
+        .ok_or_else(|| StoreError::corrupt(key, short))
 }
 
 /// `prefix` name 0x00 bucket: a statistics bucket (minute or hour), or a block's hour prefix.
@@ -150,11 +155,7 @@ pub(super) fn block_key(name: &str, hour: i64, blockno: u64) -> Vec<u8> {
 
 /// The block number at the end of a block key.
 pub(super) fn blockno_of(key: &[u8]) -> Result<u64, StoreError> {
-    key.len()
-        .checked_sub(8)
-        .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::corrupt(key, "block key too short"))
+    trailing_u64(key, "block key too short")
 }
 
 /// The hour of a block key.
