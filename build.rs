@@ -30,6 +30,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     tonic_prost_build::configure()
+        // Decoding failures are INVALID_ARGUMENT, not INTERNAL (see src/api/codec.rs).
+        .codec_path("crate::api::codec::StrictCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

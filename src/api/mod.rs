@@ -2,6 +2,7 @@
 //! read path, and map errors; they hold no business logic.
 
 pub(crate) mod actions;
+pub(crate) mod codec;
 pub(crate) mod convert;
 pub(crate) mod events;
 pub(crate) mod query;
@@ -13,17 +14,35 @@ use tonic::{Code, Status};
 use crate::domain::bytes::{fnv1a, hex, unhex};
 use crate::error::{invalid, Error};
 
-/// The one mapping from domain errors to gRPC statuses. Internal details are logged, never sent.
+/// Longest message a status carries, in bytes: messages quote input (ids, names), and a client
+/// refuses metadata far smaller than the largest input.
+const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_STATUS_MESSAGE_BYTES`] at a character boundary, marked with `…`.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_STATUS_MESSAGE_BYTES {
+        let mut at = MAX_STATUS_MESSAGE_BYTES - '…'.len_utf8();
+        while !message.is_char_boundary(at) {
+            at -= 1;
+        }
+        message.truncate(at);
+        message.push('…');
+    }
+    message
+}
+
+/// The one mapping from domain errors to gRPC statuses. Internal details are logged, never sent;
+/// messages are bounded.
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::InvalidArgument(m) => Status::invalid_argument(m),
-            Error::FailedPrecondition(m) => Status::failed_precondition(m),
-            Error::NotFound(m) => Status::not_found(m),
-            Error::OutOfRange(m) => Status::out_of_range(m),
-            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-            Error::Unimplemented(m) => Status::unimplemented(m),
-            Error::Unavailable(m) => Status::unavailable(m),
+            Error::InvalidArgument(m) => Status::invalid_argument(bounded(m)),
+            Error::FailedPrecondition(m) => Status::failed_precondition(bounded(m)),
+            Error::NotFound(m) => Status::not_found(bounded(m)),
+            Error::OutOfRange(m) => Status::out_of_range(bounded(m)),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(bounded(m)),
+            Error::Unimplemented(m) => Status::unimplemented(bounded(m)),
+            Error::Unavailable(m) => Status::unavailable(bounded(m)),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::new(Code::Internal, "internal error")
@@ -71,5 +90,18 @@ impl PageToken {
         String::from_utf8(bytes[9..].to_vec())
             .map(Some)
             .map_err(|_| bad())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let cut = bounded("é".repeat(1000));
+        assert!(cut.len() <= MAX_STATUS_MESSAGE_BYTES);
+        assert!(cut.ends_with('…'));
     }
 }
