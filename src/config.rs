@@ -78,6 +78,15 @@ pub struct ServeArgs {
     /// Most SubscribeActions streams open at once (more answer RESOURCE_EXHAUSTED).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBERS", default_value_t = 1024)]
     pub max_subscribers: usize,
+    /// Most conditions (nodes) in one trigger condition, absence check or filter.
+    #[arg(long, env = "ENGAGE_MAX_CONDITION_NODES", default_value_t = 1000)]
+    pub max_condition_nodes: usize,
+    /// Deepest nesting of all/any/not/where in one condition.
+    #[arg(long, env = "ENGAGE_MAX_CONDITION_DEPTH", default_value_t = 16)]
+    pub max_condition_depth: usize,
+    /// Most history conditions in one trigger or filter (each reads the user's history).
+    #[arg(long, env = "ENGAGE_MAX_HISTORY_CONDITIONS", default_value_t = 50)]
+    pub max_history_conditions: usize,
     /// How far in the future occurred_at may be, in seconds.
     #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
     pub max_future_skew_secs: i64,
@@ -101,6 +110,10 @@ impl ServeArgs {
             max_json_value_bytes: self.max_json_value_bytes,
             max_batch_events: self.max_batch_events,
             max_future_skew_secs: self.max_future_skew_secs,
+            max_message_bytes: self.max_message_bytes,
+            max_condition_nodes: self.max_condition_nodes,
+            max_condition_depth: self.max_condition_depth,
+            max_history_conditions: self.max_history_conditions,
         }
     }
 

@@ -25,10 +25,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The same error with `prefix` (a field path such as `events[3]`) before its message.
+    /// The same error with `prefix` (a field path such as `events[3]`) before its message (a
+    /// message starting with `:` is about the whole of what `prefix` names).
     pub fn within(self, prefix: &str) -> Self {
         let join = |m: String| {
-            if m.starts_with(['.', '[']) {
+            if m.starts_with(['.', '[', ':']) {
                 format!("{prefix}{m}")
             } else {
                 format!("{prefix}.{m}")

@@ -207,7 +207,7 @@ async fn answers(server: &TestServer) -> Vec<String> {
     let mut out = String::new();
     let mut schema = server.schema().await;
     let attrs = schema
-        .list_attributes(proto::ListAttributesRequest {})
+        .list_attributes(proto::ListAttributesRequest::default())
         .await
         .expect("attributes")
         .into_inner();
@@ -215,7 +215,7 @@ async fn answers(server: &TestServer) -> Vec<String> {
         writeln!(out, "attribute {a:?}").ok();
     }
     let names = schema
-        .list_event_names(proto::ListEventNamesRequest {})
+        .list_event_names(proto::ListEventNamesRequest::default())
         .await
         .expect("names")
         .into_inner();

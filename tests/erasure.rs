@@ -22,7 +22,7 @@ async fn names(server: &TestServer) -> Vec<(String, u64)> {
     server
         .schema()
         .await
-        .list_event_names(proto::ListEventNamesRequest {})
+        .list_event_names(proto::ListEventNamesRequest::default())
         .await
         .unwrap()
         .into_inner()

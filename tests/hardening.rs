@@ -178,3 +178,274 @@ async fn error_messages_never_repeat_unbounded_input() {
         &r.results[0].error[..40]
     );
 }
+
+/// An event of about `bytes` bytes: JSON attributes of 60 KiB each (within every limit).
+fn big_event(user: &str, name: &str, bytes: usize) -> proto::Event {
+    let chunk = format!("\"{}\"", "j".repeat(60 * 1024));
+    let attrs: Vec<(String, proto::AttributeValue)> = (0..bytes / (60 * 1024))
+        .map(|i| (format!("a{i}"), j(&chunk)))
+        .collect();
+    let attrs: Vec<(&str, proto::AttributeValue)> =
+        attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    event(user, name, &attrs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_too_large_for_a_message_is_delivered_with_its_event_trimmed() {
+    let server = TestServer::start().await;
+    let mut t = server.triggers().await;
+    // A payload of two large attributes: the action with the event's copy outgrows a message.
+    create_trigger(
+        &mut t,
+        trigger("big", "x", "{{ event.attributes.a0 }}{{ event.attributes.a1 }}"),
+    )
+    .await
+    .unwrap();
+    // A template that repeats a large attribute: bounded by the payload limit, renders empty.
+    create_trigger(
+        &mut t,
+        trigger(
+            "big",
+            "loop",
+            "{% for i in range(100) %}{{ event.attributes.a0 }}{% endfor %}",
+        ),
+    )
+    .await
+    .unwrap();
+    let mut c = server.events().await;
+    assert_eq!(fired(&mut c, event("u", "small", &[])).await, 0);
+    // 4.1 MB: within every limit, and so is its answer; its first action with a copy of it is not.
+    let r = track(&mut c, big_event("u", "big", 4_150_000))
+        .await
+        .expect("a large event is accepted");
+    assert_eq!(r.actions_fired, 2);
+    assert_eq!(fired(&mut c, event("u", "big", &[])).await, 2);
+    let mut a = server.actions().await;
+    let mut stream = a
+        .subscribe_actions(proto::SubscribeActionsRequest {
+            start: proto::StartFrom::Earliest as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            stream
+                .message()
+                .await
+                .expect("the stream moves")
+                .expect("an action"),
+        );
+    }
+    assert_eq!(
+        got.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(got[0].event_truncated, "the action keeps its 4.1 MB event");
+    let e = got[0].event.as_ref().expect("the event, without attributes");
+    assert!(e.attributes.is_empty());
+    assert_eq!(e.name, "big");
+    assert_eq!(got[0].payload.len(), 2 * (60 * 1024 + 2), "the payload is whole");
+    assert_eq!(got[1].payload, "", "a payload past its limit renders empty");
+    assert!(!got[1].event_truncated, "with an empty payload the event fits");
+    assert_eq!(got[1].event.as_ref().map(|e| e.attributes.len()), Some(67));
+    assert!(!got[2].event_truncated && !got[3].event_truncated);
+    // Listing works, a page at a time and all at once.
+    let page = a
+        .list_fired_actions(proto::ListFiredActionsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("a listing of large actions")
+        .into_inner();
+    assert!(!page.actions.is_empty());
+    let mut all = page.actions;
+    let mut token = page.next_page_token;
+    while !token.is_empty() {
+        let page = a
+            .list_fired_actions(proto::ListFiredActionsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.actions);
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        all.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+        vec![4, 3, 2, 1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_too_large_to_answer_is_refused_and_not_stored() {
+    let server = TestServer::start().await;
+    let values: Vec<proto::AttributeValue> = (0..246_600).map(|i| s(&format!("value-{i:07}"))).collect();
+    let cond = proto::Condition {
+        kind: Some(proto::condition::Kind::Attribute(proto::AttributeCondition {
+            attribute: "color".into(),
+            op: proto::Operator::In as i32,
+            value: None,
+            values,
+        })),
+    };
+    let mut t = server.triggers().await;
+    let mut tr = trigger("e", "x", "");
+    tr.condition = Some(cond);
+    let bytes = prost::Message::encoded_len(&tr);
+    assert!(bytes > 4_190_300 && bytes < 4_194_000, "{bytes}");
+    let err = create_trigger(&mut t, tr).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("trigger: "), "{}", err.message());
+    let list = t
+        .list_triggers(proto::ListTriggersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.triggers.is_empty(), "nothing stored");
+}
+
+#[tokio::test]
+async fn conditions_are_bounded_in_nodes_depth_and_history_conditions() {
+    let server = TestServer::start().await;
+    let h = || {
+        history_cond(history(
+            "e",
+            proto::Aggregate::Count,
+            "",
+            proto::Operator::Gte,
+            1.0,
+        ))
+    };
+    let any = |conditions| proto::Condition {
+        kind: Some(proto::condition::Kind::Any(proto::ConditionList { conditions })),
+    };
+    let mut q = proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    for (filter, limit) in [
+        (any((0..51).map(|_| h()).collect()), "max_history_conditions"),
+        (nested_not(16), "max_condition_depth"),
+        (
+            any((0..1000).map(|_| nested_not(0)).collect()),
+            "max_condition_nodes",
+        ),
+    ] {
+        let err = q
+            .filter_users(proto::FilterUsersRequest {
+                filter: Some(filter.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().starts_with("filter: ") && err.message().contains(limit),
+            "{}",
+            err.message()
+        );
+        let mut t = server.triggers().await;
+        let mut tr = trigger("e", "x", "");
+        tr.condition = Some(filter);
+        let err = create_trigger(&mut t, tr).await.unwrap_err();
+        assert!(
+            err.message().starts_with("trigger.condition: ") && err.message().contains(limit),
+            "{}",
+            err.message()
+        );
+    }
+    // At the limits, accepted.
+    q.filter_users(proto::FilterUsersRequest {
+        filter: Some(any((0..50).map(|_| h()).collect())),
+        ..Default::default()
+    })
+    .await
+    .expect("50 history conditions");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_stop_a_page_before_the_message_limit() {
+    // A small message limit makes small data overflow one answer.
+    let server = TestServer::start_with(|a| a.max_message_bytes = 64 * 1024).await;
+    let mut c = server.events().await;
+    // 600 attributes and 600 event names, through batches.
+    for b in 0..6 {
+        let events = (0..100)
+            .map(|i| {
+                let n = b * 100 + i;
+                let attr = format!("attr_{n:04}_{}", "long".repeat(25));
+                event("u", &format!("name_{n:04}"), &[(attr.as_str(), s("v"))])
+            })
+            .collect();
+        let r = c
+            .track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.accepted));
+    }
+    let mut schema = server.schema().await;
+    let (mut attrs, mut names, mut pages) = (Vec::new(), Vec::new(), 0);
+    let mut token = String::new();
+    loop {
+        let r = schema
+            .list_attributes(proto::ListAttributesRequest {
+                page_size: 0,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        attrs.extend(r.attributes.into_iter().map(|a| a.name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(attrs.len(), 600);
+    assert!(pages > 1, "600 attributes fit one 64 KiB answer?");
+    let mut token = String::new();
+    loop {
+        let r = schema
+            .list_event_names(proto::ListEventNamesRequest {
+                page_size: 250,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.event_names.len() <= 250);
+        names.extend(r.event_names.into_iter().map(|n| n.name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(names.len(), 600);
+    // Events of 56 KiB each: the default page of 50 would be 2.8 MB; each page stops in time.
+    let big: Vec<(String, proto::AttributeValue)> = (0..7)
+        .map(|i| (format!("s{i}"), s(&"s".repeat(8 * 1024))))
+        .collect();
+    let big: Vec<(&str, proto::AttributeValue)> = big.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    for _ in 0..3 {
+        track(&mut c, event("big-user", "wide", &big)).await.unwrap();
+    }
+    assert_eq!(timeline(&mut c, "big-user").await.len(), 3);
+    // An event that could not fit an answer once stored is refused.
+    let mut too_big: Vec<(String, proto::AttributeValue)> = (0..7)
+        .map(|i| (format!("s{i}"), s(&"s".repeat(8 * 1024))))
+        .collect();
+    too_big.push(("t".into(), s(&"t".repeat(4000))));
+    let too_big: Vec<(&str, proto::AttributeValue)> =
+        too_big.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let err = track(&mut c, event("big-user", "wide", &too_big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("event: "), "{}", err.message());
+}

@@ -14,7 +14,7 @@ async fn attributes(server: &TestServer) -> Vec<proto::AttributeDefinition> {
     server
         .schema()
         .await
-        .list_attributes(proto::ListAttributesRequest {})
+        .list_attributes(proto::ListAttributesRequest::default())
         .await
         .expect("list")
         .into_inner()
@@ -125,7 +125,7 @@ async fn uncoercible_values_reject_the_whole_event_naming_attribute_type_and_val
     let names = server
         .schema()
         .await
-        .list_event_names(proto::ListEventNamesRequest {})
+        .list_event_names(proto::ListEventNamesRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -177,7 +177,7 @@ async fn a_restart_keeps_events_schema_and_sequences() {
     let attrs = server
         .schema()
         .await
-        .list_attributes(proto::ListAttributesRequest {})
+        .list_attributes(proto::ListAttributesRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -308,7 +308,7 @@ async fn list_event_names_counts_and_first_last_seen() {
                 .await
                 .unwrap();
             proto::schema_service_client::SchemaServiceClient::new(channel)
-                .list_event_names(proto::ListEventNamesRequest {})
+                .list_event_names(proto::ListEventNamesRequest::default())
                 .await
                 .unwrap()
                 .into_inner()

@@ -112,7 +112,7 @@ async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64, u64) {
     let engage = super::start_engage_in(&a.engage_bin, dir);
     let channel = super::channel(engage.addr).await;
     proto::schema_service_client::SchemaServiceClient::new(channel)
-        .list_attributes(proto::ListAttributesRequest {})
+        .list_attributes(proto::ListAttributesRequest::default())
         .await
         .expect("list");
     super::settle().await;

@@ -6,7 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, PageToken};
+use crate::api::{convert, fitting, PageToken};
 use crate::domain::rules::{self, page_size};
 use crate::engine::Ingest;
 use crate::error::invalid;
@@ -51,8 +51,9 @@ impl ActionService for ActionApi {
             action_types: r.action_types.into_iter().collect(),
         };
         let rx = self.log.subscribe(consumer, start, filter).await?;
-        let stream = ReceiverStream::new(rx).map(|item| match item {
-            Ok(a) => Ok(convert::to_proto_action(&a)),
+        let max = self.ingest.limits().max_item_bytes();
+        let stream = ReceiverStream::new(rx).map(move |item| match item {
+            Ok(a) => Ok(convert::to_proto_action(&a, max)),
             Err(e) => Err(Status::from(e)),
         });
         Ok(Response::new(Box::pin(stream)))
@@ -100,16 +101,21 @@ impl ActionService for ActionApi {
             )
         })
         .await?;
-        let next_page_token = if page.len() > size {
-            page.truncate(size);
-            page.last()
-                .map(|a| PageToken::encode(&a.sequence.to_string(), &scope))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let more = page.len() > size;
+        page.truncate(size);
+        let max = self.ingest.limits().max_item_bytes();
+        let mut actions: Vec<proto::FiredAction> =
+            page.iter().map(|a| convert::to_proto_action(a, max)).collect();
+        // A page ends early rather than outgrow one message.
+        let fit = fitting(&actions, max);
+        let more = more || fit < actions.len();
+        actions.truncate(fit);
+        let next_page_token = match actions.last() {
+            Some(last) if more => PageToken::encode(&last.sequence.to_string(), &scope),
+            _ => String::new(),
         };
         Ok(Response::new(proto::ListFiredActionsResponse {
-            actions: page.iter().map(convert::to_proto_action).collect(),
+            actions,
             next_page_token,
         }))
     }

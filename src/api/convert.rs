@@ -240,6 +240,7 @@ pub(crate) fn validated_condition(
     place: crate::domain::condition::Place,
 ) -> Result<(RawCondition, crate::domain::condition::Condition), Error> {
     let raw = raw_condition(field, c)?;
+    crate::domain::condition::check_size(&raw, field, ingest.limits())?;
     let valid = crate::domain::condition::validate(
         &raw,
         field,
@@ -378,9 +379,11 @@ pub(crate) fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
     }
 }
 
-/// A fired action on the wire.
-pub(crate) fn to_proto_action(a: &FiredAction) -> proto::FiredAction {
-    proto::FiredAction {
+/// A fired action on the wire, in at most `max_bytes`: an action whose event would make it
+/// larger carries the event without its attributes, marked `event_truncated` (the payload is
+/// bounded when rendered, so that is always enough).
+pub(crate) fn to_proto_action(a: &FiredAction, max_bytes: usize) -> proto::FiredAction {
+    let mut action = proto::FiredAction {
         sequence: a.sequence,
         action_id: a.action_id.clone(),
         trigger_id: a.trigger_id.clone(),
@@ -391,5 +394,13 @@ pub(crate) fn to_proto_action(a: &FiredAction) -> proto::FiredAction {
         fired_at: Some(to_proto_ts(a.fired_at)),
         payload: a.payload.clone(),
         event: a.event.as_ref().map(to_proto_event),
+        event_truncated: false,
+    };
+    if prost::Message::encoded_len(&action) > max_bytes {
+        if let Some(event) = &mut action.event {
+            event.attributes.clear();
+            action.event_truncated = true;
+        }
     }
+    action
 }

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{blocking, convert};
+use crate::api::{blocking, convert, fitting};
 use crate::domain::model::Timestamp;
 use crate::domain::rules::{self, page_size, PreparedEvent};
 use crate::engine::Ingest;
@@ -21,6 +21,14 @@ pub(crate) struct EventApi {
 impl EventApi {
     /// Converts and checks one wire event on the caller's task (off the writer thread).
     fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<PreparedEvent, Error> {
+        // Stored, the event must still fit one answer (a timeline page, an action).
+        let bytes = prost::Message::encoded_len(&e);
+        let max = self.ingest.limits().max_item_bytes();
+        if bytes > max {
+            return Err(invalid(format!(
+                ": {bytes} bytes encoded, at most {max} allowed (max_message_bytes less room for the answer)"
+            )));
+        }
         let event = convert::new_event(e)?;
         rules::prepare(event, self.ingest.limits(), now)
     }
@@ -111,10 +119,19 @@ impl EventService for EventApi {
             oldest_first: r.oldest_first,
         };
         let store = self.store.clone();
-        let page = blocking(move || timeline::read(&store, &query)).await?;
+        let q = query.clone();
+        let page = blocking(move || timeline::read(&store, &q)).await?;
+        let mut events: Vec<proto::Event> = page.events.iter().map(convert::to_proto_event).collect();
+        // A page ends early rather than outgrow one message.
+        let fit = fitting(&events, self.ingest.limits().max_item_bytes());
+        let next_page_token = match page.events.get(fit.wrapping_sub(1)) {
+            Some(last) if fit < events.len() => timeline::token_after(&query, last),
+            _ => page.next_page_token,
+        };
+        events.truncate(fit);
         Ok(Response::new(proto::GetUserTimelineResponse {
-            events: page.events.iter().map(convert::to_proto_event).collect(),
-            next_page_token: page.next_page_token,
+            events,
+            next_page_token,
         }))
     }
 

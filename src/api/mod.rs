@@ -63,6 +63,21 @@ where
         .map_err(Status::from)
 }
 
+/// How many of `items` (in order) one answer holds within `budget` bytes: each costs its
+/// encoded size plus its field's tag and length. At least one, so a listing always moves (every
+/// stored item is bounded to fit an answer alone).
+pub(crate) fn fitting<T: prost::Message>(items: &[T], budget: usize) -> usize {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        let len = item.encoded_len();
+        used += len + 1 + prost::length_delimiter_len(len);
+        if used > budget && i > 0 {
+            return i;
+        }
+    }
+    items.len()
+}
+
 /// Opaque page tokens for listings keyed by a string: the position, bound to the listing's
 /// `scope` (its filters) so that a token is refused by another listing.
 pub(crate) struct PageToken;

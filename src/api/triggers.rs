@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, PageToken};
+use crate::api::{convert, fitting, PageToken};
 use crate::domain::condition::Place;
 use crate::domain::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
 use crate::domain::rules::{self, page_size};
@@ -20,6 +20,14 @@ impl TriggerApi {
     /// Validates a submitted trigger into its stored form; `field` is `trigger`.
     fn validate(&self, t: proto::Trigger) -> Result<Trigger, Error> {
         let f = "trigger";
+        // Stored, the trigger must still fit one answer (GetTrigger, ListTriggers).
+        let bytes = prost::Message::encoded_len(&t);
+        let max = self.ingest.limits().max_item_bytes();
+        if bytes > max {
+            return Err(invalid(format!(
+                "{f}: {bytes} bytes encoded, at most {max} allowed (max_message_bytes less room for the answer)"
+            )));
+        }
         rules::check_trigger_name(f, &t.name)?;
         let event_name = rules::normalize_event_name(&format!("{f}.event_name"), &t.event_name)?;
         let action = t.action.ok_or_else(|| invalid(format!("{f}.action: required")))?;
@@ -141,21 +149,24 @@ impl TriggerService for TriggerApi {
             }
             None => triggers.range::<String, _>(..),
         };
-        let mut page: Vec<_> = range
+        let mut triggers: Vec<proto::Trigger> = range
             .map(|(_, t)| t)
             .filter(|t| event_name.is_empty() || t.event_name == event_name)
             .take(size + 1)
+            .map(|t| convert::to_proto_trigger(t))
             .collect();
-        let next_page_token = if page.len() > size {
-            page.truncate(size);
-            page.last()
-                .map(|t| PageToken::encode(&t.id, &scope))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        let more = triggers.len() > size;
+        triggers.truncate(size);
+        // A page ends early rather than outgrow one message.
+        let fit = fitting(&triggers, self.ingest.limits().max_item_bytes());
+        let more = more || fit < triggers.len();
+        triggers.truncate(fit);
+        let next_page_token = match triggers.last() {
+            Some(last) if more => PageToken::encode(&last.id, &scope),
+            _ => String::new(),
         };
         Ok(Response::new(proto::ListTriggersResponse {
-            triggers: page.into_iter().map(|t| convert::to_proto_trigger(t)).collect(),
+            triggers,
             next_page_token,
         }))
     }

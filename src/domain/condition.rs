@@ -8,7 +8,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::model::{AttributeType, Event, NumberAggregate, UserNameAggregate, Value};
-use crate::domain::{rules, typing};
+use crate::domain::rules::{self, Limits};
+use crate::domain::typing;
 use crate::error::{invalid, Error};
 
 /// A comparison operator.
@@ -140,6 +141,62 @@ pub(crate) enum Place {
     Filter,
     /// A history condition's `where`: attribute conditions only.
     Where,
+}
+
+/// The size of a condition: its nodes, its deepest nesting and its history conditions.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Size {
+    nodes: usize,
+    depth: usize,
+    histories: usize,
+}
+
+fn size_of(raw: &RawCondition, depth: usize, size: &mut Size) {
+    size.nodes += 1;
+    size.depth = size.depth.max(depth);
+    match raw {
+        RawCondition::All(items) | RawCondition::Any(items) => {
+            items.iter().for_each(|c| size_of(c, depth + 1, size));
+        }
+        RawCondition::Not(inner) => {
+            if let Some(c) = inner {
+                size_of(c, depth + 1, size);
+            }
+        }
+        RawCondition::History { filter, .. } => {
+            size.histories += 1;
+            if let Some(f) = filter {
+                size_of(f, depth + 1, size);
+            }
+        }
+        RawCondition::Attribute { .. } | RawCondition::Empty => {}
+    }
+}
+
+/// Checks that a condition stays within the limits on its size, which bound what evaluating it
+/// costs (on the writer, for a trigger; per query, for a filter).
+pub(crate) fn check_size(raw: &RawCondition, field: &str, limits: &Limits) -> Result<(), Error> {
+    let mut size = Size::default();
+    size_of(raw, 1, &mut size);
+    if size.nodes > limits.max_condition_nodes {
+        return Err(invalid(format!(
+            "{field}: {} conditions, at most {} allowed (max_condition_nodes)",
+            size.nodes, limits.max_condition_nodes
+        )));
+    }
+    if size.depth > limits.max_condition_depth {
+        return Err(invalid(format!(
+            "{field}: nested {} levels deep, at most {} allowed (max_condition_depth)",
+            size.depth, limits.max_condition_depth
+        )));
+    }
+    if size.histories > limits.max_history_conditions {
+        return Err(invalid(format!(
+            "{field}: {} history conditions, at most {} allowed (max_history_conditions)",
+            size.histories, limits.max_history_conditions
+        )));
+    }
+    Ok(())
 }
 
 /// Validates `raw` at `field` (a path such as `trigger.condition`), coercing comparison values

@@ -15,7 +15,30 @@ pub struct Limits {
     pub max_json_value_bytes: usize,
     pub max_batch_events: usize,
     pub max_future_skew_secs: i64,
+    /// The largest message accepted or sent: every stored thing must fit one answer.
+    pub max_message_bytes: usize,
+    /// Most conditions (nodes) in one trigger's condition, absence check or filter.
+    pub max_condition_nodes: usize,
+    /// Deepest nesting of all/any/not/where in one condition.
+    pub max_condition_depth: usize,
+    /// Most history conditions in one trigger or filter.
+    pub max_history_conditions: usize,
 }
+
+impl Limits {
+    /// The largest rendered payload: a quarter of a message, so an action with its event fits.
+    pub(crate) fn max_payload_bytes(&self) -> usize {
+        self.max_message_bytes / 4
+    }
+
+    /// The largest item one answer may hold, leaving room for the answer's other fields.
+    pub(crate) fn max_item_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_sub(ANSWER_HEADROOM_BYTES)
+    }
+}
+
+/// Bytes of a message kept free for the fields around its items (tokens, counts, framing).
+const ANSWER_HEADROOM_BYTES: usize = 4096;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -26,6 +49,10 @@ impl Default for Limits {
             max_json_value_bytes: 64 * 1024,
             max_batch_events: 1000,
             max_future_skew_secs: 24 * 3600,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_condition_nodes: 1000,
+            max_condition_depth: 16,
+            max_history_conditions: 50,
         }
     }
 }

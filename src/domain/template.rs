@@ -1,6 +1,9 @@
 //! Action payload templates (minijinja, Jinja2 syntax): checked when a trigger is submitted,
 //! rendered when it fires. Rendering never fails: a missing value renders empty, and a template
-//! that runs out of fuel or hits a runtime error renders as empty text (logged).
+//! that runs out of fuel, writes more than its output limit or hits a runtime error renders as
+//! empty text (logged). Work is bounded by fuel and memory by the output limit: a loop that
+//! repeats a large attribute stops at the limit instead of filling memory. `debug()`, which would
+//! print the engine's template state, is not available.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +18,7 @@ const FUEL: u64 = 50_000;
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_fuel(Some(FUEL));
+    env.remove_global("debug");
     // A missing value (even a chain such as event.attributes.missing.x) renders empty.
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
     // Booleans print as their canonical text (`true`), not Python's `True`.
@@ -71,6 +75,41 @@ fn context(event: &Event, trigger_id: &str, trigger_name: &str) -> J {
     }
 }
 
+/// An output that refuses to grow past `limit` bytes.
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the payload is larger than its limit of {} bytes",
+                self.limit
+            )));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Renders `template` with `ctx` into at most `limit` bytes; empty (logged) on any failure.
+fn render_bounded(template: &minijinja::Template<'_, '_>, ctx: J, limit: usize, trigger_id: &str) -> String {
+    let mut out = Bounded {
+        out: Vec::new(),
+        limit,
+    };
+    let result = template
+        .render_captured_to(ctx, &mut out)
+        .map(|_| String::from_utf8(out.out).unwrap_or_default());
+    rendered(result, trigger_id)
+}
+
 fn rendered(result: Result<String, minijinja::Error>, trigger_id: &str) -> String {
     result.unwrap_or_else(|e| {
         tracing::warn!(trigger_id, error = %e, "payload template failed at fire time; rendering empty");
@@ -108,10 +147,11 @@ impl Templates {
         self.env.remove_template(trigger_id);
     }
 
-    /// Renders a trigger's payload for `event`; never fails (see the module documentation).
-    pub(crate) fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event) -> String {
+    /// Renders a trigger's payload for `event` into at most `limit` bytes; never fails (see
+    /// the module documentation).
+    pub(crate) fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event, limit: usize) -> String {
         match self.env.get_template(trigger_id) {
-            Ok(t) => rendered(t.render(context(event, trigger_id, trigger_name)), trigger_id),
+            Ok(t) => render_bounded(&t, context(event, trigger_id, trigger_name), limit, trigger_id),
             Err(_) => String::new(),
         }
     }
@@ -192,9 +232,25 @@ mod tests {
         let mut t = Templates::default();
         let source = "{{ trigger.name }}: {{ event.attributes.price }} for {{ user_id }}";
         t.set("t1", source);
-        assert_eq!(t.render("t1", "n", &event()), render(source, &event(), "t1", "n"));
+        assert_eq!(
+            t.render("t1", "n", &event(), 1 << 20),
+            render(source, &event(), "t1", "n")
+        );
         t.remove("t1");
-        assert_eq!(t.render("t1", "n", &event()), "");
+        assert_eq!(t.render("t1", "n", &event(), 1 << 20), "");
+    }
+
+    #[test]
+    fn output_past_the_limit_renders_empty_and_debug_is_not_available() {
+        let mut t = Templates::default();
+        t.set(
+            "big",
+            "{% for i in range(1000) %}{{ event.attributes.name }}{% endfor %}",
+        );
+        assert_eq!(t.render("big", "n", &event(), 100), "");
+        assert_eq!(t.render("big", "n", &event(), 1 << 20).len(), 10_000);
+        t.set("dbg", "[{{ debug() }}]");
+        assert_eq!(t.render("dbg", "n", &event(), 1 << 20), "");
     }
 
     #[test]

@@ -296,7 +296,12 @@ impl Writer {
                 user_id: event.user_id.clone(),
                 event_id: event.event_id.clone(),
                 fired_at: now,
-                payload: self.templates.render(&trigger.id, &trigger.name, event),
+                payload: self.templates.render(
+                    &trigger.id,
+                    &trigger.name,
+                    event,
+                    self.limits.max_payload_bytes(),
+                ),
                 event: Some(event.clone()),
             };
             group.batch.put_action(&action);
