@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Most SubscribeActions streams open at once (more answer RESOURCE_EXHAUSTED).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBERS", default_value_t = 1024)]
     pub max_subscribers: usize,
+    /// Serve a data directory that lost acknowledged writes (its high-water mark says more was
+    /// acknowledged than it holds) instead of refusing to start; the mark is reset to what it holds.
+    #[arg(long, env = "ENGAGE_ACCEPT_DATA_LOSS")]
+    pub accept_data_loss: bool,
     /// Most conditions (nodes) in one trigger condition, absence check or filter.
     #[arg(long, env = "ENGAGE_MAX_CONDITION_NODES", default_value_t = 1000)]
     pub max_condition_nodes: usize,
@@ -130,6 +134,7 @@ impl ServeArgs {
         StoreOptions {
             cache_capacity: self.cache_mb * 1024 * 1024,
             flush_every_ms: self.flush_every_ms,
+            accept_data_loss: self.accept_data_loss,
         }
     }
 }

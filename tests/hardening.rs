@@ -449,3 +449,207 @@ async fn listings_stop_a_page_before_the_message_limit() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("event: "), "{}", err.message());
 }
+
+/// How a server started on a data directory ended up.
+enum Outcome {
+    Started(common::ChildServer),
+    Exited(std::process::ExitStatus, String),
+}
+
+/// Starts `engage serve` on `dir` and waits until it either logs its start line or exits.
+fn start_or_exit(dir: &std::path::Path, extra: &[&str]) -> Outcome {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn engage");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut text = String::new();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("read stderr");
+        if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+            if json["message"] == "engage started" {
+                let addr = json["listen"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("address");
+                std::thread::spawn(move || for _ in lines {});
+                return Outcome::Started(common::ChildServer { child, addr });
+            }
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    // stderr closed: the process is exiting.
+    let status = child.wait().expect("wait");
+    Outcome::Exited(status, text)
+}
+
+/// A data directory holding 4 000 acknowledged events (written by a real server, stopped).
+async fn filled_dir() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = ChildServer::spawn(&data_dir(&tmp));
+    let mut c = server.events().await;
+    for b in 0..4 {
+        let events = (0..1000)
+            .map(|i| {
+                event(
+                    &format!("user-{}", (b * 1000 + i) % 97),
+                    "tick",
+                    &[("n", n(i as f64))],
+                )
+            })
+            .collect();
+        let r = c
+            .track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.accepted));
+    }
+    drop(c);
+    assert!(server.terminate().success());
+    tmp
+}
+
+fn assert_clean_refusal(status: std::process::ExitStatus, stderr: &str, want: &str) {
+    assert!(!status.success(), "exit {status}");
+    assert_ne!(status.code(), Some(101), "a panic's exit code: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("stack backtrace"),
+        "{stderr}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("engage failed") && last.contains(want),
+        "last line: {last}\n{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_file_cut_short_is_refused_naming_the_lost_writes() {
+    let tmp = filled_dir().await;
+    let dir = data_dir(&tmp);
+    let db = dir.join("db");
+    let len = std::fs::metadata(&db).expect("db").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .expect("open db")
+        .set_len(len / 2)
+        .expect("truncate");
+    match start_or_exit(&dir, &[]) {
+        Outcome::Started(_) => panic!("served a data directory that lost acknowledged writes"),
+        Outcome::Exited(status, stderr) => {
+            if stderr.contains("lost acknowledged writes") {
+                assert_clean_refusal(status, &stderr, "but events up to 4000");
+            } else {
+                assert_clean_refusal(status, &stderr, "damaged");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn damaged_data_files_never_panic_and_never_serve_less_than_was_acknowledged() {
+    let mut outcomes = Vec::new();
+    for seed in 0..9u64 {
+        let tmp = filled_dir().await;
+        let dir = data_dir(&tmp);
+        let db = dir.join("db");
+        let mut bytes = std::fs::read(&db).expect("db");
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        if seed % 3 == 0 {
+            // Bit flips, weighted to the end of the file where the newest writes are.
+            for _ in 0..64 {
+                let at = bytes.len() - 1 - next(bytes.len() / 4);
+                bytes[at] ^= 1 << next(8);
+            }
+        } else if seed % 3 == 1 {
+            // Bit flips anywhere, the start (sled's metadata) included.
+            for _ in 0..256 {
+                let at = next(bytes.len());
+                bytes[at] ^= 1 << next(8);
+            }
+        } else {
+            // A zeroed 64 KiB block.
+            let at = next(bytes.len().saturating_sub(65_536).max(1));
+            let end = (at + 65_536).min(bytes.len());
+            for b in &mut bytes[at..end] {
+                *b = 0;
+            }
+        }
+        std::fs::write(&db, &bytes).expect("damage");
+        match start_or_exit(&dir, &[]) {
+            Outcome::Exited(status, stderr) => {
+                let last = stderr.lines().last().unwrap_or_default().to_string();
+                assert_clean_refusal(status, &stderr, "");
+                outcomes.push(format!("seed {seed}: refused: {last}"));
+            }
+            Outcome::Started(server) => {
+                // It may start only with everything acknowledged: the next event is 4001.
+                let mut c = server.events().await;
+                let r = track(&mut c, event("probe", "tick", &[])).await.expect("track");
+                assert_eq!(
+                    r.sequence, 4001,
+                    "seed {seed}: served a store missing acknowledged events"
+                );
+                outcomes.push(format!("seed {seed}: served everything"));
+            }
+        }
+    }
+    eprintln!("{}", outcomes.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accept_data_loss_serves_what_is_left_and_resets_the_mark() {
+    let tmp = filled_dir().await;
+    let dir = data_dir(&tmp);
+    // Lose everything sled holds, keep the mark: as a file cut to nothing would.
+    for entry in std::fs::read_dir(&dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.file_name().is_some_and(|n| n != "engage.hwm") {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).expect("rm");
+            } else {
+                std::fs::remove_file(&path).expect("rm");
+            }
+        }
+    }
+    match start_or_exit(&dir, &[]) {
+        Outcome::Started(_) => panic!("served an emptied data directory"),
+        Outcome::Exited(status, stderr) => assert_clean_refusal(status, &stderr, "lost acknowledged writes"),
+    }
+    let Outcome::Started(server) = start_or_exit(&dir, &["--accept-data-loss"]) else {
+        panic!("--accept-data-loss did not start");
+    };
+    let mut c = server.events().await;
+    assert_eq!(track(&mut c, event("u", "tick", &[])).await.unwrap().sequence, 1);
+    drop(c);
+    assert!(server.terminate().success());
+    // From then on it starts without the flag.
+    let Outcome::Started(server) = start_or_exit(&dir, &[]) else {
+        panic!("the reset mark still refuses");
+    };
+    drop(server);
+}

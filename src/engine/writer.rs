@@ -37,6 +37,7 @@ const MAX_GROUP_WRITES: usize = 4096;
 /// behind (durable once the committer's flush succeeds).
 pub(super) struct Applied {
     pub(super) replies: Vec<Reply>,
+    pub(super) last_event_seq: u64,
     pub(super) last_action_seq: u64,
 }
 
@@ -103,6 +104,7 @@ impl Writer {
             }
             let applied = Applied {
                 replies,
+                last_event_seq: self.last_seq,
                 last_action_seq: self.last_action_seq,
             };
             if commit.send(applied).is_err() {

@@ -59,6 +59,7 @@ mod batch;
 mod codec;
 pub(crate) mod columns;
 mod events;
+mod integrity;
 mod keys;
 mod migrate;
 pub(crate) mod timers;
@@ -66,7 +67,7 @@ pub(crate) mod timers;
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 pub(crate) use actions::ActionOwner;
 pub(crate) use batch::WriteBatch;
@@ -76,15 +77,22 @@ pub(crate) use keys::{event_key, TimelinePos};
 use crate::domain::model::{AttributeDefinition, EventNameStats, Trigger};
 use crate::error::Error;
 use codec::{decode, decode_u64};
+use integrity::{HighWater, IntegrityError};
 use keys::*;
+
+pub(crate) use integrity::Acknowledged;
 
 /// A storage failure: the disk, or data that does not decode.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
     #[error("corrupt record under key {key:?}: {reason}")]
     Corrupt { key: Vec<u8>, reason: String },
+    #[error("{0}")]
+    Integrity(#[from] IntegrityError),
+    #[error("the data files are damaged: sled failed while opening them ({0}); restore the data directory from a backup")]
+    Damaged(String),
 }
 
 impl StoreError {
@@ -111,6 +119,9 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
     /// sled's background flush interval; keeps its GC running too.
     pub flush_every_ms: u64,
+    /// Serve a data directory that lost acknowledged writes (and record what it holds as the
+    /// new high-water mark) instead of refusing to start.
+    pub accept_data_loss: bool,
 }
 
 /// The sled database behind engage.
@@ -122,6 +133,8 @@ pub(crate) struct Store {
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
     index: Arc<RwLock<()>>,
+    /// What was acknowledged as durable (see `integrity`).
+    high_water: Arc<Mutex<HighWater>>,
 }
 
 /// Everything the engine keeps in memory, read once at start-up.
@@ -149,7 +162,7 @@ impl Store {
             .flush_every_ms(Some(opts.flush_every_ms.max(1)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let db = loop {
-            match config.open() {
+            match open_without_panic(&config)? {
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
@@ -160,11 +173,40 @@ impl Store {
             }
         };
         let tree = db.open_tree("engage")?;
+        let (mut high_water, acked) = match HighWater::open(dir) {
+            Err(IntegrityError::Damaged { .. }) if opts.accept_data_loss => {
+                let _ = std::fs::remove_file(dir.join(integrity::FILE_NAME));
+                HighWater::open(dir)?
+            }
+            other => other?,
+        };
+        let found = Acknowledged {
+            event_seq: read_u64(&tree, META_EVENT_SEQ)?,
+            action_seq: read_u64(&tree, META_ACTION_SEQ)?,
+        };
+        if let Some(acked) = acked {
+            match high_water.check(found, acked) {
+                Err(lost) if opts.accept_data_loss => {
+                    tracing::warn!(error = %lost, "serving a data directory that lost acknowledged writes (--accept-data-loss)");
+                    high_water
+                        .reset(found)
+                        .map_err(|e| StoreError::Damaged(e.to_string()))?;
+                }
+                checked => checked?,
+            }
+        }
         Ok(Self {
             db,
             tree,
             index: Default::default(),
+            high_water: Arc::new(Mutex::new(high_water)),
         })
+    }
+
+    /// Records `now` as acknowledged: call it after the flush that made it durable, before
+    /// answering (see `integrity`).
+    pub(crate) fn record_durable(&self, now: Acknowledged) -> std::io::Result<()> {
+        self.high_water.lock().record(now)
     }
 
     /// Reads the state the engine keeps in memory.
@@ -219,6 +261,45 @@ impl Store {
     }
 }
 
+/// An 8-byte counter of the tree, 0 when absent.
+fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    match tree.get(key)? {
+        Some(v) => decode_u64(key, &v),
+        None => Ok(0),
+    }
+}
+
+thread_local! {
+    /// Set while sled opens damaged files on this thread: its panic is answered as an error,
+    /// and printing it (with a backtrace) is skipped.
+    static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Opens sled, turning a panic of its recovery (which some damaged files cause) into
+/// [`StoreError::Damaged`]. The panic hook is wrapped once, to stay silent for those panics only.
+fn open_without_panic(config: &sled::Config) -> Result<sled::Result<sled::Db>, StoreError> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !OPENING.with(|o| o.get()) {
+                previous(info);
+            }
+        }));
+    });
+    OPENING.with(|o| o.set(true));
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    OPENING.with(|o| o.set(false));
+    opened.map_err(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        StoreError::Damaged(reason)
+    })
+}
+
 /// A store in a temporary directory, for unit tests (the guard keeps the directory).
 #[cfg(test)]
 pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
@@ -226,6 +307,7 @@ pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     let opts = StoreOptions {
         cache_capacity: 64 << 20,
         flush_every_ms: 500,
+        accept_data_loss: false,
     };
     let store = Store::open(dir.path(), &opts).expect("open");
     (dir, store)
