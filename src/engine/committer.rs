@@ -17,8 +17,8 @@ use crate::store::{Acknowledged, Store};
 /// The high-water mark (`store::integrity`) is written by a thread of its own while sled
 /// flushes, so its fsync adds no latency: during a round it records what the rounds before made
 /// durable, at most every [`MARK_EVERY`] while writes keep coming (one extra fsync per round
-/// cost unary ingest 10-15%), and the latest before the committer waits for new work. So the
-/// mark is never ahead of what is durable, and lags by [`MARK_EVERY`] at most under load.
+/// cost unary ingest 10-15%), and the latest once no write came for [`MARK_EVERY`]. So the mark
+/// is never ahead of what is durable, and lags by about [`MARK_EVERY`] at most.
 pub(super) fn run_committer(
     store: Store,
     rx: std_mpsc::Receiver<Applied>,
@@ -30,9 +30,9 @@ pub(super) fn run_committer(
     let mut recorded = Acknowledged::default();
     let mut last_mark = Instant::now();
     loop {
-        let first = match rx.try_recv() {
+        let first = match rx.recv_timeout(MARK_EVERY) {
             Ok(first) => first,
-            Err(std_mpsc::TryRecvError::Empty) => {
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 // Idle: bring the mark up to date before waiting.
                 if recorded != flushed && !failed.load(Ordering::Acquire) {
                     match store.record_durable(flushed) {
@@ -45,7 +45,7 @@ pub(super) fn run_committer(
                     Err(_) => break,
                 }
             }
-            Err(std_mpsc::TryRecvError::Disconnected) => break,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut replies = first.replies;
         let mut now = Acknowledged {
