@@ -94,7 +94,7 @@ pub async fn serve(
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
     let health_on_stop = health.clone();
     let on_shutdown = async move {
         shutdown.await;
@@ -102,7 +102,7 @@ pub async fn serve(
         set_health(&health_on_stop, ServingStatus::NotServing).await;
         // Open streams would hold graceful shutdown forever: end them now.
         let _ = stop_streams.send(true);
-        let _ = started_tx.send(());
+        let _ = started_tx.send(tokio::time::Instant::now());
     };
     let server = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
@@ -115,11 +115,19 @@ pub async fn serve(
     let server = engage_services(server, &ingest, &store, log, args.max_message_bytes)
         .serve_with_incoming_shutdown(incoming(listener), on_shutdown);
 
+    // One grace period for the whole shutdown, calls and engine together.
     let grace = Duration::from_secs(args.shutdown_grace_secs);
-    let grace_over = async move {
-        match started_rx.await {
-            Ok(()) => tokio::time::sleep(grace).await,
-            Err(_) => std::future::pending().await,
+    let deadline = std::sync::Arc::new(std::sync::OnceLock::new());
+    let grace_over = {
+        let deadline = deadline.clone();
+        async move {
+            match started_rx.await {
+                Ok(started) => {
+                    let _ = deadline.set(started + grace);
+                    tokio::time::sleep_until(started + grace).await
+                }
+                Err(_) => std::future::pending().await,
+            }
         }
     };
     tokio::select! {
@@ -128,7 +136,10 @@ pub async fn serve(
     }
 
     retention.abort();
-    stop_engine(ingest, threads, &store, grace).await?;
+    let left = deadline.get().map_or(grace, |d: &tokio::time::Instant| {
+        d.saturating_duration_since(tokio::time::Instant::now())
+    });
+    stop_engine(ingest, threads, &store, left).await?;
     tracing::info!("engage stopped");
     Ok(())
 }

@@ -653,3 +653,105 @@ async fn accept_data_loss_serves_what_is_left_and_resets_the_mark() {
     };
     drop(server);
 }
+
+#[tokio::test]
+async fn an_event_at_the_earliest_time_is_counted_once_and_seen_by_its_window() {
+    let server = TestServer::start().await;
+    let min = -62_135_596_800i64; // 0001-01-01T00:00:00Z
+    let mut t = server.triggers().await;
+    create_trigger(
+        &mut t,
+        proto::Trigger {
+            condition: Some(history_cond(proto::HistoryCondition {
+                within: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+                ..history("first", proto::Aggregate::Count, "", proto::Operator::Gte, 1.0)
+            })),
+            ..trigger("first", "x", "")
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = server.events().await;
+    assert_eq!(
+        fired(&mut c, event_at("u", "first", "e1", min)).await,
+        1,
+        "the event is in its own window"
+    );
+    let mut q = proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let r = q
+        .get_event_stats(proto::GetEventStatsRequest {
+            event_name: "first".into(),
+            from: Some(ts(min)),
+            to: Some(ts(min + 3600)),
+            granularity: proto::Granularity::Hour as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.total, 1.0, "{r:?}");
+    assert_eq!(r.buckets[0].events, 1, "{r:?}");
+}
+
+#[tokio::test]
+async fn names_that_could_not_be_named_back_and_impossible_dates_are_refused() {
+    let server = TestServer::start().await;
+    define(&server, "when", proto::AttributeType::Date).await;
+    let mut c = server.events().await;
+    let err = track(&mut c, event("u", "event.event.x", &[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("event.name: "), "{}", err.message());
+    for date in ["2026-01-01T00:00:00+25:00", "2026-12-31T23:59:60Z"] {
+        let err = track(&mut c, event("u", "e", &[("when", s(date))]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{date}");
+        assert!(
+            err.message().contains("attributes[\"when\"]"),
+            "{}",
+            err.message()
+        );
+    }
+    assert!(timeline(&mut c, "u").await.is_empty(), "nothing stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_with_a_stalled_subscriber_keeps_to_one_grace_period() {
+    let server = TestServer::start_with(|a| a.shutdown_grace_secs = 2).await;
+    let mut t = server.triggers().await;
+    // 6 KB payloads: the stream's windows and buffers fill long before the log is read.
+    create_trigger(&mut t, trigger("tick", "count", &"p".repeat(6000)))
+        .await
+        .unwrap();
+    let stalled = server
+        .actions()
+        .await
+        .subscribe_actions(proto::SubscribeActionsRequest {
+            start: proto::StartFrom::Earliest as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = server.events().await;
+    for _ in 0..4 {
+        let events = (0..500).map(|_| event("u", "tick", &[])).collect();
+        c.track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    drop(c);
+    // The grace period is a deadline for the whole shutdown: calls, streams and engine.
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), server.stop()).await;
+    assert!(stopped.is_ok(), "shutdown hung");
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(3900),
+        "shutdown took {took:?} with a 2 s grace period"
+    );
+    drop(stalled);
+}

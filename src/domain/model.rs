@@ -22,6 +22,12 @@ const MIN_SECS: i64 = -62_135_596_800;
 const MAX_SECS: i64 = 253_402_300_799;
 
 impl Timestamp {
+    /// The earliest representable time, 0001-01-01T00:00:00Z.
+    pub const MIN: Timestamp = Timestamp {
+        secs: MIN_SECS,
+        nanos: 0,
+    };
+
     /// A valid timestamp, or `None` when out of the protobuf range or `nanos` is not below 1e9.
     pub fn new(secs: i64, nanos: i32) -> Option<Self> {
         if !(MIN_SECS..=MAX_SECS).contains(&secs) || !(0..1_000_000_000).contains(&nanos) {
@@ -102,6 +108,9 @@ impl Timestamp {
     /// Parses RFC 3339 (`2026-01-31T10:00:00+01:00`) or a bare date (`2026-01-31`, midnight UTC).
     pub fn parse(text: &str) -> Option<Self> {
         let text = text.trim();
+        if !rfc3339_fields_in_range(text) {
+            return None;
+        }
         let ts = if let Ok(ts) = text.parse::<jiff::Timestamp>() {
             ts
         } else {
@@ -113,6 +122,27 @@ impl Timestamp {
         };
         Self::new(ts.as_second(), ts.subsec_nanosecond())
     }
+}
+
+/// Checks what the parser is lenient about: RFC 3339 offsets are at most 23:59 either way, and a
+/// second is 00-59 (a leap second `:60` cannot be represented, and is refused rather than moved).
+fn rfc3339_fields_in_range(text: &str) -> bool {
+    let b = text.as_bytes();
+    // YYYY-MM-DDTHH:MM:SS...
+    if b.len() >= 19 && matches!(b[10], b'T' | b't' | b' ') && b[16] == b':' && &b[17..19] >= b"60".as_slice()
+    {
+        return false;
+    }
+    // ...+HH:MM or ...+HHMM at the end.
+    let offset_hours = |at: usize| {
+        b.get(at).is_some_and(|c| matches!(c, b'+' | b'-'))
+            && b.get(at + 1..at + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_digit) && h > b"23".as_slice())
+    };
+    let with_colon = b.len() >= 6 && b[b.len() - 3] == b':' && offset_hours(b.len() - 6);
+    let without =
+        b.len() >= 5 && b[b.len() - 4..].iter().all(u8::is_ascii_digit) && offset_hours(b.len() - 5);
+    b.len() < 19 || !(with_colon || without)
 }
 
 /// RFC 3339 in UTC, with a fraction only when the time has one (`2026-01-31T09:00:00Z`).

@@ -103,6 +103,12 @@ pub(crate) fn check_user_id(field: &str, user_id: &str) -> Result<(), Error> {
 /// 1-128 characters, letters, digits and `_ . : -`. `field` names the field in messages.
 pub(crate) fn normalize_event_name(field: &str, raw: &str) -> Result<String, Error> {
     let name = raw.strip_prefix("event.").unwrap_or(raw);
+    if name.starts_with("event.") {
+        // Stored, it could never be named back: every name loses one `event.` on the way in.
+        return Err(invalid(format!(
+            "{field}: {raw:?} would be stored as {name:?}, which no request can name (event. is stripped once)"
+        )));
+    }
     let chars = name.chars().count();
     if chars == 0 {
         return Err(invalid(format!("{field}: must not be empty")));
@@ -334,6 +340,8 @@ mod tests {
         assert!(normalize_event_name("name", "event.").is_err());
         assert!(normalize_event_name("name", "a b").is_err());
         assert!(normalize_event_name("name", &"x".repeat(129)).is_err());
+        assert!(normalize_event_name("name", "event.event.x").is_err());
+        assert_eq!(normalize_event_name("name", "event.event").unwrap(), "event");
         let field = || "a".to_string();
         assert!(check_attribute_name(field, "_price2", 128).is_ok());
         assert!(check_attribute_name(field, "2price", 128).is_err());

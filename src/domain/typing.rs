@@ -166,6 +166,27 @@ mod tests {
             Ok(Value::Date(Timestamp::new(1_769_817_600, 0).unwrap()))
         );
         assert!(coerce(AttributeType::Date, &Value::String("31/01/2026".into())).is_err());
+        for out_of_range in [
+            "2026-01-31T00:00:00+25:00",
+            "2026-01-31T00:00:00-24:00",
+            "2026-01-31T00:00:00+2500",
+            "2026-12-31T23:59:60Z",
+        ] {
+            assert!(
+                coerce(AttributeType::Date, &Value::String(out_of_range.into())).is_err(),
+                "{out_of_range}"
+            );
+        }
+        assert!(coerce(
+            AttributeType::Date,
+            &Value::String("2026-01-31T00:00:00+23:59".into())
+        )
+        .is_ok());
+        assert!(coerce(
+            AttributeType::Date,
+            &Value::String("2026-01-31T00:00:59.5-05:00".into())
+        )
+        .is_ok());
         assert!(coerce(AttributeType::Json, &Value::String("{oops".into())).is_err());
     }
 

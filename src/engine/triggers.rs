@@ -240,9 +240,12 @@ impl Writer {
                 return Ok(h.holds(&Accumulator::from_aggregate(&agg, &h.attribute)));
             }
         }
-        let after = h
-            .within_nanos
-            .map(|w| Timestamp::from_nanos(reference.as_nanos() - w));
+        // A window reaching before the earliest representable time has no lower bound (clamped,
+        // it would exclude an event dated at that very time).
+        let after = h.within_nanos.and_then(|w| {
+            let from = reference.as_nanos() - w;
+            (from >= Timestamp::MIN.as_nanos()).then(|| Timestamp::from_nanos(from))
+        });
         let in_window = |t: Timestamp| t <= reference && after.is_none_or(|a| t > a);
         let needs_event = h.filter.is_some() || h.aggregate != condition::Aggregate::Count;
         let mut acc = Accumulator::default();

@@ -33,7 +33,13 @@ impl Span {
     }
 
     pub(super) fn contains(self, at: Timestamp) -> bool {
-        at <= self.last() && self.from.is_none_or(|f| at >= f)
+        // Not through `last()`: an empty span [t, t) at the earliest time would contain t.
+        let before_end = if self.inclusive_to {
+            at <= self.to
+        } else {
+            at < self.to
+        };
+        before_end && self.from.is_none_or(|f| at >= f)
     }
 }
 
