@@ -88,6 +88,7 @@ pub(super) fn run_committer(
             r(fault.as_ref());
         }
     }
+    marker.stop();
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
     } else if recorded != flushed {
@@ -109,6 +110,7 @@ fn fail(failed: &AtomicBool, why: &str) {
 /// The thread that writes the high-water mark beside the committer's flush.
 struct Marker {
     tx: std_mpsc::Sender<(Acknowledged, std_mpsc::SyncSender<std::io::Result<()>>)>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Marker {
@@ -121,10 +123,22 @@ impl Marker {
                     let _ = done.send(store.record_durable(now));
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the high-water mark thread");
+        let thread = match spawned {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the high-water mark thread");
+                None
+            }
+        };
+        Self { tx, thread }
+    }
+
+    /// Ends the thread and waits for it (it holds a handle to the store).
+    fn stop(self) {
+        drop(self.tx);
+        if let Some(thread) = self.thread {
+            let _ = thread.join();
         }
-        Self { tx }
     }
 
     /// Asks for `now` to be recorded; the answer arrives on the receiver.
