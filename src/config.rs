@@ -82,6 +82,13 @@ pub struct ServeArgs {
     /// acknowledged than it holds) instead of refusing to start; the mark is reset to what it holds.
     #[arg(long, env = "ENGAGE_ACCEPT_DATA_LOSS")]
     pub accept_data_loss: bool,
+    /// Bytes of actions one subscriber may hold between the log and its client (a stalled
+    /// subscriber holds about twice this).
+    #[arg(long, env = "ENGAGE_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 256 * 1024)]
+    pub max_subscriber_buffer_bytes: usize,
+    /// Bytes of actions all subscribers together may hold waiting to be sent.
+    #[arg(long, env = "ENGAGE_MAX_SUBSCRIBERS_BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_subscribers_buffer_bytes: usize,
     /// Most conditions (nodes) in one trigger condition, absence check or filter.
     #[arg(long, env = "ENGAGE_MAX_CONDITION_NODES", default_value_t = 1000)]
     pub max_condition_nodes: usize,
@@ -126,6 +133,8 @@ impl ServeArgs {
         crate::read::actions::DeliveryOptions {
             max_subscribers: self.max_subscribers,
             retention_secs: self.action_retention_secs,
+            buffer_bytes: self.max_subscriber_buffer_bytes,
+            total_buffer_bytes: self.max_subscribers_buffer_bytes,
         }
     }
 

@@ -755,3 +755,72 @@ async fn shutdown_with_a_stalled_subscriber_keeps_to_one_grace_period() {
     );
     drop(stalled);
 }
+
+/// The resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .expect("rss")
+        .parse()
+        .expect("number");
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_subscribers_hold_a_bounded_number_of_bytes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = ChildServer::spawn_with(&data_dir(&tmp), &["--max-subscriber-buffer-bytes", "65536"]);
+    let pid = server.child.id();
+    let channel = server.channel().await;
+    let mut t = proto::trigger_service_client::TriggerServiceClient::new(channel.clone());
+    create_trigger(&mut t, trigger("tick", "count", &"p".repeat(6000)))
+        .await
+        .unwrap();
+    let mut c = server.events().await;
+    for _ in 0..4 {
+        let events = (0..500).map(|_| event("u", "tick", &[])).collect();
+        c.track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    let subscribe = |channel: tonic::transport::Channel| async move {
+        proto::action_service_client::ActionServiceClient::new(channel)
+            .subscribe_actions(proto::SubscribeActionsRequest {
+                start: proto::StartFrom::Earliest as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let before = rss(pid);
+    // 200 streams from the start of a 12 MB log that never read.
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(subscribe(server.channel().await).await);
+    }
+    // A subscriber that reads everything, while more actions fire: by the time it has them all,
+    // the stalled readers have had every chance to fill whatever they may hold.
+    let mut live = subscribe(channel.clone()).await;
+    for _ in 0..2 {
+        let events = (0..500).map(|_| event("u", "tick", &[])).collect();
+        c.track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    for _ in 0..3000 {
+        live.message().await.unwrap().expect("an action");
+    }
+    let grown = rss(pid).saturating_sub(before);
+    // Unbounded, each stalled stream held 320 actions of 6 KB (about 2 MB, 400 MB in all) besides
+    // what HTTP/2 buffers.
+    eprintln!("200 stalled subscribers: the server grew by {} MB", grown >> 20);
+    assert!(
+        grown < 200 << 20,
+        "200 stalled subscribers took {} MB",
+        grown >> 20
+    );
+    drop(stalled);
+}

@@ -53,7 +53,7 @@ impl ActionService for ActionApi {
         let rx = self.log.subscribe(consumer, start, filter).await?;
         let max = self.ingest.limits().max_item_bytes();
         let stream = ReceiverStream::new(rx).map(move |item| match item {
-            Ok(a) => Ok(convert::to_proto_action(&a, max)),
+            Ok(delivered) => Ok(convert::to_proto_action(&delivered.action, max)),
             Err(e) => Err(Status::from(e)),
         });
         Ok(Response::new(Box::pin(stream)))

@@ -12,9 +12,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::domain::model::{FiredAction, Timestamp};
+use crate::domain::model::{FiredAction, Timestamp, Value};
 use crate::engine::Ingest;
 use crate::error::Error;
 use crate::store::{ActionOwner, Store};
@@ -53,6 +53,56 @@ const STREAM_BUFFER: usize = 64;
 pub struct DeliveryOptions {
     pub max_subscribers: usize,
     pub retention_secs: u64,
+    /// Bytes of actions one subscriber may hold between the log and its client (read, and
+    /// waiting to be sent): a stalled subscriber holds about twice this, never more.
+    pub buffer_bytes: usize,
+    /// Bytes of actions all subscribers together may hold waiting to be sent.
+    pub total_buffer_bytes: usize,
+}
+
+/// An action on its way to a subscriber, with the share of the buffer budgets it holds until
+/// the client's stream takes it.
+pub(crate) struct Delivered {
+    pub(crate) action: FiredAction,
+    _held: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Takes `bytes` of a subscriber's budget and of the total (`None`: a semaphore was closed).
+async fn hold(
+    mine: Arc<Semaphore>,
+    total: Arc<Semaphore>,
+    bytes: u32,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let mine = mine.acquire_many_owned(bytes).await.ok()?;
+    let total = total.acquire_many_owned(bytes).await.ok()?;
+    Some((mine, total))
+}
+
+/// About what an action holds in memory: its strings and its event's attributes.
+fn approx_bytes(a: &FiredAction) -> usize {
+    let strings = a.action_id.len()
+        + a.trigger_id.len()
+        + a.trigger_name.len()
+        + a.action_type.len()
+        + a.user_id.len()
+        + a.event_id.len()
+        + a.payload.len();
+    let event = a.event.as_ref().map_or(0, |e| {
+        e.event_id.len()
+            + e.user_id.len()
+            + e.name.len()
+            + e.attributes
+                .iter()
+                .map(|(k, v)| {
+                    k.len()
+                        + match v {
+                            Value::String(s) | Value::Json(s) => s.len(),
+                            _ => 16,
+                        }
+                })
+                .sum::<usize>()
+    });
+    strings + event + 128
 }
 
 /// The action log as subscribers and listings see it.
@@ -63,6 +113,9 @@ pub(crate) struct ActionLog {
     permits: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     retention_secs: u64,
+    buffer_bytes: usize,
+    /// What all subscribers together may hold waiting (in bytes).
+    total_buffer: Arc<Semaphore>,
 }
 
 impl ActionLog {
@@ -79,6 +132,16 @@ impl ActionLog {
             permits: Arc::new(Semaphore::new(options.max_subscribers)),
             shutdown,
             retention_secs: options.retention_secs,
+            // One action's share never exceeds either budget, or it could never be sent.
+            buffer_bytes: options
+                .buffer_bytes
+                .min(options.total_buffer_bytes)
+                .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
+            total_buffer: Arc::new(Semaphore::new(
+                options
+                    .total_buffer_bytes
+                    .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
+            )),
         }
     }
 
@@ -107,7 +170,7 @@ impl ActionLog {
         consumer: Option<String>,
         start: StartFrom,
         filter: Filter,
-    ) -> Result<mpsc::Receiver<Result<FiredAction, Error>>, Error> {
+    ) -> Result<mpsc::Receiver<Result<Delivered, Error>>, Error> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Error::ResourceExhausted("too many open subscriptions (max_subscribers); retry later".into())
         })?;
@@ -152,6 +215,7 @@ impl ActionLog {
         };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let task = Subscription {
+            budget: Arc::new(Semaphore::new(self.buffer_bytes)),
             log: self.clone(),
             durable: self.ingest.durable_actions(),
             shutdown: self.shutdown.clone(),
@@ -229,7 +293,9 @@ struct Subscription {
     shutdown: watch::Receiver<bool>,
     filter: Filter,
     cursor: u64,
-    tx: mpsc::Sender<Result<FiredAction, Error>>,
+    tx: mpsc::Sender<Result<Delivered, Error>>,
+    /// This subscriber's share of buffered bytes (`DeliveryOptions::buffer_bytes`).
+    budget: Arc<Semaphore>,
 }
 
 impl Subscription {
@@ -240,7 +306,11 @@ impl Subscription {
                 let from = self.cursor + 1;
                 // A bounded read of recent, cached entries: cheaper inline than a hop to a
                 // blocking thread, which showed in the event-to-subscriber latency.
-                let actions = match self.log.store.actions(from, durable, READ_CHUNK) {
+                let actions = match self
+                    .log
+                    .store
+                    .actions(from, durable, READ_CHUNK, self.log.buffer_bytes)
+                {
                     Ok(a) => a,
                     Err(e) => return self.fail(e.into()).await,
                 };
@@ -258,10 +328,26 @@ impl Subscription {
                     if !self.filter.matches(&a) {
                         continue;
                     }
+                    // Wait for room in the budgets: a client that stops reading stops this reader.
+                    let bytes = approx_bytes(&a).min(self.log.buffer_bytes) as u32;
+                    let shares = hold(self.budget.clone(), self.log.total_buffer.clone(), bytes);
+                    let held = tokio::select! {
+                        biased;
+                        _ = self.shutdown.wait_for(|s| *s) => return,
+                        _ = self.tx.closed() => return,
+                        held = shares => match held {
+                            Some(held) => held,
+                            None => return,
+                        },
+                    };
+                    let delivered = Delivered {
+                        action: a,
+                        _held: held,
+                    };
                     tokio::select! {
                         biased;
                         _ = self.shutdown.wait_for(|s| *s) => return,
-                        sent = self.tx.send(Ok(a)) => if sent.is_err() { return },
+                        sent = self.tx.send(Ok(delivered)) => if sent.is_err() { return },
                     }
                 }
                 // A filtered replay may send nothing for a long time: stay cooperative and

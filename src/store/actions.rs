@@ -57,18 +57,28 @@ impl Store {
     }
 
     /// Up to `limit` actions with sequences from `from` to `to` inclusive, in order.
-    pub(crate) fn actions(&self, from: u64, to: u64, limit: usize) -> Result<Vec<FiredAction>, StoreError> {
+    /// (At least one, and no more than `max_bytes` of stored records after the first.)
+    pub(crate) fn actions(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<FiredAction>, StoreError> {
+        let mut out = Vec::new();
         if from > to {
-            return Ok(Vec::new());
+            return Ok(out);
         }
-        self.tree
-            .range(action_key(from)..=action_key(to))
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        let mut bytes = 0;
+        for kv in self.tree.range(action_key(from)..=action_key(to)).take(limit) {
+            let (k, v) = kv?;
+            bytes += v.len();
+            if bytes > max_bytes && !out.is_empty() {
+                break;
+            }
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
     }
 
     /// The oldest action kept, if any.
