@@ -21,6 +21,17 @@ pub struct Cli {
 pub enum Command {
     /// Runs the gRPC server.
     Serve(ServeArgs),
+    /// Rewrites a data directory with only its live data, so that nothing removed (an erased
+    /// user's events included) is left in its files. The server must be stopped.
+    Compact(CompactArgs),
+}
+
+/// Flags of `engage compact`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompactArgs {
+    /// The data directory to compact (in place).
+    #[arg(long, env = "ENGAGE_DATA_DIR", default_value = "./engage-data")]
+    pub data_dir: PathBuf,
 }
 
 /// Log output format.
@@ -106,10 +117,13 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The defaults, as `engage serve` with no flags and no environment would use them.
     pub fn defaults() -> Self {
-        let cli = Cli::parse_from(["engage", "serve"]);
-        match cli.command {
-            Command::Serve(args) => args,
+        /// `engage serve`'s flags alone.
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: ServeArgs,
         }
+        Serve::parse_from(["engage"]).args
     }
 
     /// The event and batch limits.

@@ -250,6 +250,19 @@ async fn expire_actions(log: ActionLog, every: Duration, mut stopped: tokio::syn
     }
 }
 
+/// `engage compact`: compacts a stopped server's data directory (see `store::compact`).
+pub fn compact(args: &crate::config::CompactArgs) -> Result<(), ServerError> {
+    let done = crate::store::compact(&args.data_dir)
+        .map_err(|e| format!("cannot compact {}: {e}", args.data_dir.display()))?;
+    tracing::info!(
+        keys = done.keys,
+        bytes_before = done.bytes_before,
+        bytes_after = done.bytes_after,
+        "data directory compacted"
+    );
+    Ok(())
+}
+
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

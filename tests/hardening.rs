@@ -824,3 +824,71 @@ async fn abandoned_subscribers_hold_a_bounded_number_of_bytes() {
     );
     drop(stalled);
 }
+
+/// How often `needle` appears in the raw bytes of every file under `dir`.
+fn raw_count(dir: &std::path::Path, needle: &[u8]) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            n += raw_count(&path, needle);
+        } else {
+            let bytes = std::fs::read(&path).expect("read");
+            n += bytes.windows(needle.len()).filter(|w| *w == needle).count();
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_erasure_and_compaction_no_file_holds_a_byte_of_the_user() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = data_dir(&tmp);
+    let who = "erase-me-7f3a@example.com";
+    let server = ChildServer::spawn(&dir);
+    let mut c = server.events().await;
+    for i in 0..300 {
+        let user = if i % 3 == 0 {
+            who.to_string()
+        } else {
+            format!("keep-{i}")
+        };
+        track(&mut c, event(&user, "visit", &[("email", s(&user))]))
+            .await
+            .unwrap();
+    }
+    c.delete_user(proto::DeleteUserRequest { user_id: who.into() })
+        .await
+        .unwrap();
+    for i in 0..300 {
+        track(&mut c, event(&format!("later-{i}"), "visit", &[]))
+            .await
+            .unwrap();
+    }
+    drop(c);
+    assert!(server.terminate().success());
+    let before = raw_count(&dir, who.as_bytes());
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args(["compact", "--data-dir"])
+        .arg(&dir)
+        .status()
+        .expect("engage compact");
+    assert!(status.success());
+    assert_eq!(
+        raw_count(&dir, who.as_bytes()),
+        0,
+        "{before} copies before compaction"
+    );
+    // Everything else is still there, and the directory starts (its mark came along).
+    let Outcome::Started(server) = start_or_exit(&dir, &[]) else {
+        panic!("the compacted directory does not start");
+    };
+    let mut c = server.events().await;
+    assert!(timeline(&mut c, who).await.is_empty());
+    assert_eq!(timeline(&mut c, "keep-1").await.len(), 1);
+    assert_eq!(
+        track(&mut c, event("u", "visit", &[])).await.unwrap().sequence,
+        601
+    );
+    eprintln!("the erased user's id: {before} copies in the files before compaction, 0 after");
+}

@@ -5,6 +5,8 @@ pub(crate) mod actions;
 pub(crate) mod codec;
 pub(crate) mod convert;
 pub(crate) mod events;
+#[cfg(test)]
+mod fuzz;
 pub(crate) mod query;
 pub(crate) mod schema;
 pub(crate) mod triggers;

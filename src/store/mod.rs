@@ -58,6 +58,7 @@ mod actions;
 mod batch;
 mod codec;
 pub(crate) mod columns;
+mod compact;
 mod events;
 mod integrity;
 mod keys;
@@ -80,6 +81,7 @@ use codec::{decode, decode_u64};
 use integrity::{HighWater, IntegrityError};
 use keys::*;
 
+pub(crate) use compact::compact;
 pub(crate) use integrity::Acknowledged;
 
 /// A storage failure: the disk, or data that does not decode.

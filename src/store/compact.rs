@@ -1,0 +1,102 @@
+//! Offline compaction (`engage compact`): the data directory rewritten with only its live keys.
+//!
+//! sled reclaims the space of removed or overwritten records lazily, so an erased user's bytes
+//! stay in its segment files long after DeleteUser. Compaction copies every live key of every
+//! tree into a fresh database beside the directory, checks that both hold the same (sled's
+//! checksum over all keys and values), then swaps the fresh one in: afterwards no file holds a
+//! byte of what was removed. It needs the server stopped (sled's lock guarantees it).
+
+use std::path::{Path, PathBuf};
+
+use super::integrity;
+use super::{open_without_panic, StoreError};
+
+/// What a compaction did.
+#[derive(Debug)]
+pub(crate) struct Compacted {
+    pub(crate) keys: u64,
+    pub(crate) bytes_before: u64,
+    pub(crate) bytes_after: u64,
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map_or(0, |m| m.len())
+            }
+        })
+        .sum()
+}
+
+fn io(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Damaged(format!("{}: {e}", path.display()))
+}
+
+/// Compacts the data directory `dir` in place (see the module documentation).
+pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
+    let bytes_before = dir_bytes(dir);
+    let fresh_dir = sibling(dir, "compacting");
+    let old_dir = sibling(dir, "before-compaction");
+    for leftover in [&fresh_dir, &old_dir] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).map_err(|e| io(leftover, e))?;
+        }
+    }
+    let keys = {
+        let old = open_without_panic(&sled::Config::new().path(dir))??;
+        let fresh = open_without_panic(&sled::Config::new().path(&fresh_dir))??;
+        let mut keys = 0u64;
+        for name in old.tree_names() {
+            let from = old.open_tree(&name)?;
+            let to = fresh.open_tree(&name)?;
+            let mut batch = sled::Batch::default();
+            let mut pending = 0;
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                batch.insert(k, v);
+                pending += 1;
+                keys += 1;
+                if pending == 10_000 {
+                    to.apply_batch(std::mem::take(&mut batch))?;
+                    pending = 0;
+                }
+            }
+            to.apply_batch(batch)?;
+        }
+        fresh.flush()?;
+        if old.checksum()? != fresh.checksum()? {
+            return Err(StoreError::Damaged(
+                "the compacted copy does not match the original; the original is unchanged".into(),
+            ));
+        }
+        keys
+    };
+    // The high-water mark travels with the data it describes.
+    let mark = dir.join(integrity::FILE_NAME);
+    if mark.exists() {
+        std::fs::copy(&mark, fresh_dir.join(integrity::FILE_NAME)).map_err(|e| io(&mark, e))?;
+    }
+    std::fs::rename(dir, &old_dir).map_err(|e| io(dir, e))?;
+    std::fs::rename(&fresh_dir, dir).map_err(|e| io(&fresh_dir, e))?;
+    std::fs::remove_dir_all(&old_dir).map_err(|e| io(&old_dir, e))?;
+    Ok(Compacted {
+        keys,
+        bytes_before,
+        bytes_after: dir_bytes(dir),
+    })
+}
+
+/// `dir` with a suffix, beside it.
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
+}
