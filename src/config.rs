@@ -24,6 +24,36 @@ pub enum Command {
     /// Rewrites a data directory with only its live data, so that nothing removed (an erased
     /// user's events included) is left in its files. The server must be stopped.
     Compact(CompactArgs),
+    /// Asks the server running on a data directory for a consistent backup into an empty
+    /// directory (SIGUSR1 with a request file), and waits for it.
+    Backup(BackupArgs),
+    /// Copies a backup into an empty data directory and checks that it opens.
+    Restore(RestoreArgs),
+}
+
+/// Flags of `engage backup`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// The running server's data directory.
+    #[arg(long, env = "ENGAGE_DATA_DIR", default_value = "./engage-data")]
+    pub data_dir: PathBuf,
+    /// Where the backup goes (missing or empty).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Longest wait for the server to answer, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub wait_secs: u64,
+}
+
+/// Flags of `engage restore`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// The backup (a directory `engage backup` wrote).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The data directory to restore into (missing or empty).
+    #[arg(long, env = "ENGAGE_DATA_DIR", default_value = "./engage-data")]
+    pub data_dir: PathBuf,
 }
 
 /// Flags of `engage compact`.
@@ -93,6 +123,10 @@ pub struct ServeArgs {
     /// acknowledged than it holds) instead of refusing to start; the mark is reset to what it holds.
     #[arg(long, env = "ENGAGE_ACCEPT_DATA_LOSS")]
     pub accept_data_loss: bool,
+    /// Most of a user's events one write group of DeleteUser erases: other writes go on between
+    /// such slices.
+    #[arg(long, env = "ENGAGE_MAX_ERASE_EVENTS_PER_GROUP", default_value_t = 10_000)]
+    pub max_erase_events_per_group: usize,
     /// Bytes of actions one subscriber may hold between the log and its client (a stalled
     /// subscriber holds about twice this).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 256 * 1024)]
@@ -139,6 +173,7 @@ impl ServeArgs {
             max_condition_nodes: self.max_condition_nodes,
             max_condition_depth: self.max_condition_depth,
             max_history_conditions: self.max_history_conditions,
+            max_erase_events_per_group: self.max_erase_events_per_group,
         }
     }
 

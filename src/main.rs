@@ -21,6 +21,21 @@ fn logging(format: LogFormat) {
     }
 }
 
+/// Prints what a one-shot command answered, or logs its failure.
+fn report(result: Result<String, engage::server::ServerError>, what: &str) -> std::process::ExitCode {
+    logging(LogFormat::Human);
+    match result {
+        Ok(answer) => {
+            println!("{answer}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "{what} failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -34,6 +49,8 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Backup(args) => report(engage::server::backup(&args), "engage backup"),
+        Command::Restore(args) => report(engage::server::restore(&args), "engage restore"),
         Command::Serve(args) => {
             logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -92,6 +92,12 @@ pub async fn serve(
         streams_stopped,
     ));
 
+    let backups = tokio::spawn(serve_backups(ingest.clone(), args.data_dir.clone()));
+    let pid_file = args.data_dir.join(PID_FILE);
+    if let Err(e) = std::fs::write(&pid_file, std::process::id().to_string()) {
+        tracing::warn!(error = %e, path = %pid_file.display(), "cannot write the pid file; engage backup will not find this server");
+    }
+
     tracing::info!(listen = %addr, config = ?args, "engage started");
 
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
@@ -136,6 +142,8 @@ pub async fn serve(
     }
 
     retention.abort();
+    backups.abort();
+    let _ = std::fs::remove_file(&pid_file);
     let left = deadline.get().map_or(grace, |d: &tokio::time::Instant| {
         d.saturating_duration_since(tokio::time::Instant::now())
     });
@@ -248,6 +256,97 @@ async fn expire_actions(log: ActionLog, every: Duration, mut stopped: tokio::syn
             Err(e) => tracing::error!(error = %e, "expiring fired actions failed"),
         }
     }
+}
+
+/// The running server's process id, in its data directory (for `engage backup`).
+const PID_FILE: &str = "engage.pid";
+/// Where `engage backup` leaves the target directory for the server.
+const BACKUP_REQUEST: &str = "backup.request";
+/// Where the server answers a backup request: `ok` and the backup's description, or `error: ...`.
+const BACKUP_RESULT: &str = "backup.result";
+
+/// Takes a backup whenever SIGUSR1 arrives with a request in the data directory (see
+/// `engage backup`), and answers it there.
+async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("cannot listen for SIGUSR1: engage backup is unavailable");
+            return;
+        };
+        while signals.recv().await.is_some() {
+            let Ok(target) = std::fs::read_to_string(data_dir.join(BACKUP_REQUEST)) else {
+                continue;
+            };
+            let _ = std::fs::remove_file(data_dir.join(BACKUP_REQUEST));
+            let target = std::path::PathBuf::from(target.trim());
+            tracing::info!(target = %target.display(), "backup requested");
+            let answer = match ingest.backup(target.clone()).await {
+                Ok(b) => {
+                    tracing::info!(target = %target.display(), events = b.event_seq, keys = b.keys, bytes = b.bytes, ms = b.millis, "backup taken");
+                    format!("ok {}", serde_json::to_string(&b).unwrap_or_default())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, target = %target.display(), "backup failed");
+                    format!("error: {}", crate::api::status_message(e))
+                }
+            };
+            let tmp = data_dir.join(format!("{BACKUP_RESULT}.tmp"));
+            if std::fs::write(&tmp, answer)
+                .and_then(|_| std::fs::rename(&tmp, data_dir.join(BACKUP_RESULT)))
+                .is_err()
+            {
+                tracing::error!("cannot write the backup result");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await
+}
+
+/// `engage backup`: asks the server running on a data directory for a backup, and waits for it.
+pub fn backup(args: &crate::config::BackupArgs) -> Result<String, ServerError> {
+    let pid = std::fs::read_to_string(args.data_dir.join(PID_FILE))
+        .map_err(|e| format!("no server runs on {} ({e})", args.data_dir.display()))?;
+    let target = std::path::absolute(&args.to).map_err(|e| format!("{}: {e}", args.to.display()))?;
+    let result = args.data_dir.join(BACKUP_RESULT);
+    let _ = std::fs::remove_file(&result);
+    std::fs::write(args.data_dir.join(BACKUP_REQUEST), target.display().to_string())
+        .map_err(|e| format!("cannot write the backup request: {e}"))?;
+    let signalled = std::process::Command::new("kill")
+        .args(["-USR1", pid.trim()])
+        .status()
+        .map_err(|e| format!("cannot signal the server: {e}"))?;
+    if !signalled.success() {
+        return Err(format!("cannot signal the server (pid {})", pid.trim()).into());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.wait_secs);
+    loop {
+        if let Ok(answer) = std::fs::read_to_string(&result) {
+            let _ = std::fs::remove_file(&result);
+            return match answer.strip_prefix("ok ") {
+                Some(description) => Ok(description.to_string()),
+                None => Err(answer.into()),
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no answer from the server within {} s", args.wait_secs).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `engage restore`: copies a backup into an empty data directory and checks it.
+pub fn restore(args: &crate::config::RestoreArgs) -> Result<String, ServerError> {
+    let backup = crate::store::restore(&args.from, &args.data_dir).map_err(|e| {
+        format!(
+            "cannot restore {} into {}: {e}",
+            args.from.display(),
+            args.data_dir.display()
+        )
+    })?;
+    Ok(serde_json::to_string(&backup).unwrap_or_default())
 }
 
 /// `engage compact`: compacts a stopped server's data directory (see `store::compact`).

@@ -892,3 +892,51 @@ async fn after_erasure_and_compaction_no_file_holds_a_byte_of_the_user() {
     );
     eprintln!("the erased user's id: {before} copies in the files before compaction, 0 after");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn erasing_a_large_user_lets_other_writes_through_between_slices() {
+    let server = TestServer::start_with(|a| a.max_erase_events_per_group = 500).await;
+    let mut c = server.events().await;
+    for _ in 0..5 {
+        let events = (0..1000)
+            .map(|i| event("big", "visit", &[("n", n(i as f64))]))
+            .collect();
+        c.track_events(proto::TrackEventsRequest { events })
+            .await
+            .unwrap();
+    }
+    let mut eraser = server.events().await;
+    let erase = tokio::spawn(async move {
+        eraser
+            .delete_user(proto::DeleteUserRequest {
+                user_id: "big".into(),
+            })
+            .await
+            .map(|r| r.into_inner().events_deleted)
+    });
+    // One write at a time from another user while the erasure runs: each is answered between
+    // slices instead of waiting for all ten.
+    let mut through = 0;
+    while !erase.is_finished() {
+        track(&mut c, event("other", "visit", &[])).await.unwrap();
+        through += 1;
+    }
+    assert_eq!(erase.await.unwrap().unwrap(), 5000);
+    assert!(
+        through >= 3,
+        "only {through} writes went through during a 10-slice erasure"
+    );
+    assert!(timeline(&mut c, "big").await.is_empty());
+    assert_eq!(timeline(&mut c, "other").await.len(), through);
+    let names = server
+        .schema()
+        .await
+        .list_event_names(proto::ListEventNamesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        names.event_names[0].count, through as u64,
+        "the erased user's events are not counted"
+    );
+}

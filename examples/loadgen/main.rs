@@ -536,6 +536,13 @@ struct Proc {
     _dir: Option<tempfile::TempDir>,
 }
 
+impl Proc {
+    /// The data directory of a server this run started.
+    fn data_dir(&self) -> Option<std::path::PathBuf> {
+        self._dir.as_ref().map(|d| d.path().to_path_buf())
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -49,6 +49,10 @@ pub struct SegmentArgs {
     /// predate QueryService, for comparing ingest).
     #[arg(long)]
     load_only: bool,
+    /// After the load, measure a backup of the loaded server (`engage backup`) while ingest
+    /// goes on: its time and size, and ingest before and during it.
+    #[arg(long)]
+    backup: bool,
     #[arg(long, default_value = "target/release/engage")]
     engage_bin: PathBuf,
 }
@@ -89,11 +93,13 @@ const NAMES: [&str; 10] = [
     "refund",
 ];
 
+#[derive(Clone)]
 enum Attr {
     S(String),
     N(f64),
 }
 
+#[derive(Clone)]
 struct Generated {
     id: String,
     user: String,
@@ -375,7 +381,10 @@ pub async fn run(a: SegmentArgs) {
         load.as_secs_f64(),
         sent as f64 / load.as_secs_f64()
     );
-    if a.load_only {
+    if a.backup {
+        measure_backup(&a, &engage, &ingest, &events).await;
+    }
+    if a.load_only || a.backup {
         return;
     }
     let client = QueryServiceClient::new(channel).max_decoding_message_size(64 << 20);
@@ -490,4 +499,89 @@ pub async fn run(a: SegmentArgs) {
             None => println!("| {id} {what} | {ems:.2} | - | - | {etotal} | - |"),
         }
     }
+}
+
+/// Ingests batches of `events` (new ids each time) for `secs`, or until `stop` turns true;
+/// answers events per second.
+async fn ingest_for(
+    ingest: &proto::event_service_client::EventServiceClient<tonic::transport::Channel>,
+    events: &[Generated],
+    secs: f64,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> f64 {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut round = 0u64;
+    while start.elapsed().as_secs_f64() < secs && !stop.as_ref().is_some_and(|s| *s.borrow()) {
+        let batch: Vec<proto::Event> = events
+            .iter()
+            .skip(((round * 1000) % events.len() as u64) as usize)
+            .take(1000)
+            .map(|e| proto::Event {
+                event_id: String::new(),
+                ..wire(e)
+            })
+            .collect();
+        sent += batch.len() as u64;
+        round += 1;
+        ingest
+            .clone()
+            .track_events(proto::TrackEventsRequest { events: batch })
+            .await
+            .expect("track events");
+    }
+    sent as f64 / start.elapsed().as_secs_f64()
+}
+
+/// What a backup of the loaded server costs: its time and size, and ingest during it.
+async fn measure_backup(
+    a: &SegmentArgs,
+    engage: &super::Proc,
+    ingest: &proto::event_service_client::EventServiceClient<tonic::transport::Channel>,
+    events: &[Generated],
+) {
+    let before = ingest_for(ingest, events, 5.0, None).await;
+    let target = tempfile::TempDir::new().expect("backup dir");
+    let to = target.path().join("backup");
+    let data_dir = engage.data_dir().expect("the server's data directory");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let during = {
+        let ingest = ingest.clone();
+        let events = events.to_vec();
+        tokio::spawn(async move { ingest_for(&ingest, &events, 3600.0, Some(stop_rx)).await })
+    };
+    let started = Instant::now();
+    let bin = a.engage_bin.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin)
+            .args(["backup", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--to")
+            .arg(&to)
+            .output()
+            .expect("engage backup")
+    })
+    .await
+    .expect("backup task");
+    let took = started.elapsed();
+    let _ = stop_tx.send(true);
+    let during = during.await.expect("ingest task");
+    assert!(
+        out.status.success(),
+        "engage backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let description: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("backup description");
+    println!(
+        "backup of {} events: {:.1} s end to end, writes held {} ms, {} keys, {:.0} MB; ingest {:.0} events/s before, {:.0} events/s while it ran ({:.2})",
+        description["event_seq"],
+        took.as_secs_f64(),
+        description["millis"],
+        description["keys"],
+        description["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        before,
+        during,
+        during / before
+    );
 }

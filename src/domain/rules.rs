@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_condition_depth: usize,
     /// Most history conditions in one trigger or filter.
     pub max_history_conditions: usize,
+    /// Most of a user's events one write group of DeleteUser erases (the rest in later ones).
+    pub max_erase_events_per_group: usize,
 }
 
 impl Limits {
@@ -53,6 +55,7 @@ impl Default for Limits {
             max_condition_nodes: 1000,
             max_condition_depth: 16,
             max_history_conditions: 50,
+            max_erase_events_per_group: 10_000,
         }
     }
 }

@@ -1,4 +1,10 @@
-//! Erasure of a user (DeleteUser): every trace of the user in one write group, alone in it.
+//! Erasure of a user (DeleteUser), in slices: each slice erases up to
+//! `Limits::max_erase_events_per_group` of the user's events (their index records, statistics
+//! and aggregates with them) alone in its write group, and the writes of other users go on
+//! between slices, so a user with a million events does not stop ingest. The last slice also
+//! removes the user's firing state, timers and registry entry and strips the user's fired
+//! actions. Each slice is atomic; DeleteUser answers after the last. If one fails, the slices
+//! before it stay done and a retry erases the rest.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -8,12 +14,19 @@ use crate::store::columns::{period_of, Level};
 use crate::store::timers::user_bucket;
 
 impl Writer {
-    /// Erases `user` (run alone in its group, so nothing of the user is in flight).
-    pub(super) fn erase(&mut self, user: &str, group: &mut Group) -> Result<u64, Error> {
+    /// Erases a slice of `user`'s events (run alone in its group, so nothing of the user is in
+    /// flight); answers how many, and whether the user is now gone entirely.
+    pub(super) fn erase(&mut self, user: &str, group: &mut Group) -> Result<(u64, bool), Error> {
         let mut erased = 0u64;
         let mut names: HashMap<String, u64> = HashMap::new();
         let mut hours = BTreeSet::new();
+        let max = self.limits.max_erase_events_per_group.max(1);
+        let mut last_slice = true;
         for event in self.store.user_events(user) {
+            if erased as usize == max {
+                last_slice = false;
+                break;
+            }
             let event = event?;
             group.batch.remove_event(&event);
             hours.insert((event.name.clone(), period_of(event.occurred_at, Level::Hour)));
@@ -34,6 +47,10 @@ impl Writer {
                 group.name_stats.insert(name, stats);
             }
         }
+        if !last_slice {
+            tracing::debug!(events = erased, "erased a slice of a user's events");
+            return Ok((erased, false));
+        }
         for trigger_id in self.triggers.keys() {
             group.batch.remove_firing_state(trigger_id, user);
         }
@@ -48,7 +65,6 @@ impl Writer {
             action.event = None;
             group.batch.put_action_record(&action);
         }
-        tracing::info!(events = erased, "user erased");
-        Ok(erased)
+        Ok((erased, true))
     }
 }

@@ -156,17 +156,32 @@ impl Ingest {
     /// firing state and event-name counts; the user's fired actions keep their sequence but lose
     /// user id, payload and event. Answers the number of events erased.
     pub(crate) async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
-        // Erasure runs alone in its group: if any read fails half-way, dropping the group's
-        // writes leaves the user exactly as before (and a retry starts from scratch).
-        let erased = self
-            .run_alone(move |writer, group| {
-                let erased = writer.erase(&user_id, group);
-                if erased.is_err() {
-                    group.discard_writes();
+        // Each slice runs alone in its group: if a read fails half-way, dropping the group's
+        // writes leaves the slice undone (and a retry goes on from there). Other writes go on
+        // between slices (see `erase`).
+        let mut total = 0;
+        let erased = loop {
+            let user = user_id.clone();
+            let slice = self
+                .run_alone(move |writer, group| {
+                    let slice = writer.erase(&user, group);
+                    if slice.is_err() {
+                        group.discard_writes();
+                    }
+                    slice
+                })
+                .await;
+            match slice {
+                Ok((n, done)) => {
+                    total += n;
+                    if done {
+                        tracing::info!(events = total, "user erased");
+                        break Ok(total);
+                    }
                 }
-                erased
-            })
-            .await;
+                Err(e) => break Err(e),
+            }
+        };
         self.erasures.fetch_add(1, Ordering::SeqCst);
         erased
     }
@@ -214,6 +229,13 @@ impl Ingest {
             }
             ingest.refreshing.lock().remove(&name);
         });
+    }
+
+    /// Copies the database into `target` at one durable sequence: a barrier job, so every
+    /// earlier write is in it and no later one (writes wait while it is copied).
+    pub(crate) async fn backup(&self, target: std::path::PathBuf) -> Result<crate::store::Backup, Error> {
+        self.run_alone(move |writer, _group| Ok(writer.store.backup_to(&target)?))
+            .await
     }
 
     /// Deletes up to `max` actions fired before `cutoff` from the start of the log.

@@ -19,7 +19,7 @@ pub(crate) struct Compacted {
     pub(crate) bytes_after: u64,
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub(super) fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -52,32 +52,7 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
     }
     let keys = {
         let old = open_without_panic(&sled::Config::new().path(dir))??;
-        let fresh = open_without_panic(&sled::Config::new().path(&fresh_dir))??;
-        let mut keys = 0u64;
-        for name in old.tree_names() {
-            let from = old.open_tree(&name)?;
-            let to = fresh.open_tree(&name)?;
-            let mut batch = sled::Batch::default();
-            let mut pending = 0;
-            for kv in from.iter() {
-                let (k, v) = kv?;
-                batch.insert(k, v);
-                pending += 1;
-                keys += 1;
-                if pending == 10_000 {
-                    to.apply_batch(std::mem::take(&mut batch))?;
-                    pending = 0;
-                }
-            }
-            to.apply_batch(batch)?;
-        }
-        fresh.flush()?;
-        if old.checksum()? != fresh.checksum()? {
-            return Err(StoreError::Damaged(
-                "the compacted copy does not match the original; the original is unchanged".into(),
-            ));
-        }
-        keys
+        copy_db(&old, &fresh_dir, true)?
     };
     // The high-water mark travels with the data it describes.
     let mark = dir.join(integrity::FILE_NAME);
@@ -92,6 +67,40 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
         bytes_before,
         bytes_after: dir_bytes(dir),
     })
+}
+
+/// Copies every key of every tree of `from` into a new database in `to_dir`, flushed, and with
+/// `verify` checks that both hold the same (sled's checksum over all keys and values, two more
+/// full scans). Answers how many keys. `from` must not change meanwhile (the caller stops or
+/// pauses every writer).
+pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u64, StoreError> {
+    let fresh = open_without_panic(&sled::Config::new().path(to_dir))??;
+    let mut keys = 0u64;
+    for name in from.tree_names() {
+        let source = from.open_tree(&name)?;
+        let target = fresh.open_tree(&name)?;
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for kv in source.iter() {
+            let (k, v) = kv?;
+            batch.insert(k, v);
+            pending += 1;
+            keys += 1;
+            if pending == 10_000 {
+                target.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+        target.apply_batch(batch)?;
+    }
+    fresh.flush()?;
+    if verify && from.checksum()? != fresh.checksum()? {
+        return Err(StoreError::Damaged(format!(
+            "the copy in {} does not match the original",
+            to_dir.display()
+        )));
+    }
+    Ok(keys)
 }
 
 /// `dir` with a suffix, beside it.

@@ -55,6 +55,7 @@
 //! rollup of every user's all-history aggregates (`Y`, `X`).
 
 mod actions;
+mod backup;
 mod batch;
 mod codec;
 pub(crate) mod columns;
@@ -81,6 +82,7 @@ use codec::{decode, decode_u64};
 use integrity::{HighWater, IntegrityError};
 use keys::*;
 
+pub(crate) use backup::{restore, Backup};
 pub(crate) use compact::compact;
 pub(crate) use integrity::Acknowledged;
 
