@@ -574,10 +574,11 @@ async fn measure_backup(
     let description: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("backup description");
     println!(
-        "backup of {} events: {:.1} s end to end, writes held {} ms, {} keys, {:.0} MB; ingest {:.0} events/s before, {:.0} events/s while it ran ({:.2})",
+        "backup of {} events: {:.1} s end to end ({} ms in the server, its longest slice held writes {} ms), {} keys, {:.0} MB; ingest {:.0} events/s before, {:.0} events/s while it ran ({:.2})",
         description["event_seq"],
         took.as_secs_f64(),
         description["millis"],
+        description["longest_slice_ms"],
         description["keys"],
         description["bytes"].as_f64().unwrap_or(0.0) / 1e6,
         before,

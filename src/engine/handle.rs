@@ -231,11 +231,37 @@ impl Ingest {
         });
     }
 
-    /// Copies the database into `target` at one durable sequence: a barrier job, so every
-    /// earlier write is in it and no later one (writes wait while it is copied).
+    /// Copies the database into `target`, a slice at a time, each slice a barrier job, with the
+    /// writes between slices mirrored (see `store::backup`): consistent at the sequences it
+    /// answers, every one durable by the time it answers, while writes go on between slices.
     pub(crate) async fn backup(&self, target: std::path::PathBuf) -> Result<crate::store::Backup, Error> {
-        self.run_alone(move |writer, _group| Ok(writer.store.backup_to(&target)?))
-            .await
+        self.run_alone(move |writer, _group| Ok(writer.store.begin_backup(&target)?))
+            .await?;
+        loop {
+            let slice = self
+                .run_alone(|writer, _group| {
+                    let slice = writer.store.backup_slice();
+                    if slice.is_err() {
+                        writer.store.abandon_backup();
+                    }
+                    Ok(slice?)
+                })
+                .await;
+            match slice {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => continue,
+                Err(e) => {
+                    // A failed flush answers every job with an error: make sure nothing is left.
+                    let _ = self
+                        .run_alone(|writer, _group| {
+                            writer.store.abandon_backup();
+                            Ok(())
+                        })
+                        .await;
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Deletes up to `max` actions fired before `cutoff` from the start of the log.

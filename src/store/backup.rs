@@ -1,14 +1,18 @@
-//! Backups of a running server and restores. A backup is a copy of every key of the database
-//! at one durable sequence: the engine takes it as a barrier job, after every earlier write is
-//! applied and before any later one, so it is consistent; writes wait while it is copied, reads
-//! go on (BENCHMARKS.md has what it costs). A restore copies a backup into an empty data
-//! directory and checks that it opens.
+//! Backups of a running server and restores.
+//!
+//! A backup copies the `engage` tree in key order, a slice of [`SLICE_KEYS`] keys at a time,
+//! each slice a barrier job of the engine (so no write is applied during it). Between slices
+//! writes go on, and every write to a key the backup has already copied is applied to the backup
+//! too (`Store::apply` mirrors it); a key not yet copied is copied later with whatever it holds
+//! then. So when the last slice is copied the backup equals the database at that moment: one
+//! consistent state, at the sequences it records, while ingest went on (slowed, not stopped:
+//! BENCHMARKS.md has what it costs). A restore copies a backup into an empty data directory and
+//! checks that it opens at the backup's sequences.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::compact::copy_db;
 use super::integrity::HighWater;
 use super::keys::{META_ACTION_SEQ, META_EVENT_SEQ};
 use super::{read_u64, Acknowledged, Store, StoreError, StoreOptions};
@@ -24,8 +28,10 @@ pub(crate) struct Backup {
     pub(crate) action_seq: u64,
     pub(crate) keys: u64,
     pub(crate) bytes: u64,
-    /// How long the copy held writes, in milliseconds.
+    /// How long the backup took, in milliseconds.
     pub(crate) millis: u64,
+    /// The longest time one of its slices held writes, in milliseconds.
+    pub(crate) longest_slice_ms: u64,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -40,36 +46,145 @@ fn is_empty_dir(dir: &Path) -> bool {
     }
 }
 
+/// Keys copied per slice: a slice holds writes for about this many inserts.
+const SLICE_KEYS: usize = 10_000;
+
+/// A backup being taken: its database and how far the copy has come.
+pub(crate) struct InProgress {
+    db: sled::Db,
+    tree: sled::Tree,
+    target: std::path::PathBuf,
+    /// Every key below this is copied (and kept up to date); `None`: nothing copied yet.
+    copied_below: Option<Vec<u8>>,
+    keys: u64,
+    started: std::time::Instant,
+    /// The longest any slice held writes, in milliseconds.
+    longest_slice_ms: u64,
+}
+
+impl InProgress {
+    /// The writes of a batch to keys already copied, as a batch for the backup.
+    pub(super) fn mirror(&self, ops: &[super::batch::Op]) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        if let Some(bound) = &self.copied_below {
+            for (key, value) in ops {
+                if key < bound {
+                    match value {
+                        Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+                        None => batch.remove(key.as_slice()),
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    /// Applies mirrored writes to the backup.
+    pub(super) fn apply(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
+        Ok(self.tree.apply_batch(batch)?)
+    }
+}
+
 impl Store {
-    /// Copies the database into `target` (missing or empty). Call it with no writer running:
-    /// the engine calls it as a barrier job.
-    pub(crate) fn backup_to(&self, target: &Path) -> Result<Backup, StoreError> {
+    /// Starts a backup into `target` (missing or empty). Call it from the writer, as a barrier.
+    pub(crate) fn begin_backup(&self, target: &Path) -> Result<(), StoreError> {
+        let mut slot = self.backup.lock();
+        if slot.is_some() {
+            return Err(StoreError::Damaged("a backup is already being taken".into()));
+        }
         if !is_empty_dir(target) {
             return Err(StoreError::Damaged(format!(
                 "{}: a backup goes into a missing or empty directory",
                 target.display()
             )));
         }
-        let started = std::time::Instant::now();
-        // No checksum pass: writes wait while the copy runs (a restore checks the sequences).
-        let keys = copy_db(&self.db, target, false)?;
-        let held = Acknowledged {
-            event_seq: read_u64(&self.tree, META_EVENT_SEQ)?,
-            action_seq: read_u64(&self.tree, META_ACTION_SEQ)?,
-        };
-        let (mut mark, _) = HighWater::open(target)?;
-        mark.reset(held).map_err(|e| io(target, e))?;
-        let backup = Backup {
-            event_seq: held.event_seq,
-            action_seq: held.action_seq,
-            keys,
-            bytes: super::compact::dir_bytes(target),
-            millis: started.elapsed().as_millis() as u64,
-        };
-        let text = serde_json::to_string_pretty(&backup).map_err(|e| io(target, e))?;
-        std::fs::write(target.join(DESCRIPTION), text).map_err(|e| io(target, e))?;
-        Ok(backup)
+        let db = super::open_without_panic(&sled::Config::new().path(target))??;
+        let tree = db.open_tree("engage")?;
+        *slot = Some(InProgress {
+            db,
+            tree,
+            target: target.to_path_buf(),
+            copied_below: None,
+            keys: 0,
+            started: std::time::Instant::now(),
+            longest_slice_ms: 0,
+        });
+        Ok(())
     }
+
+    /// Copies the next slice; once everything is copied, finishes the backup and answers what
+    /// it holds. Call it from the writer, as a barrier (no write may be applied meanwhile).
+    pub(crate) fn backup_slice(&self) -> Result<Option<Backup>, StoreError> {
+        let mut slot = self.backup.lock();
+        let Some(progress) = slot.as_mut() else {
+            return Err(StoreError::Damaged("no backup is being taken".into()));
+        };
+        let started = std::time::Instant::now();
+        let range = match &progress.copied_below {
+            None => self.tree.range::<&[u8], _>(..),
+            Some(bound) => self.tree.range::<&[u8], _>(bound.as_slice()..),
+        };
+        let mut batch = sled::Batch::default();
+        let mut last: Option<sled::IVec> = None;
+        let mut n = 0;
+        let mut exhausted = true;
+        for kv in range {
+            let (k, v) = kv?;
+            if n == SLICE_KEYS {
+                // `k` is the first key of the next slice.
+                progress.copied_below = Some(k.to_vec());
+                exhausted = false;
+                break;
+            }
+            batch.insert(k.clone(), v);
+            last = Some(k);
+            n += 1;
+        }
+        progress.tree.apply_batch(batch)?;
+        progress.keys += n as u64;
+        progress.longest_slice_ms = progress
+            .longest_slice_ms
+            .max(started.elapsed().as_millis() as u64);
+        if !exhausted {
+            return Ok(None);
+        }
+        // Everything is copied: the backup equals the database now.
+        let _ = last;
+        let Some(done) = slot.take() else {
+            return Ok(None);
+        };
+        finish(done).map(Some)
+    }
+
+    /// Abandons a backup in progress (its directory is left as it is).
+    pub(crate) fn abandon_backup(&self) {
+        self.backup.lock().take();
+    }
+}
+
+/// Flushes a complete backup, gives it its high-water mark and its description.
+fn finish(done: InProgress) -> Result<Backup, StoreError> {
+    done.db.flush()?;
+    let held = Acknowledged {
+        event_seq: read_u64(&done.tree, META_EVENT_SEQ)?,
+        action_seq: read_u64(&done.tree, META_ACTION_SEQ)?,
+    };
+    let target = done.target.clone();
+    drop(done.tree);
+    drop(done.db);
+    let (mut mark, _) = HighWater::open(&target)?;
+    mark.reset(held).map_err(|e| io(&target, e))?;
+    let backup = Backup {
+        event_seq: held.event_seq,
+        action_seq: held.action_seq,
+        keys: done.keys,
+        bytes: super::compact::dir_bytes(&target),
+        millis: done.started.elapsed().as_millis() as u64,
+        longest_slice_ms: done.longest_slice_ms,
+    };
+    let text = serde_json::to_string_pretty(&backup).map_err(|e| io(&target, e))?;
+    std::fs::write(target.join(DESCRIPTION), text).map_err(|e| io(&target, e))?;
+    Ok(backup)
 }
 
 /// Copies the backup in `from` into the data directory `to` (missing or empty), then opens it

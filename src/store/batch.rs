@@ -6,10 +6,14 @@ use crate::domain::model::{
     AttributeDefinition, Event, EventNameStats, FiredAction, FiringState, Trigger, UserNameAggregate,
 };
 
+/// One write: a key and its new value, or `None` to remove it.
+pub(super) type Op = (Vec<u8>, Option<Vec<u8>>);
+
 /// Writes that become visible and durable together (see `Store::apply`).
 #[derive(Default)]
 pub(crate) struct WriteBatch {
-    batch: sled::Batch,
+    /// In order: a key written twice keeps its last value (as in one sled batch).
+    ops: Vec<Op>,
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
     moves_index: bool,
@@ -17,12 +21,12 @@ pub(crate) struct WriteBatch {
 
 impl WriteBatch {
     pub(super) fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.insert(key, value);
+        self.ops.push((key, Some(value)));
         self.writes += 1;
     }
 
     pub(super) fn remove_raw(&mut self, key: Vec<u8>) {
-        self.batch.remove(key);
+        self.ops.push((key, None));
         self.writes += 1;
     }
 
@@ -32,9 +36,9 @@ impl WriteBatch {
         self.moves_index = true;
     }
 
-    /// Takes the sled batch out, with whether it moves index records.
-    pub(super) fn into_parts(self) -> (sled::Batch, bool) {
-        (self.batch, self.moves_index)
+    /// Takes the writes out, in order, with whether they move index records.
+    pub(super) fn into_parts(self) -> (Vec<Op>, bool) {
+        (self.ops, self.moves_index)
     }
 
     /// True when nothing was added.

@@ -139,6 +139,8 @@ pub(crate) struct Store {
     index: Arc<RwLock<()>>,
     /// What was acknowledged as durable (see `integrity`).
     high_water: Arc<Mutex<HighWater>>,
+    /// A backup being taken, if any (see `backup`).
+    backup: Arc<Mutex<Option<backup::InProgress>>>,
 }
 
 /// Everything the engine keeps in memory, read once at start-up.
@@ -204,6 +206,7 @@ impl Store {
             tree,
             index: Default::default(),
             high_water: Arc::new(Mutex::new(high_water)),
+            backup: Default::default(),
         })
     }
 
@@ -248,12 +251,25 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let (batch, moves_index) = batch.into_parts();
+        let (ops, moves_index) = batch.into_parts();
+        // A backup in progress gets the writes to keys it has already copied (see `backup`).
+        let mut mirror = self.backup.lock();
+        let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));
+        let mut batch = sled::Batch::default();
+        for (key, value) in ops {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
+        }
         if moves_index {
             let _moving = self.index.write();
             self.tree.apply_batch(batch)?;
         } else {
             self.tree.apply_batch(batch)?;
+        }
+        if let (Some(m), Some(mirrored)) = (mirror.as_mut(), mirrored) {
+            m.apply(mirrored)?;
         }
         Ok(())
     }
