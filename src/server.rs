@@ -71,6 +71,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr()?;
+    if args.max_message_bytes < 64 * 1024 {
+        return Err(format!(
+            "--max-message-bytes {} is below 65536: nothing useful fits such messages",
+            args.max_message_bytes
+        )
+        .into());
+    }
     let store = open_store(&args)?;
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
 
@@ -92,11 +99,14 @@ pub async fn serve(
         streams_stopped,
     ));
 
-    let backups = tokio::spawn(serve_backups(ingest.clone(), args.data_dir.clone()));
-    let pid_file = args.data_dir.join(PID_FILE);
-    if let Err(e) = std::fs::write(&pid_file, std::process::id().to_string()) {
-        tracing::warn!(error = %e, path = %pid_file.display(), "cannot write the pid file; engage backup will not find this server");
-    }
+    // The handler is registered before the pid file names this process: a SIGUSR1 never finds
+    // the default action (which would end the server).
+    #[cfg(unix)]
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+    #[cfg(not(unix))]
+    let usr1 = None;
+    let backups = tokio::spawn(serve_backups(ingest.clone(), args.data_dir.clone(), usr1));
+    let pid_file = PidFile::write(args.data_dir.join(PID_FILE));
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 
@@ -143,7 +153,7 @@ pub async fn serve(
 
     retention.abort();
     backups.abort();
-    let _ = std::fs::remove_file(&pid_file);
+    drop(pid_file);
     let left = deadline.get().map_or(grace, |d: &tokio::time::Instant| {
         d.saturating_duration_since(tokio::time::Instant::now())
     });
@@ -267,11 +277,33 @@ const BACKUP_RESULT: &str = "backup.result";
 
 /// Takes a backup whenever SIGUSR1 arrives with a request in the data directory (see
 /// `engage backup`), and answers it there.
-async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf) {
+/// The pid file of a running server, removed however `serve` returns.
+struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    fn write(path: std::path::PathBuf) -> Self {
+        if let Err(e) = std::fs::write(&path, std::process::id().to_string()) {
+            tracing::warn!(error = %e, path = %path.display(), "cannot write the pid file; engage backup will not find this server");
+        }
+        Self(path)
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(unix)]
+type Usr1 = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Usr1 = Option<()>;
+
+async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf, usr1: Usr1) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut signals) = signal(SignalKind::user_defined1()) else {
+        let Some(mut signals) = usr1 else {
             tracing::warn!("cannot listen for SIGUSR1: engage backup is unavailable");
             return;
         };
@@ -289,7 +321,8 @@ async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf) {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, target = %target.display(), "backup failed");
-                    format!("error: {}", crate::api::status_message(e))
+                    // For the operator, on this machine: the whole reason.
+                    format!("error: {e}")
                 }
             };
             let tmp = data_dir.join(format!("{BACKUP_RESULT}.tmp"));
@@ -302,13 +335,40 @@ async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf) {
         }
     }
     #[cfg(not(unix))]
-    std::future::pending::<()>().await
+    {
+        let _ = (ingest, data_dir, usr1);
+        std::future::pending::<()>().await
+    }
+}
+
+/// The pid in a data directory's pid file, if it names a running `engage serve` (a stale file
+/// from a killed server may name an unrelated process, which must never be signalled).
+fn running_server(data_dir: &std::path::Path) -> Result<u32, ServerError> {
+    let text = std::fs::read_to_string(data_dir.join(PID_FILE))
+        .map_err(|e| format!("no server runs on {} ({e})", data_dir.display()))?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| format!("{}: not a process id", data_dir.join(PID_FILE).display()))?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_engage =
+        args.first().is_some_and(|a| a.ends_with(b"engage")) && args.contains(&b"serve".as_slice());
+    if !is_engage {
+        return Err(format!(
+            "no server runs on {} (its pid file names process {pid}, which is not engage serve)",
+            data_dir.display()
+        )
+        .into());
+    }
+    Ok(pid)
 }
 
 /// `engage backup`: asks the server running on a data directory for a backup, and waits for it.
 pub fn backup(args: &crate::config::BackupArgs) -> Result<String, ServerError> {
-    let pid = std::fs::read_to_string(args.data_dir.join(PID_FILE))
-        .map_err(|e| format!("no server runs on {} ({e})", args.data_dir.display()))?;
+    let pid = running_server(&args.data_dir)?.to_string();
     let target = std::path::absolute(&args.to).map_err(|e| format!("{}: {e}", args.to.display()))?;
     let result = args.data_dir.join(BACKUP_RESULT);
     let _ = std::fs::remove_file(&result);

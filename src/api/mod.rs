@@ -33,11 +33,6 @@ fn bounded(mut message: String) -> String {
     message
 }
 
-/// What a client is told of an error (as a status message).
-pub(crate) fn status_message(e: Error) -> String {
-    Status::from(e).message().to_string()
-}
-
 /// The one mapping from domain errors to gRPC statuses. Internal details are logged, never sent;
 /// messages are bounded.
 impl From<Error> for Status {

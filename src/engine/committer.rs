@@ -62,12 +62,17 @@ pub(super) fn run_committer(
             last_mark = Instant::now();
             marker.record(flushed)
         });
-        let mut fault = store.flush().err().map(|e| e.to_string());
+        let fault = store.flush().err().map(|e| e.to_string());
         if let Some(marking) = marking {
+            // The mark describes earlier rounds, already answered: a failure to record it
+            // refuses the writes after this round, not this round's, whose flush succeeded.
             match marking.recv() {
                 Ok(Ok(())) => recorded = flushed,
-                Ok(Err(e)) => fault = fault.or(Some(format!("recording the high-water mark: {e}"))),
-                Err(_) => fault = fault.or(Some("the high-water mark thread stopped".into())),
+                Ok(Err(e)) => fail(&failed, &format!("recording the high-water mark: {e}")),
+                Err(_) => match store.record_durable(flushed) {
+                    Ok(()) => recorded = flushed,
+                    Err(e) => fail(&failed, &format!("recording the high-water mark: {e}")),
+                },
             }
         }
         let fault = fault.map(|e| {

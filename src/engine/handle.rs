@@ -156,6 +156,15 @@ impl Ingest {
     /// firing state and event-name counts; the user's fired actions keep their sequence but lose
     /// user id, payload and event. Answers the number of events erased.
     pub(crate) async fn delete_user(&self, user_id: String) -> Result<u64, Error> {
+        // The slices run in a task of their own: a client that gives up (a deadline, a dropped
+        // connection) does not leave the user half erased.
+        let this = self.clone();
+        tokio::spawn(async move { this.erase_in_slices(user_id).await })
+            .await
+            .map_err(|e| Error::Internal(format!("erasure task: {e}")))?
+    }
+
+    async fn erase_in_slices(&self, user_id: String) -> Result<u64, Error> {
         // Each slice runs alone in its group: if a read fails half-way, dropping the group's
         // writes leaves the slice undone (and a retry goes on from there). Other writes go on
         // between slices (see `erase`).

@@ -8,7 +8,7 @@ use super::{Group, Writer};
 use crate::domain::model::{AttributeDefinition, AttributeType, Event, EventNameStats, Timestamp, Value};
 use crate::domain::rules::{self, PreparedEvent};
 use crate::domain::typing;
-use crate::error::Error;
+use crate::error::{invalid, Error};
 use crate::store::timers::user_bucket;
 
 /// What happened to one tracked event.
@@ -70,6 +70,15 @@ impl Writer {
         // Type every attribute before writing anything: a rejected event leaves nothing behind.
         let now = Timestamp::now();
         let (attributes, created) = self.type_attributes(event.attributes, group, now)?;
+        // Typing can grow a value (JSON is re-serialised: 1e15 becomes 1000000000000000.0):
+        // stored, the event must still fit one answer.
+        let typed_bytes = stored_size(&event.user_id, &event.name, &attributes);
+        let max = self.limits.max_item_bytes();
+        if typed_bytes > max {
+            return Err(invalid(format!(
+                ": {typed_bytes} bytes once typed, at most {max} allowed (max_message_bytes less room for the answer)"
+            )));
+        }
         let event_id = match &event.event_id {
             Some(id) => id.clone(),
             None => self.generate_id(),
@@ -183,4 +192,21 @@ impl Writer {
         };
         group.name_stats.insert(event.name.clone(), stats);
     }
+}
+
+/// An upper bound of an event's encoded size once stored: its strings, each attribute's name and
+/// value, and the framing of every field (ids, times and sequence included).
+fn stored_size(user_id: &str, name: &str, attributes: &BTreeMap<String, Value>) -> usize {
+    let values: usize = attributes
+        .iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    Value::String(s) | Value::Json(s) => s.len(),
+                    _ => 16,
+                }
+                + 24
+        })
+        .sum();
+    user_id.len() + name.len() + 128 + 128 + values
 }

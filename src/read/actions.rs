@@ -69,12 +69,11 @@ pub(crate) struct Delivered {
 
 /// Takes `bytes` of a subscriber's budget and of the total (`None`: a semaphore was closed).
 async fn hold(
-    mine: Arc<Semaphore>,
-    total: Arc<Semaphore>,
-    bytes: u32,
+    mine: (Arc<Semaphore>, u32),
+    total: (Arc<Semaphore>, u32),
 ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-    let mine = mine.acquire_many_owned(bytes).await.ok()?;
-    let total = total.acquire_many_owned(bytes).await.ok()?;
+    let mine = mine.0.acquire_many_owned(mine.1).await.ok()?;
+    let total = total.0.acquire_many_owned(total.1).await.ok()?;
     Some((mine, total))
 }
 
@@ -114,8 +113,9 @@ pub(crate) struct ActionLog {
     shutdown: watch::Receiver<bool>,
     retention_secs: u64,
     buffer_bytes: usize,
-    /// What all subscribers together may hold waiting (in bytes).
+    /// What all subscribers together may hold waiting (in bytes), and its size.
     total_buffer: Arc<Semaphore>,
+    total_buffer_bytes: usize,
 }
 
 impl ActionLog {
@@ -142,6 +142,9 @@ impl ActionLog {
                     .total_buffer_bytes
                     .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
             )),
+            total_buffer_bytes: options
+                .total_buffer_bytes
+                .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
         }
     }
 
@@ -329,8 +332,16 @@ impl Subscription {
                         continue;
                     }
                     // Wait for room in the budgets: a client that stops reading stops this reader.
-                    let bytes = approx_bytes(&a).min(self.log.buffer_bytes) as u32;
-                    let shares = hold(self.budget.clone(), self.log.total_buffer.clone(), bytes);
+                    // Each budget is charged the action's size, up to all of that budget (a larger
+                    // action waits until it has the budget to itself).
+                    let size = approx_bytes(&a);
+                    let shares = hold(
+                        (self.budget.clone(), size.min(self.log.buffer_bytes) as u32),
+                        (
+                            self.log.total_buffer.clone(),
+                            size.min(self.log.total_buffer_bytes) as u32,
+                        ),
+                    );
                     let held = tokio::select! {
                         biased;
                         _ = self.shutdown.wait_for(|s| *s) => return,

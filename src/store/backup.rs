@@ -31,11 +31,12 @@ pub(crate) struct Backup {
     /// How long the backup took, in milliseconds.
     pub(crate) millis: u64,
     /// The longest time one of its slices held writes, in milliseconds.
+    #[serde(default)]
     pub(crate) longest_slice_ms: u64,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Damaged(format!("{}: {e}", path.display()))
+    StoreError::Refused(format!("{}: {e}", path.display()))
 }
 
 /// True when `dir` is missing or an empty directory.
@@ -90,10 +91,10 @@ impl Store {
     pub(crate) fn begin_backup(&self, target: &Path) -> Result<(), StoreError> {
         let mut slot = self.backup.lock();
         if slot.is_some() {
-            return Err(StoreError::Damaged("a backup is already being taken".into()));
+            return Err(StoreError::Refused("a backup is already being taken".into()));
         }
         if !is_empty_dir(target) {
-            return Err(StoreError::Damaged(format!(
+            return Err(StoreError::Refused(format!(
                 "{}: a backup goes into a missing or empty directory",
                 target.display()
             )));
@@ -117,7 +118,7 @@ impl Store {
     pub(crate) fn backup_slice(&self) -> Result<Option<Backup>, StoreError> {
         let mut slot = self.backup.lock();
         let Some(progress) = slot.as_mut() else {
-            return Err(StoreError::Damaged("no backup is being taken".into()));
+            return Err(StoreError::Refused("no backup is being taken".into()));
         };
         let started = std::time::Instant::now();
         let range = match &progress.copied_below {
@@ -195,7 +196,7 @@ pub(crate) fn restore(from: &Path, to: &Path) -> Result<Backup, StoreError> {
         .map_err(|e| io(&description, format!("not a backup of engage ({e})")))?;
     let backup: Backup = serde_json::from_str(&text).map_err(|e| io(&description, e))?;
     if !is_empty_dir(to) {
-        return Err(StoreError::Damaged(format!(
+        return Err(StoreError::Refused(format!(
             "{}: a restore goes into a missing or empty data directory",
             to.display()
         )));
@@ -213,7 +214,7 @@ pub(crate) fn restore(from: &Path, to: &Path) -> Result<Backup, StoreError> {
         action_seq: read_u64(&store.tree, META_ACTION_SEQ)?,
     };
     if found.event_seq != backup.event_seq || found.action_seq != backup.action_seq {
-        return Err(StoreError::Damaged(format!(
+        return Err(StoreError::Refused(format!(
             "{}: the restored data holds sequences {}/{}, the backup says {}/{}",
             to.display(),
             found.event_seq,

@@ -37,7 +37,7 @@ pub(super) fn dir_bytes(dir: &Path) -> u64 {
 }
 
 fn io(path: &Path, e: std::io::Error) -> StoreError {
-    StoreError::Damaged(format!("{}: {e}", path.display()))
+    StoreError::Refused(format!("{}: {e}", path.display()))
 }
 
 /// Compacts the data directory `dir` in place (see the module documentation).
@@ -45,10 +45,13 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
     let bytes_before = dir_bytes(dir);
     let fresh_dir = sibling(dir, "compacting");
     let old_dir = sibling(dir, "before-compaction");
-    for leftover in [&fresh_dir, &old_dir] {
-        if leftover.exists() {
-            std::fs::remove_dir_all(leftover).map_err(|e| io(leftover, e))?;
-        }
+    if old_dir.exists() {
+        // A compaction stopped between its two renames: its original is there, untouched.
+        return Err(StoreError::Refused(interrupted(dir, &old_dir)));
+    }
+    if fresh_dir.exists() {
+        // A copy that never was swapped in (the original is intact): start it again.
+        std::fs::remove_dir_all(&fresh_dir).map_err(|e| io(&fresh_dir, e))?;
     }
     let keys = {
         let old = open_without_panic(&sled::Config::new().path(dir))??;
@@ -59,8 +62,12 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
     if mark.exists() {
         std::fs::copy(&mark, fresh_dir.join(integrity::FILE_NAME)).map_err(|e| io(&mark, e))?;
     }
+    sync_dir(&fresh_dir)?;
     std::fs::rename(dir, &old_dir).map_err(|e| io(dir, e))?;
     std::fs::rename(&fresh_dir, dir).map_err(|e| io(&fresh_dir, e))?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
     std::fs::remove_dir_all(&old_dir).map_err(|e| io(&old_dir, e))?;
     Ok(Compacted {
         keys,
@@ -95,7 +102,7 @@ pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u6
     }
     fresh.flush()?;
     if verify && from.checksum()? != fresh.checksum()? {
-        return Err(StoreError::Damaged(format!(
+        return Err(StoreError::Refused(format!(
             "the copy in {} does not match the original",
             to_dir.display()
         )));
@@ -103,8 +110,26 @@ pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u6
     Ok(keys)
 }
 
+/// The message for a compaction that stopped between its renames.
+pub(super) fn interrupted(dir: &Path, old_dir: &Path) -> String {
+    format!(
+        "a compaction of {} was interrupted: {} holds the data as it was before; move it back \
+         to {} (replacing what is there, if anything) and start again",
+        dir.display(),
+        old_dir.display(),
+        dir.display()
+    )
+}
+
+/// Makes a directory's entries durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
+}
+
 /// `dir` with a suffix, beside it.
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+pub(super) fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".{suffix}"));
     dir.with_file_name(name)

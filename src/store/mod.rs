@@ -97,6 +97,9 @@ pub(crate) enum StoreError {
     Integrity(#[from] IntegrityError),
     #[error("the data files are damaged: sled failed while opening them ({0}); restore the data directory from a backup")]
     Damaged(String),
+    /// An operation refused as asked (a backup target not empty, an interrupted compaction).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl StoreError {
@@ -162,6 +165,10 @@ impl Store {
     /// database handle) that just closed it: sled releases it from a background thread. So a
     /// held lock is retried for up to 5 s before the error is returned.
     pub(crate) fn open(dir: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
+        let before = compact::sibling(dir, "before-compaction");
+        if before.exists() {
+            return Err(StoreError::Refused(compact::interrupted(dir, &before)));
+        }
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(opts.cache_capacity)
@@ -269,7 +276,11 @@ impl Store {
             self.tree.apply_batch(batch)?;
         }
         if let (Some(m), Some(mirrored)) = (mirror.as_mut(), mirrored) {
-            m.apply(mirrored)?;
+            // The live write is applied: a failing backup must not turn it into an error.
+            if let Err(e) = m.apply(mirrored) {
+                tracing::error!(error = %e, "writing to the backup failed; the backup is abandoned");
+                mirror.take();
+            }
         }
         Ok(())
     }
