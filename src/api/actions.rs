@@ -91,19 +91,20 @@ impl ActionService for ActionApi {
         let log = self.log.clone();
         let (user, trigger) = (r.user_id, r.trigger_id);
         // One more than a page tells whether another page exists.
-        let mut page = crate::api::blocking(move || {
+        let max = self.ingest.limits().max_item_bytes();
+        let (mut page, cut) = crate::api::blocking(move || {
             let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
             log.list(
                 some(&user).as_deref(),
                 some(&trigger).as_deref(),
                 before,
                 size + 1,
+                max,
             )
         })
         .await?;
-        let more = page.len() > size;
+        let more = cut || page.len() > size;
         page.truncate(size);
-        let max = self.ingest.limits().max_item_bytes();
         let mut actions: Vec<proto::FiredAction> =
             page.iter().map(|a| convert::to_proto_action(a, max)).collect();
         // A page ends early rather than outgrow one message.

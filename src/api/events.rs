@@ -117,6 +117,7 @@ impl EventService for EventApi {
             page_size: page_size(r.page_size, timeline::DEFAULT_PAGE_SIZE),
             page_token: r.page_token,
             oldest_first: r.oldest_first,
+            max_bytes: self.ingest.limits().max_item_bytes(),
         };
         let store = self.store.clone();
         let q = query.clone();

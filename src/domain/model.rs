@@ -207,6 +207,35 @@ pub struct Event {
     pub attributes: BTreeMap<String, Value>,
 }
 
+impl Event {
+    /// An upper bound of the event's encoded size (on the wire or on disk): its strings, each
+    /// attribute's name and value, and the framing of every field.
+    pub fn approx_size(&self) -> usize {
+        approx_event_size(&self.event_id, &self.user_id, &self.name, &self.attributes)
+    }
+}
+
+/// [`Event::approx_size`] of an event's parts.
+pub(crate) fn approx_event_size(
+    event_id: &str,
+    user_id: &str,
+    name: &str,
+    attributes: &BTreeMap<String, Value>,
+) -> usize {
+    let values: usize = attributes
+        .iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    Value::String(s) | Value::Json(s) => s.len(),
+                    _ => 16,
+                }
+                + 24
+        })
+        .sum();
+    event_id.len().max(26) + user_id.len() + name.len() + 128 + values
+}
+
 /// An event as a client submits it, before validation and coercion.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub(crate) struct NewEvent {

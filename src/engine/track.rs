@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use super::{Group, Writer};
-use crate::domain::model::{AttributeDefinition, AttributeType, Event, EventNameStats, Timestamp, Value};
+use crate::domain::model::{
+    approx_event_size, AttributeDefinition, AttributeType, Event, EventNameStats, Timestamp, Value,
+};
 use crate::domain::rules::{self, PreparedEvent};
 use crate::domain::typing;
 use crate::error::{invalid, Error};
@@ -72,7 +74,8 @@ impl Writer {
         let (attributes, created) = self.type_attributes(event.attributes, group, now)?;
         // Typing can grow a value (JSON is re-serialised: 1e15 becomes 1000000000000000.0):
         // stored, the event must still fit one answer.
-        let typed_bytes = stored_size(&event.user_id, &event.name, &attributes);
+        let event_id = event.event_id.as_deref().unwrap_or("");
+        let typed_bytes = approx_event_size(event_id, &event.user_id, &event.name, &attributes);
         let max = self.limits.max_item_bytes();
         if typed_bytes > max {
             return Err(invalid(format!(
@@ -192,21 +195,4 @@ impl Writer {
         };
         group.name_stats.insert(event.name.clone(), stats);
     }
-}
-
-/// An upper bound of an event's encoded size once stored: its strings, each attribute's name and
-/// value, and the framing of every field (ids, times and sequence included).
-fn stored_size(user_id: &str, name: &str, attributes: &BTreeMap<String, Value>) -> usize {
-    let values: usize = attributes
-        .iter()
-        .map(|(k, v)| {
-            k.len()
-                + match v {
-                    Value::String(s) | Value::Json(s) => s.len(),
-                    _ => 16,
-                }
-                + 24
-        })
-        .sum();
-    user_id.len() + name.len() + 128 + 128 + values
 }

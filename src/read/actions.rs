@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::domain::model::{FiredAction, Timestamp, Value};
+use crate::domain::model::{Event, FiredAction, Timestamp};
 use crate::engine::Ingest;
 use crate::error::Error;
 use crate::store::{ActionOwner, Store};
@@ -86,22 +86,7 @@ fn approx_bytes(a: &FiredAction) -> usize {
         + a.user_id.len()
         + a.event_id.len()
         + a.payload.len();
-    let event = a.event.as_ref().map_or(0, |e| {
-        e.event_id.len()
-            + e.user_id.len()
-            + e.name.len()
-            + e.attributes
-                .iter()
-                .map(|(k, v)| {
-                    k.len()
-                        + match v {
-                            Value::String(s) | Value::Json(s) => s.len(),
-                            _ => 16,
-                        }
-                })
-                .sum::<usize>()
-    });
-    strings + event + 128
+    strings + a.event.as_ref().map_or(0, Event::approx_size) + 128
 }
 
 /// The action log as subscribers and listings see it.
@@ -235,14 +220,16 @@ impl ActionLog {
 
     /// Up to `limit` durable actions newest first, with sequence below `before` (0: from the
     /// newest): all, a user's, a trigger's, or a user's of one trigger (read through the user's
-    /// index, keeping the trigger's). Actions not yet durable are never listed.
+    /// index, keeping the trigger's). Actions not yet durable are never listed. The flag says
+    /// the list stopped early, at `max_bytes` (more follow).
     pub(crate) fn list(
         &self,
         user: Option<&str>,
         trigger: Option<&str>,
         before: u64,
         limit: usize,
-    ) -> Result<Vec<FiredAction>, Error> {
+        max_bytes: usize,
+    ) -> Result<(Vec<FiredAction>, bool), Error> {
         let durable_end = self.ingest.durable_actions().borrow().saturating_add(1);
         let mut cursor = if before == 0 {
             durable_end
@@ -256,20 +243,27 @@ impl ActionLog {
         };
         let keep = |a: &FiredAction| user.is_none() || trigger.is_none_or(|t| a.trigger_id == t);
         let mut out = Vec::new();
+        let mut bytes = 0;
+        // Read in small chunks: actions can be megabytes each, and a page stops at `max_bytes`.
+        let chunk_len = limit.clamp(1, 64);
         loop {
-            let chunk = self.store.actions_newest_first(owner, cursor, limit)?;
-            let exhausted = chunk.len() < limit;
+            let chunk = self.store.actions_newest_first(owner, cursor, chunk_len)?;
+            let exhausted = chunk.len() < chunk_len;
             for a in chunk {
                 cursor = a.sequence;
                 if keep(&a) {
+                    bytes += approx_bytes(&a);
+                    if bytes > max_bytes && !out.is_empty() {
+                        return Ok((out, true));
+                    }
                     out.push(a);
                     if out.len() == limit {
-                        return Ok(out);
+                        return Ok((out, false));
                     }
                 }
             }
             if exhausted {
-                return Ok(out);
+                return Ok((out, false));
             }
         }
     }

@@ -24,6 +24,8 @@ pub(crate) struct TimelineQuery {
     pub(crate) page_size: usize,
     pub(crate) page_token: String,
     pub(crate) oldest_first: bool,
+    /// Stop the page before its events hold more than this many bytes (0: no limit).
+    pub(crate) max_bytes: usize,
 }
 
 /// One page of a timeline.
@@ -113,10 +115,13 @@ pub(crate) fn read(store: &Store, q: &TimelineQuery) -> Result<TimelinePage, Err
     let size = q.page_size.clamp(1, MAX_PAGE_SIZE);
     let mut events = Vec::with_capacity(size.min(64));
     let mut more = false;
+    let mut bytes = 0;
     let name = (!q.event_name.is_empty()).then_some(q.event_name.as_str());
     for event in store.timeline(&q.user_id, name, lower, upper, !q.oldest_first)? {
         let event = event?;
-        if events.len() == size {
+        bytes += event.approx_size();
+        let over_budget = q.max_bytes > 0 && bytes > q.max_bytes && !events.is_empty();
+        if events.len() == size || over_budget {
             more = true;
             break;
         }
