@@ -42,6 +42,7 @@ fn io(path: &Path, e: std::io::Error) -> StoreError {
 
 /// Compacts the data directory `dir` in place (see the module documentation).
 pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
+    check_compactable(dir)?;
     let bytes_before = dir_bytes(dir);
     let fresh_dir = sibling(dir, "compacting");
     let old_dir = sibling(dir, "before-compaction");
@@ -54,8 +55,15 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
         std::fs::remove_dir_all(&fresh_dir).map_err(|e| io(&fresh_dir, e))?;
     }
     let keys = {
-        let old = open_without_panic(&sled::Config::new().path(dir))??;
-        copy_db(&old, &fresh_dir, true)?
+        // Opened as the server opens it: the mark is checked (a directory that lost
+        // acknowledged writes is refused), and a lock just released is waited for.
+        let opts = super::StoreOptions {
+            cache_capacity: 64 << 20,
+            flush_every_ms: 500,
+            accept_data_loss: false,
+        };
+        let old = super::Store::open(dir, &opts)?;
+        copy_db(&old.db, &fresh_dir, true)?
     };
     // The high-water mark travels with the data it describes.
     let mark = dir.join(integrity::FILE_NAME);
@@ -108,6 +116,26 @@ pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u6
         )));
     }
     Ok(keys)
+}
+
+/// Refuses what compaction must not touch: anything but sled's files and the mark in the
+/// directory (they would be lost with the old copy), and a directory that lost acknowledged
+/// writes (its damaged files are what a recovery needs).
+fn check_compactable(dir: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let sled_file = matches!(name.as_str(), "conf" | "db" | "blobs" | "snap" | integrity::FILE_NAME)
+            || name.starts_with("snap.");
+        if !sled_file {
+            return Err(StoreError::Refused(format!(
+                "{}: {name} is not one of the data directory's own files; move it out before compacting",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The message for a compaction that stopped between its renames.
