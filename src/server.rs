@@ -80,6 +80,8 @@ pub async fn serve(
     }
     let store = open_store(&args)?;
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
+    // Before anyone reads: no user a stop left half erased is ever served.
+    ingest.resume_erasures().await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;

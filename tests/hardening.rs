@@ -940,3 +940,47 @@ async fn erasing_a_large_user_lets_other_writes_through_between_slices() {
         "the erased user's events are not counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_erasure_a_stop_left_between_slices_is_finished_before_serving() {
+    let server = TestServer::start_with(|a| a.max_erase_events_per_group = 100).await;
+    let mut c = server.events().await;
+    let events = (0..500)
+        .map(|i| event("half", "visit", &[("n", n(i as f64))]))
+        .collect();
+    c.track_events(proto::TrackEventsRequest { events })
+        .await
+        .unwrap();
+    track(&mut c, event("kept", "visit", &[])).await.unwrap();
+    drop(c);
+    let dir = server.stop().await;
+    // What a crash after the first slices leaves: some events gone, the mark set.
+    {
+        let db = sled::open(dir.path()).expect("open");
+        let tree = db.open_tree("engage").expect("tree");
+        let mut removed = 0;
+        for k in tree.scan_prefix(b"Thalf\0").keys().take(200) {
+            tree.remove(k.expect("key")).expect("remove");
+            removed += 1;
+        }
+        assert_eq!(removed, 200);
+        tree.insert(b"Dhalf", &[][..]).expect("mark");
+        db.flush().expect("flush");
+    }
+    let server = TestServer::start_in(dir).await;
+    let mut c = server.events().await;
+    assert!(
+        timeline(&mut c, "half").await.is_empty(),
+        "a half-erased user was served"
+    );
+    assert_eq!(timeline(&mut c, "kept").await.len(), 1);
+    // The mark is gone: the next start has nothing to finish.
+    let dir = server.stop().await;
+    let db = sled::open(dir.path()).expect("reopen");
+    assert!(db
+        .open_tree("engage")
+        .expect("tree")
+        .get(b"Dhalf")
+        .expect("get")
+        .is_none());
+}

@@ -4,7 +4,8 @@
 //! between slices, so a user with a million events does not stop ingest. The last slice also
 //! removes the user's firing state, timers and registry entry and strips the user's fired
 //! actions. Each slice is atomic; DeleteUser answers after the last. If one fails, the slices
-//! before it stay done and a retry erases the rest.
+//! before it stay done and a retry erases the rest; a user left between slices by a stop or a
+//! crash is marked (`D` user), and start-up finishes the erasure before serving.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -48,9 +49,12 @@ impl Writer {
             }
         }
         if !last_slice {
+            // Marked until the last slice: a server stopped in between finishes it at start.
+            group.batch.put_erasing(user);
             tracing::debug!(events = erased, "erased a slice of a user's events");
             return Ok((erased, false));
         }
+        group.batch.remove_erasing(user);
         for trigger_id in self.triggers.keys() {
             group.batch.remove_firing_state(trigger_id, user);
         }

@@ -164,6 +164,18 @@ impl Ingest {
             .map_err(|e| Error::Internal(format!("erasure task: {e}")))?
     }
 
+    /// Finishes the erasures a stop or a crash left between slices; answers how many users.
+    pub(crate) async fn resume_erasures(&self) -> Result<usize, Error> {
+        let users = self
+            .run(|writer, _group| Ok(writer.store.erasing_users()?))
+            .await?;
+        for user in &users {
+            tracing::warn!(user_id = %user, "finishing an erasure a stop interrupted");
+            self.delete_user(user.clone()).await?;
+        }
+        Ok(users.len())
+    }
+
     async fn erase_in_slices(&self, user_id: String) -> Result<u64, Error> {
         // Each slice runs alone in its group: if a read fails half-way, dropping the group's
         // writes leaves the slice undone (and a retry goes on from there). Other writes go on

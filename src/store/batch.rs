@@ -161,6 +161,16 @@ impl WriteBatch {
         self.put_raw(prefixed(NAME_STATS, name), encode(stats));
     }
 
+    /// Marks a user as being erased (DeleteUser is between two of its slices).
+    pub(crate) fn put_erasing(&mut self, user_id: &str) {
+        self.put_raw(prefixed(ERASING, user_id), Vec::new());
+    }
+
+    /// Clears the mark of a user being erased (the last slice is done).
+    pub(crate) fn remove_erasing(&mut self, user_id: &str) {
+        self.remove_raw(prefixed(ERASING, user_id));
+    }
+
     /// Marks the by-name index as built.
     pub(super) fn put_columns_built(&mut self) {
         self.put_raw(META_COLUMNS.to_vec(), vec![1]);

@@ -126,8 +126,10 @@ fn check_compactable(dir: &Path) -> Result<(), StoreError> {
     for entry in entries {
         let entry = entry.map_err(|e| io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let sled_file = matches!(name.as_str(), "conf" | "db" | "blobs" | "snap" | integrity::FILE_NAME)
-            || name.starts_with("snap.");
+        let sled_file = matches!(
+            name.as_str(),
+            "conf" | "db" | "blobs" | "snap" | integrity::FILE_NAME
+        ) || name.starts_with("snap.");
         if !sled_file {
             return Err(StoreError::Refused(format!(
                 "{}: {name} is not one of the data directory's own files; move it out before compacting",

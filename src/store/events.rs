@@ -9,6 +9,15 @@ use super::{Store, StoreError};
 use crate::domain::model::{Event, Timestamp, UserNameAggregate};
 
 impl Store {
+    /// The users whose erasure was started and not finished (a server stopped between slices).
+    pub(crate) fn erasing_users(&self) -> Result<Vec<String>, StoreError> {
+        self.tree
+            .scan_prefix([ERASING])
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[1..]).into_owned()))
+            .collect()
+    }
+
     /// The sequence a client-supplied event id was stored with, if any.
     pub(crate) fn sequence_of_event_id(&self, event_id: &str) -> Result<Option<u64>, StoreError> {
         let key = prefixed(EVENT_ID, event_id);

@@ -29,6 +29,7 @@ pub(super) const ROLLUP: u8 = b'Y';
 pub(super) const ROLLUP_META: u8 = b'X';
 pub(super) const TIMER_BUCKET: u8 = b'P';
 pub(super) const DUE: u8 = b'Q';
+pub(super) const ERASING: u8 = b'D';
 pub(super) const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 pub(super) const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 /// Present once the by-name index is built.

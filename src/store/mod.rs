@@ -36,6 +36,7 @@
 //! | `X`    | `X` name                                         | postcard [`columns::RollupMeta`] |
 //! | `P`    | `P` bucket(2)                                    | postcard list of [`Timer`](crate::domain::model::Timer)s: the pending timers of users hashing there ([`timers`]) |
 //! | `Q`    | `Q` minute(8) part(1)                            | buckets with a timer due in that minute ([`timers`]) |
+//! | `D`    | `D` user_id                                      | empty: an erasure between two of its slices |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
