@@ -272,7 +272,8 @@ async fn expire_actions(log: ActionLog, every: Duration, mut stopped: tokio::syn
 
 /// The running server's process id, in its data directory (for `engage backup`).
 const PID_FILE: &str = "engage.pid";
-/// Where `engage backup` leaves the target directory for the server.
+/// Where `engage backup` leaves the target directory for the server: `backup.request.ID`, one
+/// file per request (`ID` is the requesting process), answered in `backup.result.ID`.
 const BACKUP_REQUEST: &str = "backup.request";
 /// Where the server answers a backup request: `ok` and the backup's description, or `error: ...`.
 const BACKUP_RESULT: &str = "backup.result";
@@ -310,11 +311,43 @@ async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf, usr1: Usr1)
             return;
         };
         while signals.recv().await.is_some() {
-            let Ok(target) = std::fs::read_to_string(data_dir.join(BACKUP_REQUEST)) else {
-                continue;
-            };
-            let _ = std::fs::remove_file(data_dir.join(BACKUP_REQUEST));
-            let target = std::path::PathBuf::from(target.trim());
+            for (id, target) in backup_requests(&data_dir) {
+                answer_backup(&ingest, &data_dir, &id, target).await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ingest, data_dir, usr1);
+        std::future::pending::<()>().await
+    }
+}
+
+/// The backup requests waiting in a data directory (taken: their files are removed), by id.
+fn backup_requests(data_dir: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let prefix = format!("{BACKUP_REQUEST}.");
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Ok(target) = std::fs::read_to_string(entry.path()) {
+            let _ = std::fs::remove_file(entry.path());
+            out.push((id.to_string(), std::path::PathBuf::from(target.trim())));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Takes one requested backup and leaves the answer where its requester waits.
+async fn answer_backup(ingest: &Ingest, data_dir: &std::path::Path, id: &str, target: std::path::PathBuf) {
+    {
+        {
             tracing::info!(target = %target.display(), "backup requested");
             let answer = match ingest.backup(target.clone()).await {
                 Ok(b) => {
@@ -327,19 +360,14 @@ async fn serve_backups(ingest: Ingest, data_dir: std::path::PathBuf, usr1: Usr1)
                     format!("error: {e}")
                 }
             };
-            let tmp = data_dir.join(format!("{BACKUP_RESULT}.tmp"));
+            let tmp = data_dir.join(format!("{BACKUP_RESULT}.{id}.tmp"));
             if std::fs::write(&tmp, answer)
-                .and_then(|_| std::fs::rename(&tmp, data_dir.join(BACKUP_RESULT)))
+                .and_then(|_| std::fs::rename(&tmp, data_dir.join(format!("{BACKUP_RESULT}.{id}"))))
                 .is_err()
             {
                 tracing::error!("cannot write the backup result");
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (ingest, data_dir, usr1);
-        std::future::pending::<()>().await
     }
 }
 
@@ -372,9 +400,14 @@ fn running_server(data_dir: &std::path::Path) -> Result<u32, ServerError> {
 pub fn backup(args: &crate::config::BackupArgs) -> Result<String, ServerError> {
     let pid = running_server(&args.data_dir)?.to_string();
     let target = std::path::absolute(&args.to).map_err(|e| format!("{}: {e}", args.to.display()))?;
-    let result = args.data_dir.join(BACKUP_RESULT);
+    let id = std::process::id();
+    let result = args.data_dir.join(format!("{BACKUP_RESULT}.{id}"));
     let _ = std::fs::remove_file(&result);
-    std::fs::write(args.data_dir.join(BACKUP_REQUEST), target.display().to_string())
+    // Written beside, then renamed: the server never reads half a request.
+    let request = args.data_dir.join(format!("{BACKUP_REQUEST}.{id}"));
+    let tmp = args.data_dir.join(format!(".{BACKUP_REQUEST}.{id}"));
+    std::fs::write(&tmp, target.display().to_string())
+        .and_then(|_| std::fs::rename(&tmp, &request))
         .map_err(|e| format!("cannot write the backup request: {e}"))?;
     let signalled = std::process::Command::new("kill")
         .args(["-USR1", pid.trim()])
