@@ -230,8 +230,7 @@ pub(crate) fn check_action(f: &str, action_type: &str, template_source: &str) ->
             template_source.len()
         )));
     }
-    template::check(template_source)
-        .map_err(|e| invalid(format!("{f}.action.payload_template: does not parse: {e}")))
+    template::check(template_source).map_err(|e| invalid(format!("{f}.action.payload_template: {e}")))
 }
 
 /// An event that passed the stateless checks; attributes still need typing.

@@ -19,6 +19,8 @@ fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_fuel(Some(FUEL));
     env.remove_global("debug");
+    // range() yields at most MAX_RANGE items: loops cannot multiply what a template writes.
+    env.add_function("range", bounded_range);
     // A missing value (even a chain such as event.attributes.missing.x) renders empty.
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
     // Booleans print as their canonical text (`true`), not Python's `True`.
@@ -33,16 +35,159 @@ fn environment() -> Environment<'static> {
     env
 }
 
-/// Checks that `source` parses; the error text says where it does not.
+/// Most items `range()` yields in a template.
+const MAX_RANGE: i64 = 1000;
+
+fn bounded_range(lower: i64, upper: Option<i64>, step: Option<i64>) -> Result<J, minijinja::Error> {
+    let (lower, upper) = match upper {
+        Some(upper) => (lower, upper),
+        None => (0, lower),
+    };
+    let step = step.unwrap_or(1);
+    if step == 0 {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            "range step of 0",
+        ));
+    }
+    let items: Vec<i64> = if step > 0 {
+        (lower..upper)
+            .step_by(step as usize)
+            .take(MAX_RANGE as usize)
+            .collect()
+    } else {
+        let mut v = Vec::new();
+        let mut i = lower;
+        while i > upper && (v.len() as i64) < MAX_RANGE {
+            v.push(i);
+            i += step;
+        }
+        v
+    };
+    Ok(J::from(items))
+}
+
+/// Constructs a payload template may not use, because they can build text far larger than
+/// anything the template writes out (which the output limit bounds): string repetition and
+/// concatenation operators, blocks that capture output into a value, and filters that multiply
+/// their input.
+const FORBIDDEN_TAGS: &[&str] = &["macro", "call", "filter", "include", "import", "extends", "block"];
+const FORBIDDEN_NAMES: &[&str] = &[
+    "join",
+    "format",
+    "replace",
+    "indent",
+    "center",
+    "split",
+    "lines",
+    "list",
+    "batch",
+    "slice",
+    "chain",
+    "zip",
+    "wordwrap",
+    "namespace",
+    "pprint",
+    "map",
+];
+
+/// The first construct of `source` a payload template may not use, described.
+fn forbidden_construct(source: &str) -> Option<String> {
+    let mut rest = source;
+    while let Some(at) = rest.find('{') {
+        let tail = &rest[at..];
+        let (close, is_tag) = if tail.starts_with("{{") {
+            ("}}", false)
+        } else if tail.starts_with("{%") {
+            ("%}", true)
+        } else if tail.starts_with("{#") {
+            match tail.find("#}") {
+                Some(end) => {
+                    rest = &tail[end + 2..];
+                    continue;
+                }
+                None => return None,
+            }
+        } else {
+            rest = &tail[1..];
+            continue;
+        };
+        // The code of the block, its string literals blanked out.
+        let mut code = String::new();
+        let mut quote: Option<char> = None;
+        let mut escaped = false;
+        let mut end = None;
+        let body = &tail[2..];
+        for (i, c) in body.char_indices() {
+            match quote {
+                Some(q) => {
+                    if escaped {
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == q {
+                        quote = None;
+                    }
+                    code.push(' ');
+                }
+                None if c == '\'' || c == '"' => {
+                    quote = Some(c);
+                    code.push(' ');
+                }
+                None if body[i..].starts_with(close) => {
+                    end = Some(i);
+                    break;
+                }
+                None => code.push(c),
+            }
+        }
+        let end = end?;
+        let code = code.trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        if let Some(op) = code.chars().find(|c| matches!(c, '*' | '~' | '+' | '%')) {
+            return Some(format!(
+                "the operator {op:?} is not allowed in payload templates (it can build unbounded text)"
+            ));
+        }
+        let words: Vec<&str> = code
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .filter(|w| !w.is_empty())
+            .collect();
+        if is_tag {
+            let first = words.first().copied().unwrap_or("");
+            if FORBIDDEN_TAGS.contains(&first) {
+                return Some(format!("{{% {first} %}} is not allowed in payload templates"));
+            }
+            if first == "set" && !code.contains('=') {
+                return Some(
+                    "a {% set %} block is not allowed in payload templates (it captures output)".into(),
+                );
+            }
+        }
+        if let Some(name) = words.iter().find(|w| FORBIDDEN_NAMES.contains(w)) {
+            return Some(format!(
+                "{name} is not allowed in payload templates (it can build unbounded text)"
+            ));
+        }
+        rest = &body[end + close.len()..];
+    }
+    None
+}
+
+/// Checks that `source` parses and uses only what payload templates allow; the error text says
+/// where and why not.
 pub(crate) fn check(source: &str) -> Result<(), String> {
     let env = environment();
-    env.template_from_str(source).map(|_| ()).map_err(|e| {
+    env.template_from_str(source).map_err(|e| {
         let mut msg = e.to_string();
         if let Some(line) = e.line() {
             msg = format!("line {line}: {msg}");
         }
-        msg
-    })
+        format!("does not parse: {msg}")
+    })?;
+    match forbidden_construct(source) {
+        Some(why) => Err(why),
+        None => Ok(()),
+    }
 }
 
 /// An attribute as templates see it: numbers stay numbers (so comparisons work) but render as
@@ -222,7 +367,12 @@ mod tests {
         );
         // Runs out of fuel: renders empty instead of failing.
         assert_eq!(
-            render("{% for i in range(100000) %}x{% endfor %}", &event(), "t", "n"),
+            render(
+                "{% for i in range(1000) %}{% for j in range(1000) %}x{% endfor %}{% endfor %}",
+                &event(),
+                "t",
+                "n"
+            ),
             ""
         );
     }
@@ -251,6 +401,41 @@ mod tests {
         assert_eq!(t.render("big", "n", &event(), 1 << 20).len(), 10_000);
         t.set("dbg", "[{{ debug() }}]");
         assert_eq!(t.render("dbg", "n", &event(), 1 << 20), "");
+    }
+
+    #[test]
+    fn constructs_that_can_build_unbounded_text_are_refused() {
+        for bad in [
+            "{{ \"x\" * 100000000 }}",
+            "{{ event.attributes.name ~ event.attributes.name }}",
+            "{{ user_id + user_id }}",
+            "{{ \"%s%s\" % (user_id, user_id) }}",
+            "{% set big %}{% for i in range(1000) %}{{ event.attributes.name }}{% endfor %}{% endset %}{{ big }}",
+            "{% macro m() %}x{% endmacro %}{{ m() }}",
+            "{{ range(1000)|join(event.attributes.name) }}",
+            "{{ event.attributes.name|replace(\"e\", event.attributes.name) }}",
+            "{{ event.attributes|tojson(indent=100000000) }}",
+            "{{ [user_id]|map(\"join\") }}",
+        ] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "Hi {{ user_id | upper }}, thanks for your {{ event.attributes.price }} purchase",
+            "{\"to\": \"{{ user_id }}\", \"subject\": \"a * b ~ c + d % e\"}",
+            "{% if event.attributes.price > 30 %}big{% else %}small{% endif %}{# a * comment #}",
+            "{% set n = event.attributes.price %}{{- n -}}",
+            "{{ event.attributes | tojson }} {{ event.name | default(\"none\") }}",
+            "{% for i in range(3) %}{{ i }}{% endfor %}",
+        ] {
+            assert!(check(good).is_ok(), "{good}: {:?}", check(good));
+        }
+        let mut t = Templates::default();
+        t.set("r", "{% for i in range(100000) %}x{% endfor %}");
+        assert_eq!(
+            t.render("r", "n", &event(), 1 << 20).len(),
+            1000,
+            "range() yields 1000 at most"
+        );
     }
 
     #[test]
