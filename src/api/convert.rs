@@ -402,5 +402,61 @@ pub(crate) fn to_proto_action(a: &FiredAction, max_bytes: usize) -> proto::Fired
             action.event_truncated = true;
         }
     }
+    // Only an action stored before payloads were bounded (or under a larger message limit) can
+    // still be too large: it goes out with its payload empty rather than stop its stream.
+    if prost::Message::encoded_len(&action) > max_bytes {
+        tracing::warn!(
+            sequence = a.sequence,
+            bytes = a.payload.len(),
+            "an action's payload is larger than a message; sent empty"
+        );
+        action.payload.clear();
+    }
     action
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn action(payload_bytes: usize, attribute_bytes: usize) -> FiredAction {
+        let mut attributes = BTreeMap::new();
+        attributes.insert("a".to_string(), Value::String("a".repeat(attribute_bytes)));
+        FiredAction {
+            sequence: 7,
+            action_id: "x".into(),
+            trigger_id: "t".into(),
+            trigger_name: "n".into(),
+            action_type: "email".into(),
+            user_id: "u".into(),
+            event_id: "e".into(),
+            fired_at: Timestamp::MIN,
+            payload: "p".repeat(payload_bytes),
+            event: Some(Event {
+                event_id: "e".into(),
+                user_id: "u".into(),
+                name: "n".into(),
+                occurred_at: Timestamp::MIN,
+                received_at: Timestamp::MIN,
+                sequence: 1,
+                attributes,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_action_always_fits_the_size_it_is_sent_in() {
+        let fits = to_proto_action(&action(100, 100), 10_000);
+        assert!(!fits.event_truncated && fits.payload.len() == 100);
+        let trimmed = to_proto_action(&action(100, 20_000), 10_000);
+        assert!(trimmed.event_truncated);
+        assert_eq!(trimmed.event.map(|e| e.attributes.len()), Some(0));
+        assert_eq!(trimmed.payload.len(), 100);
+        // A payload stored before payloads were bounded.
+        let old = to_proto_action(&action(20_000, 100), 10_000);
+        assert!(old.payload.is_empty());
+        assert!(prost::Message::encoded_len(&old) <= 10_000);
+    }
 }
