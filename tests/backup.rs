@@ -48,29 +48,17 @@ async fn everything(server: &ChildServer) -> (Vec<(u64, String)>, Vec<(u64, Stri
     }
     events.sort();
     let mut a = proto::action_service_client::ActionServiceClient::new(server.channel().await);
-    let mut actions = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = a
-            .list_fired_actions(proto::ListFiredActionsRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for x in page.actions {
-            actions.push((
+    // "": every user's actions, through paging.
+    let mut actions: Vec<(u64, String)> = user_actions(&mut a, "")
+        .await
+        .into_iter()
+        .map(|x| {
+            (
                 x.sequence,
                 format!("{} {} {} {}", x.action_id, x.user_id, x.event_id, x.payload),
-            ));
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+            )
+        })
+        .collect();
     actions.sort();
     (events, actions)
 }
