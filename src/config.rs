@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// such slices.
     #[arg(long, env = "ENGAGE_MAX_ERASE_EVENTS_PER_GROUP", default_value_t = 10_000)]
     pub max_erase_events_per_group: usize,
+    /// Most of a user's stored events one history condition with a window or `where` reads to
+    /// evaluate; an event that would need more is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ENGAGE_MAX_HISTORY_EVENTS", default_value_t = 100_000)]
+    pub max_history_events: usize,
     /// Bytes of actions one subscriber may hold between the log and its client (a stalled
     /// subscriber holds about twice this).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 256 * 1024)]
@@ -174,6 +178,7 @@ impl ServeArgs {
             max_condition_depth: self.max_condition_depth,
             max_history_conditions: self.max_history_conditions,
             max_erase_events_per_group: self.max_erase_events_per_group,
+            max_history_events: self.max_history_events,
         }
     }
 

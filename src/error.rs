@@ -40,6 +40,7 @@ impl Error {
             Error::FailedPrecondition(m) => Error::FailedPrecondition(join(m)),
             Error::NotFound(m) => Error::NotFound(join(m)),
             Error::OutOfRange(m) => Error::OutOfRange(join(m)),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(join(m)),
             other => other,
         }
     }

@@ -961,3 +961,43 @@ async fn an_erasure_a_stop_left_between_slices_is_finished_before_serving() {
         .expect("get")
         .is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
+    let server = TestServer::start_with(|a| a.max_history_events = 50).await;
+    let mut c = server.events().await;
+    let events = (0..60).map(|_| event("heavy", "visit", &[])).collect();
+    c.track_events(proto::TrackEventsRequest { events })
+        .await
+        .unwrap();
+    let mut t = server.triggers().await;
+    create_trigger(
+        &mut t,
+        proto::Trigger {
+            condition: Some(history_cond(proto::HistoryCondition {
+                within: Some(prost_types::Duration {
+                    seconds: 365 * 86_400,
+                    nanos: 0,
+                }),
+                ..history("visit", proto::Aggregate::Count, "", proto::Operator::Gte, 1.0)
+            })),
+            ..trigger("visit", "x", "")
+        },
+    )
+    .await
+    .unwrap();
+    let err = track(&mut c, event("heavy", "visit", &[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with("event: ") && err.message().contains("max_history_events"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        timeline(&mut c, "heavy").await.len(),
+        60,
+        "the shed event is not stored"
+    );
+    // A user with a short history is evaluated as ever.
+    assert_eq!(fired(&mut c, event("light", "visit", &[])).await, 1);
+}

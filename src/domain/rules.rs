@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_history_conditions: usize,
     /// Most of a user's events one write group of DeleteUser erases (the rest in later ones).
     pub max_erase_events_per_group: usize,
+    /// Most of a user's stored events one history condition (with a window or `where`) reads
+    /// to evaluate; an event that would need more is refused (RESOURCE_EXHAUSTED).
+    pub max_history_events: usize,
 }
 
 impl Limits {
@@ -56,6 +59,7 @@ impl Default for Limits {
             max_condition_depth: 16,
             max_history_conditions: 50,
             max_erase_events_per_group: 10_000,
+            max_history_events: 100_000,
         }
     }
 }

@@ -258,7 +258,20 @@ impl Writer {
                 acc.add(e, &h.attribute);
             }
         };
-        for pos in self.store.named_positions(user, &h.event_name, after, reference) {
+        let max = self.limits.max_history_events;
+        for (read, pos) in self
+            .store
+            .named_positions(user, &h.event_name, after, reference)
+            .enumerate()
+        {
+            // A user's history is data, not configuration: past this bound the event is shed
+            // rather than let one user's evaluation hold every other user's writes.
+            if read >= max {
+                return Err(Error::ResourceExhausted(format!(
+                    ": a trigger's history condition on {:?} would read more than {max} of this user's events (max_history_events); the event is not stored",
+                    h.event_name
+                )));
+            }
             let pos = pos?;
             if needs_event {
                 if let Some(e) = self.store.event_at(user, &h.event_name, pos)? {
