@@ -21,14 +21,6 @@ pub(crate) struct EventApi {
 impl EventApi {
     /// Converts and checks one wire event on the caller's task (off the writer thread).
     fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<PreparedEvent, Error> {
-        // Stored, the event must still fit one answer (a timeline page, an action).
-        let bytes = prost::Message::encoded_len(&e);
-        let max = self.ingest.limits().max_item_bytes();
-        if bytes > max {
-            return Err(invalid(format!(
-                ": {bytes} bytes encoded, at most {max} allowed (max_message_bytes less room for the answer)"
-            )));
-        }
         let event = convert::new_event(e)?;
         rules::prepare(event, self.ingest.limits(), now)
     }
