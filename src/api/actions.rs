@@ -6,7 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, fitting, PageToken};
+use crate::api::{convert, PageToken};
 use crate::domain::rules::{self, page_size};
 use crate::engine::Ingest;
 use crate::error::invalid;
@@ -105,12 +105,9 @@ impl ActionService for ActionApi {
         .await?;
         let more = cut || page.len() > size;
         page.truncate(size);
-        let mut actions: Vec<proto::FiredAction> =
+        // The read stopped the page before `max` (an upper bound of the encoded size).
+        let actions: Vec<proto::FiredAction> =
             page.iter().map(|a| convert::to_proto_action(a, max)).collect();
-        // A page ends early rather than outgrow one message.
-        let fit = fitting(&actions, max);
-        let more = more || fit < actions.len();
-        actions.truncate(fit);
         let next_page_token = match actions.last() {
             Some(last) if more => PageToken::encode(&last.sequence.to_string(), &scope),
             _ => String::new(),

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{blocking, convert, fitting};
+use crate::api::{blocking, convert};
 use crate::domain::model::Timestamp;
 use crate::domain::rules::{self, page_size, PreparedEvent};
 use crate::engine::Ingest;
@@ -112,19 +112,11 @@ impl EventService for EventApi {
             max_bytes: self.ingest.limits().max_item_bytes(),
         };
         let store = self.store.clone();
-        let q = query.clone();
-        let page = blocking(move || timeline::read(&store, &q)).await?;
-        let mut events: Vec<proto::Event> = page.events.iter().map(convert::to_proto_event).collect();
-        // A page ends early rather than outgrow one message.
-        let fit = fitting(&events, self.ingest.limits().max_item_bytes());
-        let next_page_token = match page.events.get(fit.wrapping_sub(1)) {
-            Some(last) if fit < events.len() => timeline::token_after(&query, last),
-            _ => page.next_page_token,
-        };
-        events.truncate(fit);
+        let page = blocking(move || timeline::read(&store, &query)).await?;
+        // The read stopped the page before `max_bytes` (an upper bound of the encoded size).
         Ok(Response::new(proto::GetUserTimelineResponse {
-            events,
-            next_page_token,
+            events: page.events.iter().map(convert::to_proto_event).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 

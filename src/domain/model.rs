@@ -371,6 +371,22 @@ pub(crate) struct FiredAction {
     pub event: Option<Event>,
 }
 
+impl FiredAction {
+    /// An upper bound of the action's encoded size (on the wire or on disk), and about what it
+    /// holds in memory: its strings, its event's, and the framing of every field.
+    pub(crate) fn approx_size(&self) -> usize {
+        self.action_id.len()
+            + self.trigger_id.len()
+            + self.trigger_name.len()
+            + self.action_type.len()
+            + self.user_id.len()
+            + self.event_id.len()
+            + self.payload.len()
+            + self.event.as_ref().map_or(0, Event::approx_size)
+            + 128
+    }
+}
+
 /// Running aggregates of one NUMBER attribute.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub(crate) struct NumberAggregate {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::domain::model::{Event, FiredAction, Timestamp};
+use crate::domain::model::{FiredAction, Timestamp};
 use crate::engine::Ingest;
 use crate::error::Error;
 use crate::store::{ActionOwner, Store};
@@ -75,18 +75,6 @@ async fn hold(
     let mine = mine.0.acquire_many_owned(mine.1).await.ok()?;
     let total = total.0.acquire_many_owned(total.1).await.ok()?;
     Some((mine, total))
-}
-
-/// About what an action holds in memory: its strings and its event's attributes.
-fn approx_bytes(a: &FiredAction) -> usize {
-    let strings = a.action_id.len()
-        + a.trigger_id.len()
-        + a.trigger_name.len()
-        + a.action_type.len()
-        + a.user_id.len()
-        + a.event_id.len()
-        + a.payload.len();
-    strings + a.event.as_ref().map_or(0, Event::approx_size) + 128
 }
 
 /// The action log as subscribers and listings see it.
@@ -252,7 +240,7 @@ impl ActionLog {
             for a in chunk {
                 cursor = a.sequence;
                 if keep(&a) {
-                    bytes += approx_bytes(&a);
+                    bytes += a.approx_size();
                     if bytes > max_bytes && !out.is_empty() {
                         return Ok((out, true));
                     }
@@ -328,7 +316,7 @@ impl Subscription {
                     // Wait for room in the budgets: a client that stops reading stops this reader.
                     // Each budget is charged the action's size, up to all of that budget (a larger
                     // action waits until it has the budget to itself).
-                    let size = approx_bytes(&a);
+                    let size = a.approx_size();
                     let shares = hold(
                         (self.budget.clone(), size.min(self.log.buffer_bytes) as u32),
                         (

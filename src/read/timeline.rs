@@ -55,11 +55,6 @@ fn fingerprint(q: &TimelineQuery) -> u64 {
     h
 }
 
-/// The token of the page that continues `q` after `last` (a page cut short by its caller).
-pub(crate) fn token_after(q: &TimelineQuery, last: &Event) -> String {
-    encode_token(q, (last.occurred_at, last.sequence))
-}
-
 fn encode_token(q: &TimelineQuery, pos: TimelinePos) -> String {
     let mut bytes = Vec::with_capacity(29);
     bytes.push(TOKEN_VERSION);
