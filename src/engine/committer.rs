@@ -26,18 +26,17 @@ pub(super) fn run_committer(
     durable: watch::Sender<u64>,
 ) {
     let marker = Marker::start(store.clone());
+    // What is durable; the mark itself skips a write that would change nothing.
     let mut flushed = Acknowledged::default();
-    let mut recorded = Acknowledged::default();
     let mut last_mark = Instant::now();
     loop {
         let first = match rx.recv_timeout(MARK_EVERY) {
             Ok(first) => first,
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 // Idle: bring the mark up to date before waiting.
-                if recorded != flushed && !failed.load(Ordering::Acquire) {
-                    match store.record_durable(flushed) {
-                        Ok(()) => recorded = flushed,
-                        Err(e) => fail(&failed, &format!("recording the high-water mark: {e}")),
+                if !failed.load(Ordering::Acquire) {
+                    if let Err(e) = store.record_durable(flushed) {
+                        fail(&failed, &format!("recording the high-water mark: {e}"));
                     }
                 }
                 match rx.recv() {
@@ -58,7 +57,7 @@ pub(super) fn run_committer(
             now.action_seq = now.action_seq.max(more.last_action_seq);
         }
         // The previous round's mark, written while this round flushes.
-        let marking = (recorded != flushed && last_mark.elapsed() >= MARK_EVERY).then(|| {
+        let marking = (last_mark.elapsed() >= MARK_EVERY).then(|| {
             last_mark = Instant::now();
             marker.record(flushed)
         });
@@ -66,13 +65,10 @@ pub(super) fn run_committer(
         if let Some(marking) = marking {
             // The mark describes earlier rounds, already answered: a failure to record it
             // refuses the writes after this round, not this round's, whose flush succeeded.
-            match marking.recv() {
-                Ok(Ok(())) => recorded = flushed,
-                Ok(Err(e)) => fail(&failed, &format!("recording the high-water mark: {e}")),
-                Err(_) => match store.record_durable(flushed) {
-                    Ok(()) => recorded = flushed,
-                    Err(e) => fail(&failed, &format!("recording the high-water mark: {e}")),
-                },
+            // (A stopped mark thread: recorded here instead.)
+            let recorded = marking.recv().unwrap_or_else(|_| store.record_durable(flushed));
+            if let Err(e) = recorded {
+                fail(&failed, &format!("recording the high-water mark: {e}"));
             }
         }
         let fault = fault.map(|e| {
@@ -96,10 +92,8 @@ pub(super) fn run_committer(
     marker.stop();
     if let Err(e) = store.flush() {
         tracing::error!(error = %e, "final flush failed");
-    } else if recorded != flushed {
-        if let Err(e) = store.record_durable(flushed) {
-            tracing::error!(error = %e, "recording the final high-water mark failed");
-        }
+    } else if let Err(e) = store.record_durable(flushed) {
+        tracing::error!(error = %e, "recording the final high-water mark failed");
     }
 }
 

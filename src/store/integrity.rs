@@ -133,8 +133,14 @@ impl HighWater {
         Ok(())
     }
 
-    /// Records `now` as durable (written in place, then synced); nothing to do when unchanged.
+    /// Records `now` as durable (written in place, then synced). The mark only moves up:
+    /// nothing to do when `now` is not ahead of it (a committer that has flushed nothing yet
+    /// reports zeros).
     pub(crate) fn record(&mut self, now: Acknowledged) -> std::io::Result<()> {
+        let now = Acknowledged {
+            event_seq: now.event_seq.max(self.last.event_seq),
+            action_seq: now.action_seq.max(self.last.action_seq),
+        };
         if now == self.last {
             return Ok(());
         }
@@ -181,6 +187,12 @@ mod tests {
         let (hw, recorded) = HighWater::open(dir.path()).expect("reopen");
         assert_eq!(recorded, Some(now));
         assert!(hw.check(now, now).is_ok());
+        // It never moves down.
+        let mut hw = hw;
+        hw.record(Acknowledged::default()).expect("record zeros");
+        drop(hw);
+        let (hw, recorded) = HighWater::open(dir.path()).expect("reopen");
+        assert_eq!(recorded, Some(now));
         let lost = hw.check(
             Acknowledged {
                 event_seq: 6,
