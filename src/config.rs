@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Bytes of actions all subscribers together may hold waiting to be sent.
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBERS_BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
     pub max_subscribers_buffer_bytes: usize,
+    /// Keys a backup copies per slice: writes wait while a slice is copied and go on between.
+    #[arg(long, env = "ENGAGE_BACKUP_SLICE_KEYS", default_value_t = 10_000)]
+    pub backup_slice_keys: usize,
     /// Most conditions (nodes) in one trigger condition, absence check or filter.
     #[arg(long, env = "ENGAGE_MAX_CONDITION_NODES", default_value_t = 1000)]
     pub max_condition_nodes: usize,
@@ -198,6 +201,7 @@ impl ServeArgs {
             cache_capacity: self.cache_mb * 1024 * 1024,
             flush_every_ms: self.flush_every_ms,
             accept_data_loss: self.accept_data_loss,
+            backup_slice_keys: self.backup_slice_keys,
         }
     }
 }

@@ -427,55 +427,6 @@ async fn listings_stop_a_page_before_the_message_limit() {
     assert!(err.message().starts_with("event: "), "{}", err.message());
 }
 
-/// How a server started on a data directory ended up.
-enum Outcome {
-    Started(common::ChildServer),
-    Exited(std::process::ExitStatus, String),
-}
-
-/// Starts `engage serve` on `dir` and waits until it either logs its start line or exits.
-fn start_or_exit(dir: &std::path::Path, extra: &[&str]) -> Outcome {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("RUST_BACKTRACE", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn engage");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut text = String::new();
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    for line in lines.by_ref() {
-        let line = line.expect("read stderr");
-        if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-            if json["message"] == "engage started" {
-                let addr = json["listen"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .expect("address");
-                std::thread::spawn(move || for _ in lines {});
-                return Outcome::Started(common::ChildServer { child, addr });
-            }
-        }
-        text.push_str(&line);
-        text.push('\n');
-    }
-    // stderr closed: the process is exiting.
-    let status = child.wait().expect("wait");
-    Outcome::Exited(status, text)
-}
-
 /// A data directory holding 4 000 acknowledged events (written by a real server, stopped).
 async fn filled_dir() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -872,7 +823,7 @@ async fn after_erasure_and_compaction_no_file_holds_a_byte_of_the_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn erasing_a_large_user_lets_other_writes_through_between_slices() {
-    let server = TestServer::start_with(|a| a.max_erase_events_per_group = 500).await;
+    let server = TestServer::start_with(|a| a.max_erase_events_per_group = 100).await;
     let mut c = server.events().await;
     for _ in 0..5 {
         let events = (0..1000)
@@ -892,16 +843,18 @@ async fn erasing_a_large_user_lets_other_writes_through_between_slices() {
             .map(|r| r.into_inner().events_deleted)
     });
     // One write at a time from another user while the erasure runs: each is answered between
-    // slices instead of waiting for all ten.
+    // slices instead of waiting for all fifty (in one erasure group, 2 went through: the ones
+    // sent before it reached the writer).
     let mut through = 0;
     while !erase.is_finished() {
         track(&mut c, event("other", "visit", &[])).await.unwrap();
         through += 1;
     }
     assert_eq!(erase.await.unwrap().unwrap(), 5000);
+    eprintln!("{through} writes went through");
     assert!(
-        through >= 3,
-        "only {through} writes went through during a 10-slice erasure"
+        through >= 10,
+        "only {through} writes went through during a 50-slice erasure"
     );
     assert!(timeline(&mut c, "big").await.is_empty());
     assert_eq!(timeline(&mut c, "other").await.len(), through);

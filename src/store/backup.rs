@@ -1,6 +1,6 @@
 //! Backups of a running server and restores.
 //!
-//! A backup copies the `engage` tree in key order, a slice of [`SLICE_KEYS`] keys at a time,
+//! A backup copies the `engage` tree in key order, a slice of `--backup-slice-keys` keys at a time,
 //! each slice a barrier job of the engine (so no write is applied during it). Between slices
 //! writes go on, and every write to a key the backup has already copied is applied to the backup
 //! too (`Store::apply` mirrors it); a key not yet copied is copied later with whatever it holds
@@ -33,6 +33,9 @@ pub(crate) struct Backup {
     /// The longest time one of its slices held writes, in milliseconds.
     #[serde(default)]
     pub(crate) longest_slice_ms: u64,
+    /// How many slices it took (writes went on between them).
+    #[serde(default)]
+    pub(crate) slices: u64,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -47,9 +50,6 @@ fn is_empty_dir(dir: &Path) -> bool {
     }
 }
 
-/// Keys copied per slice: a slice holds writes for about this many inserts.
-const SLICE_KEYS: usize = 10_000;
-
 /// A backup being taken: its database and how far the copy has come.
 pub(crate) struct InProgress {
     db: sled::Db,
@@ -61,6 +61,7 @@ pub(crate) struct InProgress {
     started: std::time::Instant,
     /// The longest any slice held writes, in milliseconds.
     longest_slice_ms: u64,
+    slices: u64,
 }
 
 impl InProgress {
@@ -109,6 +110,7 @@ impl Store {
             keys: 0,
             started: std::time::Instant::now(),
             longest_slice_ms: 0,
+            slices: 0,
         });
         Ok(())
     }
@@ -126,23 +128,22 @@ impl Store {
             Some(bound) => self.tree.range::<&[u8], _>(bound.as_slice()..),
         };
         let mut batch = sled::Batch::default();
-        let mut last: Option<sled::IVec> = None;
         let mut n = 0;
         let mut exhausted = true;
         for kv in range {
             let (k, v) = kv?;
-            if n == SLICE_KEYS {
+            if n == self.backup_slice_keys {
                 // `k` is the first key of the next slice.
                 progress.copied_below = Some(k.to_vec());
                 exhausted = false;
                 break;
             }
-            batch.insert(k.clone(), v);
-            last = Some(k);
+            batch.insert(k, v);
             n += 1;
         }
         progress.tree.apply_batch(batch)?;
         progress.keys += n as u64;
+        progress.slices += 1;
         progress.longest_slice_ms = progress
             .longest_slice_ms
             .max(started.elapsed().as_millis() as u64);
@@ -150,7 +151,6 @@ impl Store {
             return Ok(None);
         }
         // Everything is copied: the backup equals the database now.
-        let _ = last;
         let Some(done) = slot.take() else {
             return Ok(None);
         };
@@ -182,6 +182,7 @@ fn finish(done: InProgress) -> Result<Backup, StoreError> {
         bytes: super::compact::dir_bytes(&target),
         millis: done.started.elapsed().as_millis() as u64,
         longest_slice_ms: done.longest_slice_ms,
+        slices: done.slices,
     };
     let text = serde_json::to_string_pretty(&backup).map_err(|e| io(&target, e))?;
     std::fs::write(target.join(DESCRIPTION), text).map_err(|e| io(&target, e))?;
@@ -203,12 +204,7 @@ pub(crate) fn restore(from: &Path, to: &Path) -> Result<Backup, StoreError> {
     }
     copy_files(from, to)?;
     let _ = std::fs::remove_file(to.join(DESCRIPTION));
-    let opts = StoreOptions {
-        cache_capacity: 64 << 20,
-        flush_every_ms: 500,
-        accept_data_loss: false,
-    };
-    let store = Store::open(to, &opts)?;
+    let store = Store::open(to, &StoreOptions::default())?;
     let found = Acknowledged {
         event_seq: read_u64(&store.tree, META_EVENT_SEQ)?,
         action_seq: read_u64(&store.tree, META_ACTION_SEQ)?,

@@ -57,12 +57,7 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
     let keys = {
         // Opened as the server opens it: the mark is checked (a directory that lost
         // acknowledged writes is refused), and a lock just released is waited for.
-        let opts = super::StoreOptions {
-            cache_capacity: 64 << 20,
-            flush_every_ms: 500,
-            accept_data_loss: false,
-        };
-        let old = super::Store::open(dir, &opts)?;
+        let old = super::Store::open(dir, &super::StoreOptions::default())?;
         copy_db(&old.db, &fresh_dir, true)?
     };
     // The high-water mark travels with the data it describes.

@@ -130,6 +130,20 @@ pub struct StoreOptions {
     /// Serve a data directory that lost acknowledged writes (and record what it holds as the
     /// new high-water mark) instead of refusing to start.
     pub accept_data_loss: bool,
+    /// Keys a backup copies per slice (each slice holds writes while it is copied).
+    pub backup_slice_keys: usize,
+}
+
+/// What the one-shot commands (compact, restore) and the unit tests open a store with.
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            cache_capacity: 64 << 20,
+            flush_every_ms: 500,
+            accept_data_loss: false,
+            backup_slice_keys: 10_000,
+        }
+    }
 }
 
 /// The sled database behind engage.
@@ -141,6 +155,7 @@ pub(crate) struct Store {
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
     index: Arc<RwLock<()>>,
+    backup_slice_keys: usize,
     /// What was acknowledged as durable (see `integrity`).
     high_water: Arc<Mutex<HighWater>>,
     /// A backup being taken, if any (see `backup`).
@@ -213,6 +228,7 @@ impl Store {
             db,
             tree,
             index: Default::default(),
+            backup_slice_keys: opts.backup_slice_keys.max(1),
             high_water: Arc::new(Mutex::new(high_water)),
             backup: Default::default(),
         })
@@ -336,11 +352,6 @@ fn open_without_panic(config: &sled::Config) -> Result<sled::Result<sled::Db>, S
 #[cfg(test)]
 pub(crate) fn temp_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let opts = StoreOptions {
-        cache_capacity: 64 << 20,
-        flush_every_ms: 500,
-        accept_data_loss: false,
-    };
-    let store = Store::open(dir.path(), &opts).expect("open");
+    let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
     (dir, store)
 }

@@ -141,39 +141,10 @@ impl ChildServer {
 
     /// Like [`ChildServer::spawn`], with extra flags.
     pub fn spawn_with(dir: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_engage"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn engage");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let mut addr = None;
-        for line in lines.by_ref() {
-            let line = line.expect("read stderr");
-            let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if json["message"] == "engage started" {
-                addr = json["listen"].as_str().and_then(|a| a.parse().ok());
-                break;
-            }
+        match start_or_exit(dir, extra) {
+            Outcome::Started(server) => server,
+            Outcome::Exited(status, stderr) => panic!("engage did not start ({status}): {stderr}"),
         }
-        let addr = addr.expect("engage printed no start line");
-        // Keep draining so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Self { child, addr }
     }
 
     pub async fn events(&self) -> EventServiceClient<Channel> {
@@ -428,4 +399,55 @@ pub async fn try_define(
 /// Defines an attribute's type.
 pub async fn define(server: &TestServer, name: &str, t: proto::AttributeType) -> proto::AttributeDefinition {
     try_define(server, name, t as i32).await.expect("define")
+}
+
+/// How a server started on a data directory ended up.
+pub enum Outcome {
+    Started(ChildServer),
+    /// The exit status and everything the server printed.
+    Exited(std::process::ExitStatus, String),
+}
+
+/// Starts `engage serve` on port 0 in `dir` and waits until it either logs its start line (JSON
+/// logs, which tell the bound address) or exits.
+pub fn start_or_exit(dir: &Path, extra: &[&str]) -> Outcome {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn engage");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut text = String::new();
+    let mut lines = BufReader::new(stderr).lines();
+    for line in lines.by_ref() {
+        let line = line.expect("read stderr");
+        if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+            if json["message"] == "engage started" {
+                let addr = json["listen"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .expect("address");
+                // Keep draining so the child never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return Outcome::Started(ChildServer { child, addr });
+            }
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    // stderr closed: the process is exiting.
+    let status = child.wait().expect("wait");
+    Outcome::Exited(status, text)
 }
