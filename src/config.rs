@@ -131,8 +131,8 @@ pub struct ServeArgs {
     /// evaluate; an event that would need more is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "ENGAGE_MAX_HISTORY_EVENTS", default_value_t = 100_000)]
     pub max_history_events: usize,
-    /// Bytes of actions one subscriber may hold between the log and its client (a stalled
-    /// subscriber holds about twice this).
+    /// Bytes of actions one subscriber may hold between the log and its client (read, and
+    /// waiting to be sent).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 256 * 1024)]
     pub max_subscriber_buffer_bytes: usize,
     /// Bytes of actions all subscribers together may hold waiting to be sent.

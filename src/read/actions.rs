@@ -54,7 +54,7 @@ pub struct DeliveryOptions {
     pub max_subscribers: usize,
     pub retention_secs: u64,
     /// Bytes of actions one subscriber may hold between the log and its client (read, and
-    /// waiting to be sent): a stalled subscriber holds about twice this, never more.
+    /// waiting to be sent): a reader whose client stops reading stops reading the log.
     pub buffer_bytes: usize,
     /// Bytes of actions all subscribers together may hold waiting to be sent.
     pub total_buffer_bytes: usize,

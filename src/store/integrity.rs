@@ -6,7 +6,7 @@
 //! writes reuse their sequence numbers. So the committer records the highest event and action
 //! sequences durable in `engage.hwm` beside sled's files (16 bytes and a checksum, written in
 //! place and synced): never ahead of what sled has flushed, at most about 20 ms behind it under
-//! load, and exact once the server is idle or stopped (a power loss that takes only the last
+//! load, and exact once no write came for 20 ms or it stopped (a power loss that takes only the last
 //! ~20 ms of acknowledged writes is not detected). At start the sequences
 //! sled recovered are compared with it: fewer means acknowledged writes were lost, and the
 //! server refuses to start, naming the gap (see the README's recovery section for what an
