@@ -179,15 +179,35 @@ async fn error_messages_never_repeat_unbounded_input() {
     );
 }
 
+/// An event with attributes whose names are built (the common `event` takes borrowed names).
+fn event_with(
+    user: &str,
+    name: &str,
+    attributes: impl IntoIterator<Item = (String, proto::AttributeValue)>,
+) -> proto::Event {
+    proto::Event {
+        attributes: attributes.into_iter().collect(),
+        ..event(user, name, &[])
+    }
+}
+
 /// An event of about `bytes` bytes: JSON attributes of 60 KiB each (within every limit).
 fn big_event(user: &str, name: &str, bytes: usize) -> proto::Event {
     let chunk = format!("\"{}\"", "j".repeat(60 * 1024));
-    let attrs: Vec<(String, proto::AttributeValue)> = (0..bytes / (60 * 1024))
-        .map(|i| (format!("a{i}"), j(&chunk)))
-        .collect();
-    let attrs: Vec<(&str, proto::AttributeValue)> =
-        attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    event(user, name, &attrs)
+    event_with(
+        user,
+        name,
+        (0..bytes / (60 * 1024)).map(|i| (format!("a{i}"), j(&chunk))),
+    )
+}
+
+/// An event with `n` STRING attributes of 8 KiB.
+fn wide_event(user: &str, n: usize) -> proto::Event {
+    event_with(
+        user,
+        "wide",
+        (0..n).map(|i| (format!("s{i}"), s(&"s".repeat(8 * 1024)))),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -405,24 +425,14 @@ async fn listings_stop_a_page_before_the_message_limit() {
     }
     assert_eq!(names.len(), 600);
     // Events of 56 KiB each: the default page of 50 would be 2.8 MB; each page stops in time.
-    let big: Vec<(String, proto::AttributeValue)> = (0..7)
-        .map(|i| (format!("s{i}"), s(&"s".repeat(8 * 1024))))
-        .collect();
-    let big: Vec<(&str, proto::AttributeValue)> = big.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     for _ in 0..3 {
-        track(&mut c, event("big-user", "wide", &big)).await.unwrap();
+        track(&mut c, wide_event("big-user", 7)).await.unwrap();
     }
     assert_eq!(timeline(&mut c, "big-user").await.len(), 3);
     // An event that could not fit an answer once stored is refused.
-    let mut too_big: Vec<(String, proto::AttributeValue)> = (0..7)
-        .map(|i| (format!("s{i}"), s(&"s".repeat(8 * 1024))))
-        .collect();
-    too_big.push(("t".into(), s(&"t".repeat(4000))));
-    let too_big: Vec<(&str, proto::AttributeValue)> =
-        too_big.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let err = track(&mut c, event("big-user", "wide", &too_big))
-        .await
-        .unwrap_err();
+    let mut too_big = wide_event("big-user", 7);
+    too_big.attributes.insert("t".into(), s(&"t".repeat(4000)));
+    let err = track(&mut c, too_big).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("event: "), "{}", err.message());
 }
