@@ -112,7 +112,8 @@ pub async fn serve(
 
     tracing::info!(listen = %addr, config = ?args, "engage started");
 
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<tokio::time::Instant>();
+    // When shutdown began: the one deadline of calls and engine together is a grace period later.
+    let (started_tx, started_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
     let health_on_stop = health.clone();
     let on_shutdown = async move {
         shutdown.await;
@@ -120,7 +121,7 @@ pub async fn serve(
         set_health(&health_on_stop, ServingStatus::NotServing).await;
         // Open streams would hold graceful shutdown forever: end them now.
         let _ = stop_streams.send(true);
-        let _ = started_tx.send(tokio::time::Instant::now());
+        let _ = started_tx.send(Some(tokio::time::Instant::now()));
     };
     let server = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
@@ -135,16 +136,12 @@ pub async fn serve(
 
     // One grace period for the whole shutdown, calls and engine together.
     let grace = Duration::from_secs(args.shutdown_grace_secs);
-    let deadline = std::sync::Arc::new(std::sync::OnceLock::new());
     let grace_over = {
-        let deadline = deadline.clone();
+        let mut started = started_rx.clone();
         async move {
-            match started_rx.await {
-                Ok(started) => {
-                    let _ = deadline.set(started + grace);
-                    tokio::time::sleep_until(started + grace).await
-                }
-                Err(_) => std::future::pending().await,
+            match started.wait_for(Option::is_some).await.map(|s| *s) {
+                Ok(Some(at)) => tokio::time::sleep_until(at + grace).await,
+                _ => std::future::pending().await,
             }
         }
     };
@@ -156,8 +153,8 @@ pub async fn serve(
     retention.abort();
     backups.abort();
     drop(pid_file);
-    let left = deadline.get().map_or(grace, |d: &tokio::time::Instant| {
-        d.saturating_duration_since(tokio::time::Instant::now())
+    let left = started_rx.borrow().map_or(grace, |at| {
+        (at + grace).saturating_duration_since(tokio::time::Instant::now())
     });
     stop_engine(ingest, threads, &store, left).await?;
     tracing::info!("engage stopped");
@@ -346,28 +343,24 @@ fn backup_requests(data_dir: &std::path::Path) -> Vec<(String, std::path::PathBu
 
 /// Takes one requested backup and leaves the answer where its requester waits.
 async fn answer_backup(ingest: &Ingest, data_dir: &std::path::Path, id: &str, target: std::path::PathBuf) {
-    {
-        {
-            tracing::info!(target = %target.display(), "backup requested");
-            let answer = match ingest.backup(target.clone()).await {
-                Ok(b) => {
-                    tracing::info!(target = %target.display(), events = b.event_seq, keys = b.keys, bytes = b.bytes, ms = b.millis, "backup taken");
-                    format!("ok {}", serde_json::to_string(&b).unwrap_or_default())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, target = %target.display(), "backup failed");
-                    // For the operator, on this machine: the whole reason.
-                    format!("error: {e}")
-                }
-            };
-            let tmp = data_dir.join(format!("{BACKUP_RESULT}.{id}.tmp"));
-            if std::fs::write(&tmp, answer)
-                .and_then(|_| std::fs::rename(&tmp, data_dir.join(format!("{BACKUP_RESULT}.{id}"))))
-                .is_err()
-            {
-                tracing::error!("cannot write the backup result");
-            }
+    tracing::info!(target = %target.display(), "backup requested");
+    let answer = match ingest.backup(target.clone()).await {
+        Ok(b) => {
+            tracing::info!(target = %target.display(), events = b.event_seq, keys = b.keys, bytes = b.bytes, ms = b.millis, "backup taken");
+            format!("ok {}", serde_json::to_string(&b).unwrap_or_default())
         }
+        Err(e) => {
+            tracing::error!(error = %e, target = %target.display(), "backup failed");
+            // For the operator, on this machine: the whole reason.
+            format!("error: {e}")
+        }
+    };
+    let tmp = data_dir.join(format!("{BACKUP_RESULT}.{id}.tmp"));
+    if std::fs::write(&tmp, answer)
+        .and_then(|_| std::fs::rename(&tmp, data_dir.join(format!("{BACKUP_RESULT}.{id}"))))
+        .is_err()
+    {
+        tracing::error!("cannot write the backup result");
     }
 }
 
