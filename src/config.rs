@@ -127,10 +127,15 @@ pub struct ServeArgs {
     /// such slices.
     #[arg(long, env = "ENGAGE_MAX_ERASE_EVENTS_PER_GROUP", default_value_t = 10_000)]
     pub max_erase_events_per_group: usize,
-    /// Most of a user's stored events one history condition with a window or `where` reads to
-    /// evaluate; an event that would need more is refused with RESOURCE_EXHAUSTED.
+    /// Most of a user's stored events one event's evaluation reads (history conditions with a
+    /// window or `where`, and absence checks, together); an event that would need more is
+    /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "ENGAGE_MAX_HISTORY_EVENTS", default_value_t = 100_000)]
     pub max_history_events: usize,
+    /// Most history reads one write group does: once reached, a TrackEvents batch goes on in the
+    /// next group, so other writes go through between its slices.
+    #[arg(long, env = "ENGAGE_MAX_GROUP_HISTORY_READS", default_value_t = 100_000)]
+    pub max_group_history_reads: usize,
     /// Bytes of actions one subscriber may hold between the log and its client (read, and
     /// waiting to be sent).
     #[arg(long, env = "ENGAGE_MAX_SUBSCRIBER_BUFFER_BYTES", default_value_t = 256 * 1024)]
@@ -182,6 +187,7 @@ impl ServeArgs {
             max_history_conditions: self.max_history_conditions,
             max_erase_events_per_group: self.max_erase_events_per_group,
             max_history_events: self.max_history_events,
+            max_group_history_reads: self.max_group_history_reads,
         }
     }
 

@@ -618,6 +618,11 @@ async fn an_event_at_the_earliest_time_is_counted_once_and_seen_by_its_window() 
         1,
         "the event is in its own window"
     );
+    // A second event in the first hour, past the first minute: the partial-minute pieces at the
+    // range's ends must not count the earliest one again.
+    track(&mut c, event_at("u", "first", "e2", min + 90))
+        .await
+        .unwrap();
     let mut q = proto::query_service_client::QueryServiceClient::new(server.channel().await);
     let r = q
         .get_event_stats(proto::GetEventStatsRequest {
@@ -630,8 +635,8 @@ async fn an_event_at_the_earliest_time_is_counted_once_and_seen_by_its_window() 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.total, 1.0, "{r:?}");
-    assert_eq!(r.buckets[0].events, 1, "{r:?}");
+    assert_eq!(r.total, 2.0, "{r:?}");
+    assert_eq!(r.buckets[0].events, 2, "{r:?}");
 }
 
 #[tokio::test]
@@ -963,4 +968,118 @@ async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
     );
     // A user with a short history is evaluated as ever.
     assert_eq!(fired(&mut c, event("light", "visit", &[])).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_heavy_with_history_is_stored_in_slices_and_other_writes_go_through() {
+    let server = TestServer::start_with(|a| a.max_group_history_reads = 50).await;
+    let mut c = server.events().await;
+    let events = (0..100).map(|_| event("heavy", "visit", &[])).collect();
+    c.track_events(proto::TrackEventsRequest { events })
+        .await
+        .unwrap();
+    let mut t = server.triggers().await;
+    create_trigger(
+        &mut t,
+        proto::Trigger {
+            condition: Some(history_cond(proto::HistoryCondition {
+                within: Some(prost_types::Duration {
+                    seconds: 365 * 86_400,
+                    nanos: 0,
+                }),
+                ..history("visit", proto::Aggregate::Count, "", proto::Operator::Gte, 1.0)
+            })),
+            ..trigger("visit", "x", "")
+        },
+    )
+    .await
+    .unwrap();
+    // Every event of this batch reads over 100 stored events: each goes in a group of its own.
+    let mut batcher = server.events().await;
+    let batch = tokio::spawn(async move {
+        let events = (0..200).map(|_| event("heavy", "visit", &[])).collect();
+        batcher
+            .track_events(proto::TrackEventsRequest { events })
+            .await
+            .map(|r| r.into_inner().results)
+    });
+    let mut through = 0;
+    while !batch.is_finished() {
+        track(&mut c, event("other", "ping", &[])).await.unwrap();
+        through += 1;
+    }
+    let results = batch.await.unwrap().unwrap();
+    assert_eq!(results.len(), 200);
+    assert!(results.iter().all(|r| r.accepted && r.actions_fired == 1));
+    let sequences: Vec<u64> = results.iter().map(|r| r.sequence).collect();
+    assert!(
+        sequences.windows(2).all(|w| w[0] < w[1]),
+        "a batch keeps its order"
+    );
+    eprintln!("{through} writes went through");
+    assert!(
+        through >= 10,
+        "only {through} writes went through during a 200-slice batch"
+    );
+    assert_eq!(timeline(&mut c, "heavy").await.len(), 300);
+}
+
+#[tokio::test]
+async fn an_absence_check_reading_too_much_history_sheds_the_event() {
+    let server = TestServer::start_with(|a| a.max_history_events = 50).await;
+    let mut c = server.events().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let hour_ago = now - 7200;
+    // 60 small purchases, all after the cart: none breaks "no big purchase within 1h".
+    let events = (0..60)
+        .map(|i| proto::Event {
+            occurred_at: Some(ts(hour_ago + 1 + i)),
+            ..event("heavy", "purchase", &[("size", s("small"))])
+        })
+        .collect();
+    let results = c
+        .track_events(proto::TrackEventsRequest { events })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(results.iter().all(|r| r.accepted), "{:?}", results[0]);
+    let mut t = server.triggers().await;
+    create_trigger(
+        &mut t,
+        proto::Trigger {
+            unless: Some(proto::AbsenceCheck {
+                event_name: "purchase".into(),
+                condition: Some(attr_cond("size", proto::Operator::Eq, s("big"))),
+                within: Some(prost_types::Duration {
+                    seconds: 3600,
+                    nanos: 0,
+                }),
+            }),
+            ..trigger("cart", "x", "")
+        },
+    )
+    .await
+    .unwrap();
+    // The cart's hour has passed: settling it reads every purchase in the hour.
+    let cart = |user: &str| proto::Event {
+        occurred_at: Some(ts(hour_ago)),
+        ..event(user, "cart", &[])
+    };
+    let err = track(&mut c, cart("heavy")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("absence check") && err.message().contains("max_history_events"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        timeline(&mut c, "heavy").await.len(),
+        60,
+        "the shed event is not stored"
+    );
+    assert_eq!(fired(&mut c, cart("light")).await, 1);
 }

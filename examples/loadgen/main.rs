@@ -19,6 +19,7 @@
 // A benchmark tool: a failed setup step aborts the run with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod history;
 mod segments;
 mod timers;
 
@@ -63,6 +64,8 @@ enum Cmd {
     Segments(segments::SegmentArgs),
     /// The timers benchmark: ingest with pending timers, their memory, firing lateness.
     Timers(timers::TimerArgs),
+    /// Another user's write latency while batches with costly history conditions run.
+    History(history::HistoryArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -556,6 +559,11 @@ fn start_engage(bin: &PathBuf) -> Proc {
 
 /// Starts engage on an existing data directory (a restart).
 fn start_engage_in(bin: &PathBuf, dir: tempfile::TempDir) -> Proc {
+    start_engage_env(bin, dir, &[])
+}
+
+/// Starts engage with extra settings in its environment (`ENGAGE_*`, as its flags read them).
+fn start_engage_env(bin: &PathBuf, dir: tempfile::TempDir, env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(bin)
         .args([
             "serve",
@@ -567,6 +575,7 @@ fn start_engage_in(bin: &PathBuf, dir: tempfile::TempDir) -> Proc {
         ])
         .arg(dir.path())
         .env("RUST_LOG", "warn,engage=info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -802,5 +811,6 @@ fn main() {
         Cmd::EchoServer { listen } => rt.block_on(echo_server(listen)),
         Cmd::Segments(args) => rt.block_on(segments::run(args)),
         Cmd::Timers(args) => rt.block_on(timers::run(args)),
+        Cmd::History(args) => rt.block_on(history::run(args)),
     }
 }

@@ -25,9 +25,13 @@ pub struct Limits {
     pub max_history_conditions: usize,
     /// Most of a user's events one write group of DeleteUser erases (the rest in later ones).
     pub max_erase_events_per_group: usize,
-    /// Most of a user's stored events one history condition (with a window or `where`) reads
-    /// to evaluate; an event that would need more is refused (RESOURCE_EXHAUSTED).
+    /// Most of a user's stored events one event's evaluation reads (its history conditions with
+    /// a window or `where`, and its absence checks, together); an event that would need more is
+    /// refused (RESOURCE_EXHAUSTED).
     pub max_history_events: usize,
+    /// Most history reads one write group does: once reached, a TrackEvents batch goes on in
+    /// the next group, so other writes go through between its slices.
+    pub max_group_history_reads: usize,
 }
 
 impl Limits {
@@ -60,6 +64,7 @@ impl Default for Limits {
             max_history_conditions: 50,
             max_erase_events_per_group: 10_000,
             max_history_events: 100_000,
+            max_group_history_reads: 100_000,
         }
     }
 }

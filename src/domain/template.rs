@@ -276,8 +276,14 @@ impl Default for Templates {
 
 impl Templates {
     /// Compiles (or replaces) a trigger's template. Templates are checked at submission, so a
-    /// failure here means stored data no longer parses: the trigger then renders empty.
+    /// failure here means stored data no longer parses, or was stored before a construct it uses
+    /// was forbidden: the trigger then renders empty (logged at start) until it is updated.
     pub(crate) fn set(&mut self, trigger_id: &str, source: &str) {
+        if let Some(why) = forbidden_construct(source) {
+            tracing::error!(trigger_id, reason = %why, "stored payload template is no longer allowed; the trigger renders empty until it is updated");
+            self.env.remove_template(trigger_id);
+            return;
+        }
         if let Err(e) = self
             .env
             .add_template_owned(trigger_id.to_string(), source.to_string())
@@ -401,6 +407,15 @@ mod tests {
         assert_eq!(t.render("big", "n", &event(), 1 << 20).len(), 10_000);
         t.set("dbg", "[{{ debug() }}]");
         assert_eq!(t.render("dbg", "n", &event(), 1 << 20), "");
+    }
+
+    #[test]
+    fn a_stored_template_with_a_construct_now_forbidden_renders_empty() {
+        let mut t = Templates::default();
+        t.set("old", "{{ 'x' * 100000000 }}");
+        t.set("ok", "{{ user_id }}");
+        assert_eq!(t.render("old", "n", &event(), 1 << 20), "");
+        assert_eq!(t.render("ok", "n", &event(), 1 << 20), event().user_id);
     }
 
     #[test]

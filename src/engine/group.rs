@@ -1,10 +1,13 @@
 //! One write group: the writes of every job the writer drained at once, before they are applied,
 //! and what they change in memory once they are.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use super::writer::Reply;
 use crate::domain::model::{AttributeDefinition, Event, EventNameStats, FiringState, UserNameAggregate};
+use crate::domain::rules::Limits;
+use crate::error::Error;
 use crate::store::columns::ColumnWrites;
 use crate::store::timers::TimerOverlay;
 use crate::store::WriteBatch;
@@ -29,6 +32,52 @@ pub(super) struct Group {
     pub(super) columns: ColumnWrites,
     /// The timers this group reads, arms, cancels or fires (see `store::timers`).
     pub(super) timers: TimerOverlay,
+    /// The history reads of the event being evaluated and of the whole group.
+    pub(super) reads: Reads,
+}
+
+/// Counts the stored events a group reads to evaluate conditions and absence checks, so one
+/// event's evaluation and one group's are bounded (see `Limits::max_history_events` and
+/// `Limits::max_group_history_reads`). Cells: the evaluation paths only borrow the group.
+#[derive(Default)]
+pub(super) struct Reads {
+    event: Cell<usize>,
+    group: Cell<usize>,
+}
+
+impl Reads {
+    /// A new event's evaluation starts.
+    pub(super) fn start_event(&self) {
+        self.event.set(0);
+    }
+
+    /// Counts one stored event read for `what`; refuses the event past `max_history_events`.
+    pub(super) fn charge(&self, limits: &Limits, what: impl FnOnce() -> String) -> Result<(), Error> {
+        let n = self.event.get() + 1;
+        self.event.set(n);
+        self.group.set(self.group.get() + 1);
+        let max = limits.max_history_events;
+        if n > max {
+            // A user's history is data, not configuration: past this bound the event is shed
+            // rather than let one user's evaluation hold every other user's writes.
+            return Err(Error::ResourceExhausted(format!(
+                ": {} would read more than {max} of this user's events (max_history_events); the event is not stored",
+                what()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts stored events read without a bound of their own (a running aggregate rebuilt once
+    /// per user and name), so the group still ends early.
+    pub(super) fn charge_group(&self, n: usize) {
+        self.group.set(self.group.get() + n);
+    }
+
+    /// Whether the group has read its share: the writer takes no further events into it.
+    pub(super) fn group_spent(&self, limits: &Limits) -> bool {
+        self.group.get() >= limits.max_group_history_reads
+    }
 }
 
 impl Group {
@@ -46,6 +95,7 @@ impl Group {
             triggers_changed: false,
             columns: ColumnWrites::default(),
             timers: TimerOverlay::default(),
+            reads: Reads::default(),
         }
     }
 }

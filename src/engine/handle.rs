@@ -71,17 +71,49 @@ impl Ingest {
 
     /// Tracks events: one result per input, in order. `events` hold the outcome of [`prepare`],
     /// so a batch keeps its positions when some items were already rejected.
+    ///
+    /// A batch whose evaluation reads much history is stored in slices, one write group each
+    /// (see `Group::reads`), so other writes go through between them. Events are independent
+    /// (each is accepted or rejected alone), so a slice that fails to commit answers its own
+    /// events and the rest with the fault while the earlier slices' results stand: no event is
+    /// answered as failed after it committed.
     pub(crate) async fn track(
         &self,
         events: Vec<Result<PreparedEvent, Error>>,
     ) -> Result<Vec<Result<Tracked, Error>>, Error> {
-        self.run(move |writer, group| {
-            Ok(events
-                .into_iter()
-                .map(|e| e.and_then(|e| writer.track_one(e, group)))
-                .collect())
-        })
-        .await
+        let total = events.len();
+        let mut results: Vec<Result<Tracked, Error>> = Vec::with_capacity(total);
+        let mut rest = events;
+        loop {
+            let slice = self
+                .run(move |writer, group| {
+                    let mut done = Vec::new();
+                    let mut it = rest.into_iter();
+                    for e in it.by_ref() {
+                        done.push(e.and_then(|e| writer.track_one(e, group)));
+                        if group.reads.group_spent(&writer.limits) {
+                            break;
+                        }
+                    }
+                    Ok((done, it.collect::<Vec<_>>()))
+                })
+                .await;
+            match slice {
+                Ok((done, left)) => {
+                    results.extend(done);
+                    if left.is_empty() {
+                        return Ok(results);
+                    }
+                    rest = left;
+                }
+                // Nothing of this call committed yet: the call fails as a whole.
+                Err(e) if results.is_empty() => return Err(e),
+                Err(e) => {
+                    results.resize_with(total, || Err(e.clone()));
+                    return Ok(results);
+                }
+            }
+        }
     }
 
     /// Defines an attribute: same type again is a no-op, another type is

@@ -84,6 +84,9 @@ impl Writer {
             .store
             .timeline(user, Some(&u.event_name), lower, upper, false)?
         {
+            group
+                .reads
+                .charge(&self.limits, || format!("an absence check on {:?}", u.event_name))?;
             let event = event?;
             if event.occurred_at.as_nanos() > armed_at.as_nanos() + u.within_nanos {
                 break;

@@ -55,6 +55,7 @@ impl Writer {
     }
 
     pub(super) fn track_one(&mut self, event: PreparedEvent, group: &mut Group) -> Result<Tracked, Error> {
+        group.reads.start_event();
         if let Some(id) = &event.event_id {
             let known = match group.event_ids.get(id) {
                 Some(seq) => Some(*seq),

@@ -116,9 +116,12 @@ impl Writer {
             epoch,
             ..Default::default()
         };
+        let mut read = 0;
         for e in self.store.named_events(user, name) {
             agg.add(&e?);
+            read += 1;
         }
+        group.reads.charge_group(read);
         for e in group.recent.get(&key).into_iter().flatten() {
             agg.add(e);
         }
@@ -258,20 +261,10 @@ impl Writer {
                 acc.add(e, &h.attribute);
             }
         };
-        let max = self.limits.max_history_events;
-        for (read, pos) in self
-            .store
-            .named_positions(user, &h.event_name, after, reference)
-            .enumerate()
-        {
-            // A user's history is data, not configuration: past this bound the event is shed
-            // rather than let one user's evaluation hold every other user's writes.
-            if read >= max {
-                return Err(Error::ResourceExhausted(format!(
-                    ": a trigger's history condition on {:?} would read more than {max} of this user's events (max_history_events); the event is not stored",
-                    h.event_name
-                )));
-            }
+        for pos in self.store.named_positions(user, &h.event_name, after, reference) {
+            group.reads.charge(&self.limits, || {
+                format!("a trigger's history condition on {:?}", h.event_name)
+            })?;
             let pos = pos?;
             if needs_event {
                 if let Some(e) = self.store.event_at(user, &h.event_name, pos)? {

@@ -85,7 +85,8 @@ impl Writer {
             let start_action_seq = self.last_action_seq;
             let alone = first.barrier;
             (first.run)(&mut self, &mut group);
-            while !alone && group.batch.len() < MAX_GROUP_WRITES {
+            // A group that read much history ends early too (see `Group::reads`).
+            while !alone && group.batch.len() < MAX_GROUP_WRITES && !group.reads.group_spent(&self.limits) {
                 match rx.try_recv() {
                     Ok(job) if job.barrier => {
                         held = Some(job);
