@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Runs the gRPC server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Rewrites a data directory with only its live data, so that nothing removed (an erased
     /// user's events included) is left in its files. The server must be stopped.
     Compact(CompactArgs),
@@ -29,6 +29,47 @@ pub enum Command {
     Backup(BackupArgs),
     /// Copies a backup into an empty data directory and checks that it opens.
     Restore(RestoreArgs),
+    /// Manages the API keys file: create (prints the new secret once), list, revoke.
+    Keys(KeysArgs),
+}
+
+/// `engage keys`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub action: KeysAction,
+}
+
+/// What `engage keys` does.
+#[derive(Subcommand, Debug, Clone)]
+pub enum KeysAction {
+    /// Adds a key (creating the file if missing) and prints its secret, the only line on stdout.
+    Create {
+        /// The keys file.
+        #[arg(long, env = "ENGAGE_API_KEYS_FILE")]
+        file: PathBuf,
+        /// 1 to 64 letters, digits, `_`, `.` or `-`; unique in the file.
+        #[arg(long)]
+        name: String,
+        /// What the key may do.
+        #[arg(long, value_enum)]
+        role: crate::access::Role,
+    },
+    /// Lists the keys: name, role and creation time, one a line (never a secret).
+    List {
+        /// The keys file.
+        #[arg(long, env = "ENGAGE_API_KEYS_FILE")]
+        file: PathBuf,
+    },
+    /// Removes a key (a running server drops it on SIGHUP).
+    Revoke {
+        /// The keys file.
+        #[arg(long, env = "ENGAGE_API_KEYS_FILE")]
+        file: PathBuf,
+        /// The key's name.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 /// Flags of `engage backup`.
@@ -155,6 +196,36 @@ pub struct ServeArgs {
     /// Most history conditions in one trigger or filter (each reads the user's history).
     #[arg(long, env = "ENGAGE_MAX_HISTORY_CONDITIONS", default_value_t = 50)]
     pub max_history_conditions: usize,
+    /// The API keys file (`engage keys`): with it every call but health and reflection needs a
+    /// key with the right role; without it every call is allowed (loopback only, unless
+    /// `--insecure`). Re-read on SIGHUP.
+    #[arg(long, env = "ENGAGE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Allow a non-loopback listen address without a keys file (anyone reaching the port may do
+    /// everything).
+    #[arg(long, env = "ENGAGE_INSECURE")]
+    pub insecure: bool,
+    /// The server's certificate chain (PEM): serve TLS on the listener (with --tls-key).
+    /// Re-read on SIGHUP.
+    #[arg(long, env = "ENGAGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "ENGAGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A CA (PEM) every client certificate must be signed by: mTLS, clients without one are
+    /// refused at the handshake.
+    #[arg(long, env = "ENGAGE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Events per second each key may send (TrackEvent, TrackEvents); 0 means no limit. Without
+    /// keys one limit applies to all callers.
+    #[arg(long, env = "ENGAGE_INGEST_RATE_PER_KEY", default_value_t = 0)]
+    pub ingest_rate_per_key: u32,
+    /// Events a key may send at once above its rate; 0 means one second's worth.
+    #[arg(long, env = "ENGAGE_INGEST_BURST", default_value_t = 0)]
+    pub ingest_burst: u32,
+    /// Serve Prometheus metrics at GET /metrics on this address (no keys: bind it privately).
+    #[arg(long, env = "ENGAGE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How far in the future occurred_at may be, in seconds.
     #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
     pub max_future_skew_secs: i64,

@@ -15,14 +15,17 @@
 
 #![warn(unreachable_pub)]
 
+mod access;
 mod api;
 pub mod config;
 mod domain;
 mod engine;
 pub mod error;
+mod net;
 mod read;
 pub mod server;
 mod store;
+mod telemetry;
 
 /// Generated protobuf and gRPC code of `engage.v1`.
 #[allow(clippy::all, missing_docs, unreachable_pub)]

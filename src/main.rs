@@ -51,6 +51,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Backup(args) => report(engage::server::backup(&args), "engage backup"),
         Command::Restore(args) => report(engage::server::restore(&args), "engage restore"),
+        Command::Keys(args) => report(engage::server::keys(&args), "engage keys"),
         Command::Serve(args) => {
             logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -60,7 +61,7 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(engage::server::run(args)) {
+            match runtime.block_on(engage::server::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "engage failed");

@@ -10,8 +10,13 @@ use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use std::sync::Arc;
+
+use crate::access::tls::TlsFiles;
+use crate::access::Access;
 use crate::api::actions::ActionApi;
 use crate::api::events::EventApi;
+use crate::api::gate::GateLayer;
 use crate::api::query::QueryApi;
 use crate::api::schema::SchemaApi;
 use crate::api::triggers::TriggerApi;
@@ -78,6 +83,39 @@ pub async fn serve(
         )
         .into());
     }
+    let access = Arc::new(
+        Access::new(
+            args.api_keys_file.clone(),
+            args.ingest_rate_per_key,
+            args.ingest_burst,
+        )
+        .map_err(|e| format!("--api-keys-file: {e}"))?,
+    );
+    if !access.has_keys() && !addr.ip().is_loopback() && !args.insecure {
+        return Err(format!(
+            "refusing to listen on {addr} without --api-keys-file: anyone reaching it could read and erase every user's data; create keys with `engage keys create`, or pass --insecure"
+        )
+        .into());
+    }
+    let tls_files = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone(),
+        });
+    let tls = match &tls_files {
+        Some(files) => Some(Arc::new(parking_lot::RwLock::new(
+            crate::access::tls::load(files).map_err(|e| format!("TLS: {e}"))?,
+        ))),
+        None => None,
+    };
+    let metrics = match args.metrics_listen {
+        Some(at) => Some(bind_metrics(at).await?),
+        None => None,
+    };
     let store = open_store(&args)?;
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
     // Before anyone reads: no user a stop left half erased is ever served.
@@ -109,8 +147,27 @@ pub async fn serve(
     let usr1 = None;
     let backups = tokio::spawn(serve_backups(ingest.clone(), args.data_dir.clone(), usr1));
     let pid_file = PidFile::write(args.data_dir.join(PID_FILE));
+    let reloads = tokio::spawn(serve_reloads(access.clone(), tls_files.clone(), tls.clone()));
+    let metrics_server = metrics.map(|(listener, handle)| {
+        let scrape = Scrape {
+            handle,
+            ingest: ingest.clone(),
+            store: store.clone(),
+            log: log.clone(),
+            data_dir: args.data_dir.clone(),
+        };
+        tokio::spawn(serve_metrics(listener, scrape))
+    });
 
-    tracing::info!(listen = %addr, config = ?args, "engage started");
+    tracing::info!(
+        listen = %addr,
+        tls = tls.is_some(),
+        mtls = args.tls_client_ca.is_some(),
+        keys = access.has_keys(),
+        metrics = ?args.metrics_listen,
+        config = ?args,
+        "engage started"
+    );
 
     // When shutdown began: the one deadline of calls and engine together is a grace period later.
     let (started_tx, started_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
@@ -124,6 +181,9 @@ pub async fn serve(
         let _ = started_tx.send(Some(tokio::time::Instant::now()));
     };
     let server = Server::builder()
+        .layer(GateLayer {
+            access: access.clone(),
+        })
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(health_service)
@@ -131,8 +191,8 @@ pub async fn serve(
         .add_service(reflection_v1alpha);
     // `log` moves into the action service: no handle to the engine outlives the services here
     // but `ingest`, which `stop_engine` drops.
-    let server = engage_services(server, &ingest, &store, log, args.max_message_bytes)
-        .serve_with_incoming_shutdown(incoming(listener), on_shutdown);
+    let server = engage_services(server, &ingest, &store, log, &access, args.max_message_bytes)
+        .serve_with_incoming_shutdown(crate::net::incoming(listener, tls), on_shutdown);
 
     // One grace period for the whole shutdown, calls and engine together.
     let grace = Duration::from_secs(args.shutdown_grace_secs);
@@ -152,6 +212,10 @@ pub async fn serve(
 
     retention.abort();
     backups.abort();
+    reloads.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     drop(pid_file);
     let left = started_rx.borrow().map_or(grace, |at| {
         (at + grace).saturating_duration_since(tokio::time::Instant::now())
@@ -162,12 +226,20 @@ pub async fn serve(
 }
 
 /// Adds engage's own services to `router`, each limited to messages of `max` bytes.
-fn engage_services(router: Router, ingest: &Ingest, store: &Store, log: ActionLog, max: usize) -> Router {
+fn engage_services<L>(
+    router: Router<L>,
+    ingest: &Ingest,
+    store: &Store,
+    log: ActionLog,
+    access: &Arc<Access>,
+    max: usize,
+) -> Router<L> {
     let events = limited!(
         EventServiceServer,
         EventApi {
             ingest: ingest.clone(),
             store: store.clone(),
+            access: access.clone(),
         },
         max
     );
@@ -448,6 +520,137 @@ pub fn compact(args: &crate::config::CompactArgs) -> Result<(), ServerError> {
         "data directory compacted"
     );
     Ok(())
+}
+
+/// `engage keys`: manages a keys file.
+pub fn keys(args: &crate::config::KeysArgs) -> Result<String, ServerError> {
+    use crate::access::keys;
+    use crate::config::KeysAction;
+    Ok(match &args.action {
+        KeysAction::Create { file, name, role } => keys::create(file, name, *role)?,
+        KeysAction::List { file } => keys::list(file)?,
+        KeysAction::Revoke { file, name } => {
+            keys::revoke(file, name)?;
+            format!("revoked {name:?}; a running server drops it on SIGHUP")
+        }
+    })
+}
+
+/// Re-reads the keys file and the TLS files on every SIGHUP; a file that fails to load keeps
+/// what is in force (logged). Open connections and streams are not touched.
+async fn serve_reloads(access: Arc<Access>, files: Option<TlsFiles>, tls: Option<crate::net::TlsConfig>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: keys and certificates are not reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match access.reload() {
+                Ok(_) if !access.has_keys() => {}
+                Ok(n) => tracing::info!(keys = n, "keys file reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "keys file not reloaded; the previous keys stay in force")
+                }
+            }
+            if let (Some(files), Some(tls)) = (&files, &tls) {
+                match crate::access::tls::load(files) {
+                    Ok(config) => {
+                        *tls.write() = config;
+                        tracing::info!("TLS files reloaded; new connections use them");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS files not reloaded; the previous ones stay in force")
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (access, files, tls);
+    }
+}
+
+/// Binds the metrics listener and installs the recorder.
+async fn bind_metrics(
+    at: std::net::SocketAddr,
+) -> Result<(TcpListener, metrics_exporter_prometheus::PrometheusHandle), ServerError> {
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|e| format!("--metrics-listen {at}: {e}"))?;
+    let handle = crate::telemetry::install()?;
+    Ok((listener, handle))
+}
+
+/// What a scrape reads.
+#[derive(Clone)]
+struct Scrape {
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    ingest: Ingest,
+    store: Store,
+    log: ActionLog,
+    data_dir: std::path::PathBuf,
+}
+
+impl Scrape {
+    /// The text format, with the state gauges set from the state now.
+    fn render(&self) -> String {
+        use crate::telemetry as t;
+        let head = *self.ingest.durable_actions().borrow();
+        metrics::gauge!(t::TIMERS_PENDING).set(self.ingest.pending_timers() as f64);
+        metrics::gauge!(t::LOG_HEAD).set(head as f64);
+        metrics::gauge!(t::SUBSCRIPTIONS_OPEN).set(self.log.open_subscriptions() as f64);
+        match self.store.consumers() {
+            Ok(consumers) => {
+                for (name, acked) in consumers {
+                    metrics::gauge!(t::CONSUMER_ACKED, "consumer" => name.clone()).set(acked as f64);
+                    metrics::gauge!(t::CONSUMER_LAG, "consumer" => name)
+                        .set(head.saturating_sub(acked) as f64);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot read the consumers"),
+        }
+        metrics::gauge!(t::STORAGE_BYTES).set(t::dir_bytes(&self.data_dir) as f64);
+        self.handle.render()
+    }
+}
+
+/// Serves `GET /metrics` (HTTP/1.1) until aborted.
+async fn serve_metrics(listener: TcpListener, scrape: Scrape) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let scrape = scrape.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let scrape = scrape.clone();
+                async move {
+                    let response = if req.uri().path() == "/metrics" && req.method() == http::Method::GET {
+                        let text = tokio::task::spawn_blocking(move || scrape.render())
+                            .await
+                            .unwrap_or_default();
+                        http::Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(text)))
+                    } else {
+                        http::Response::builder()
+                            .status(http::StatusCode::NOT_FOUND)
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                b"not found\n",
+                            )))
+                    };
+                    response.map_err(|e| e.to_string())
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(tcp);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,8 +1,11 @@
 //! EventService: TrackEvent, TrackEvents, GetUserTimeline, DeleteUser.
 
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::api::{blocking, convert};
+use crate::access::rate::Refusal;
+use crate::access::Caller;
+use crate::api::{audit, blocking, caller, convert};
 use crate::domain::model::Timestamp;
 use crate::domain::rules::{self, page_size, PreparedEvent};
 use crate::engine::Ingest;
@@ -11,14 +14,44 @@ use crate::proto;
 use crate::proto::event_service_server::EventService;
 use crate::read::timeline::{self, TimelineQuery};
 use crate::store::Store;
+use crate::telemetry::{self, Rejection};
 
 /// The EventService handlers.
 pub(crate) struct EventApi {
     pub(crate) ingest: Ingest,
     pub(crate) store: Store,
+    pub(crate) access: std::sync::Arc<crate::access::Access>,
 }
 
 impl EventApi {
+    /// Admits `events` events for `caller` under the ingest rate limit, whole or not at all.
+    fn admit(&self, caller: &Caller, events: usize) -> Result<(), Status> {
+        match self.access.ingest.admit(&caller.name, events) {
+            Ok(()) => Ok(()),
+            Err(refusal) => {
+                telemetry::rejected(Rejection::RateLimited, events as u64);
+                Err(match refusal {
+                    Refusal::RetryAfter(wait) => {
+                        let wait = wait.max(std::time::Duration::from_millis(1));
+                        Status::with_error_details(
+                            Code::ResourceExhausted,
+                            format!(
+                                "rate limit: key {:?} may send {} events per second (ingest_rate_per_key); retry in {} ms",
+                                caller.name,
+                                self.access.ingest.rate(),
+                                wait.as_millis().max(1)
+                            ),
+                            ErrorDetails::with_retry_info(Some(wait)),
+                        )
+                    }
+                    Refusal::LargerThanBurst(burst) => Status::invalid_argument(format!(
+                        "events: {events} events, more than the ingest burst of {burst} (ingest_burst) a call may ever send; split the batch"
+                    )),
+                })
+            }
+        }
+    }
+
     /// Converts and checks one wire event on the caller's task (off the writer thread).
     fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<PreparedEvent, Error> {
         let event = convert::new_event(e)?;
@@ -32,14 +65,19 @@ impl EventService for EventApi {
         &self,
         request: Request<proto::TrackEventRequest>,
     ) -> Result<Response<proto::TrackEventResponse>, Status> {
-        let event = request
+        self.admit(&caller(&request), 1)?;
+        let prepared = request
             .into_inner()
             .event
-            .ok_or_else(|| invalid("event: required"))?;
-        let prepared = self
-            .prepare(event, Timestamp::now())
-            .map_err(|e| e.within("event"))?;
-        let mut results = self.ingest.track(vec![Ok(prepared)]).await?;
+            .ok_or_else(|| invalid("event: required"))
+            .and_then(|event| self.prepare(event, Timestamp::now()))
+            .map_err(|e| {
+                telemetry::rejected(Rejection::of(&e), 1);
+                e.within("event")
+            })?;
+        let mut results = self.ingest.track(vec![Ok(prepared)]).await.inspect_err(|e| {
+            telemetry::rejected(Rejection::of(e), 1);
+        })?;
         let tracked = results
             .pop()
             .ok_or_else(|| Error::Internal("no result for a tracked event".into()))?
@@ -56,9 +94,11 @@ impl EventService for EventApi {
         &self,
         request: Request<proto::TrackEventsRequest>,
     ) -> Result<Response<proto::TrackEventsResponse>, Status> {
+        let caller = caller(&request);
         let events = request.into_inner().events;
         let limit = self.ingest.limits().max_batch_events;
         if events.len() > limit {
+            telemetry::rejected(Rejection::Limit, events.len() as u64);
             return Err(invalid(format!(
                 "events: {} events, limit is {limit} (max_batch_events)",
                 events.len()
@@ -68,9 +108,13 @@ impl EventService for EventApi {
         if events.is_empty() {
             return Ok(Response::new(proto::TrackEventsResponse::default()));
         }
+        self.admit(&caller, events.len())?;
         let now = Timestamp::now();
+        let n = events.len() as u64;
         let prepared = events.into_iter().map(|e| self.prepare(e, now)).collect();
-        let results = self.ingest.track(prepared).await?;
+        let results = self.ingest.track(prepared).await.inspect_err(|e| {
+            telemetry::rejected(Rejection::of(e), n);
+        })?;
         let results = results
             .into_iter()
             .enumerate()
@@ -124,9 +168,17 @@ impl EventService for EventApi {
         &self,
         request: Request<proto::DeleteUserRequest>,
     ) -> Result<Response<proto::DeleteUserResponse>, Status> {
+        let caller = caller(&request);
         let user_id = request.into_inner().user_id;
-        rules::check_user_id("user_id", &user_id)?;
-        let events_deleted = self.ingest.delete_user(user_id).await?;
-        Ok(Response::new(proto::DeleteUserResponse { events_deleted }))
+        let target = format!("user {user_id:?}");
+        let result = async {
+            rules::check_user_id("user_id", &user_id)?;
+            Ok::<_, Status>(self.ingest.delete_user(user_id).await?)
+        }
+        .await;
+        audit(&caller, "engage.v1.EventService/DeleteUser", &target, &result);
+        Ok(Response::new(proto::DeleteUserResponse {
+            events_deleted: result?,
+        }))
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod convert;
 pub(crate) mod events;
 #[cfg(test)]
 mod fuzz;
+pub(crate) mod gate;
 pub(crate) mod query;
 pub(crate) mod schema;
 pub(crate) mod triggers;
@@ -51,6 +52,31 @@ impl From<Error> for Status {
             }
         }
     }
+}
+
+/// The caller the gate admitted (anonymous when the server has no keys).
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> crate::access::Caller {
+    request
+        .extensions()
+        .get::<crate::access::Caller>()
+        .cloned()
+        .unwrap_or_else(crate::access::Caller::anonymous)
+}
+
+/// Logs the `audit` line of a call that changes configuration or erases data: the key's name,
+/// the method, the target and the outcome (a gRPC code name).
+pub(crate) fn audit<T>(
+    caller: &crate::access::Caller,
+    method: &str,
+    target: &str,
+    result: &Result<T, Status>,
+) {
+    let outcome = match result {
+        Ok(_) => "OK",
+        Err(s) => crate::telemetry::code_name(s.code() as i32),
+    };
+    let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
+    tracing::info!(target: "audit", key = %caller.name, role = %caller.role, %peer, method, target = %bounded(target.to_string()), outcome, "audit");
 }
 
 /// Runs blocking storage reads off the async runtime.

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, fitting, PageToken};
+use crate::api::{audit, caller, convert, fitting, PageToken};
 use crate::domain::rules;
 use crate::engine::Ingest;
 use crate::proto;
@@ -19,19 +19,31 @@ impl SchemaService for SchemaApi {
         &self,
         request: Request<proto::DefineAttributeRequest>,
     ) -> Result<Response<proto::AttributeDefinition>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        rules::check_attribute_name(
-            || "name".into(),
-            &r.name,
-            self.ingest.limits().max_attribute_name_chars,
-        )?;
-        let attribute_type = convert::attribute_type("type", r.r#type)?;
-        rules::check_description("description", &r.description)?;
-        let def = self
-            .ingest
-            .define_attribute(r.name, attribute_type, r.description)
-            .await?;
-        Ok(Response::new(convert::to_proto_definition(&def)))
+        let target = format!("attribute {:?}", r.name);
+        let result = async {
+            rules::check_attribute_name(
+                || "name".into(),
+                &r.name,
+                self.ingest.limits().max_attribute_name_chars,
+            )?;
+            let attribute_type = convert::attribute_type("type", r.r#type)?;
+            rules::check_description("description", &r.description)?;
+            Ok::<_, Status>(
+                self.ingest
+                    .define_attribute(r.name, attribute_type, r.description)
+                    .await?,
+            )
+        }
+        .await;
+        audit(
+            &caller,
+            "engage.v1.SchemaService/DefineAttribute",
+            &target,
+            &result,
+        );
+        Ok(Response::new(convert::to_proto_definition(&result?)))
     }
 
     async fn list_attributes(

@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use crate::api::{convert, fitting, PageToken};
+use crate::api::{audit, caller, convert, fitting, PageToken};
 use crate::domain::condition::Place;
 use crate::domain::model::{AbsenceCheck, ActionTemplate, Timestamp, Trigger};
 use crate::domain::rules::{self, page_size};
@@ -108,14 +108,25 @@ impl TriggerService for TriggerApi {
         &self,
         request: Request<proto::CreateTriggerRequest>,
     ) -> Result<Response<proto::Trigger>, Status> {
-        let t = request
-            .into_inner()
-            .trigger
-            .ok_or_else(|| invalid("trigger: required"))?;
-        let trigger = self.validate(t)?;
-        let created = self.ingest.create_trigger(trigger).await?;
-        tracing::info!(trigger_id = %created.id, event_name = %created.event_name, "trigger created");
-        Ok(Response::new(convert::to_proto_trigger(&created)))
+        let caller = caller(&request);
+        let t = request.into_inner().trigger;
+        let name = t.as_ref().map(|t| t.name.clone()).unwrap_or_default();
+        let result = async {
+            let trigger = self.validate(t.ok_or_else(|| invalid("trigger: required"))?)?;
+            Ok::<_, Status>(self.ingest.create_trigger(trigger).await?)
+        }
+        .await;
+        let target = match &result {
+            Ok(created) => format!("trigger {} ({:?})", created.id, created.name),
+            Err(_) => format!("trigger named {name:?}"),
+        };
+        audit(
+            &caller,
+            "engage.v1.TriggerService/CreateTrigger",
+            &target,
+            &result,
+        );
+        Ok(Response::new(convert::to_proto_trigger(&result?)))
     }
 
     async fn get_trigger(
@@ -175,29 +186,47 @@ impl TriggerService for TriggerApi {
         &self,
         request: Request<proto::UpdateTriggerRequest>,
     ) -> Result<Response<proto::Trigger>, Status> {
-        let t = request
-            .into_inner()
-            .trigger
-            .ok_or_else(|| invalid("trigger: required"))?;
-        if t.id.is_empty() {
-            return Err(invalid("trigger.id: required").into());
+        let caller = caller(&request);
+        let t = request.into_inner().trigger;
+        let id = t.as_ref().map(|t| t.id.clone()).unwrap_or_default();
+        let result = async {
+            let t = t.ok_or_else(|| invalid("trigger: required"))?;
+            if t.id.is_empty() {
+                return Err(invalid("trigger.id: required").into());
+            }
+            let trigger = self.validate(t)?;
+            Ok::<_, Status>(self.ingest.update_trigger(trigger).await?)
         }
-        let trigger = self.validate(t)?;
-        let updated = self.ingest.update_trigger(trigger).await?;
-        tracing::info!(trigger_id = %updated.id, paused = updated.paused, "trigger updated");
-        Ok(Response::new(convert::to_proto_trigger(&updated)))
+        .await;
+        audit(
+            &caller,
+            "engage.v1.TriggerService/UpdateTrigger",
+            &format!("trigger {id}"),
+            &result,
+        );
+        Ok(Response::new(convert::to_proto_trigger(&result?)))
     }
 
     async fn delete_trigger(
         &self,
         request: Request<proto::DeleteTriggerRequest>,
     ) -> Result<Response<proto::DeleteTriggerResponse>, Status> {
+        let caller = caller(&request);
         let id = request.into_inner().id;
-        if id.is_empty() {
-            return Err(invalid("id: required").into());
+        let result = async {
+            if id.is_empty() {
+                return Err(invalid("id: required").into());
+            }
+            Ok::<_, Status>(self.ingest.delete_trigger(id.clone()).await?)
         }
-        self.ingest.delete_trigger(id.clone()).await?;
-        tracing::info!(trigger_id = %id, "trigger deleted");
+        .await;
+        audit(
+            &caller,
+            "engage.v1.TriggerService/DeleteTrigger",
+            &format!("trigger {id}"),
+            &result,
+        );
+        result?;
         Ok(Response::new(proto::DeleteTriggerResponse {}))
     }
 }

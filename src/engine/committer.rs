@@ -61,7 +61,9 @@ pub(super) fn run_committer(
             last_mark = Instant::now();
             marker.record(flushed)
         });
+        let flush_started = Instant::now();
         let fault = store.flush().err().map(|e| e.to_string());
+        metrics::histogram!(crate::telemetry::FLUSH_DURATION).record(flush_started.elapsed().as_secs_f64());
         if let Some(marking) = marking {
             // The mark describes earlier rounds, already answered: a failure to record it
             // refuses the writes after this round, not this round's, whose flush succeeded.

@@ -34,6 +34,51 @@ pub(super) struct Group {
     pub(super) timers: TimerOverlay,
     /// The history reads of the event being evaluated and of the whole group.
     pub(super) reads: Reads,
+    /// What the group's events did, recorded as metrics once it is applied.
+    pub(super) counts: Counts,
+}
+
+/// What a group's events did (see `telemetry`): counted in the group, recorded once per group.
+#[derive(Default)]
+pub(super) struct Counts {
+    pub(super) stored: u64,
+    pub(super) duplicate: u64,
+    pub(super) rejected: HashMap<crate::telemetry::Rejection, u64>,
+    /// Actions fired, by trigger id.
+    pub(super) fired: HashMap<String, u64>,
+}
+
+impl Counts {
+    /// Counts one tracked event's outcome.
+    pub(super) fn track<T>(&mut self, result: &Result<T, Error>, duplicate: impl FnOnce(&T) -> bool) {
+        match result {
+            Ok(t) if duplicate(t) => self.duplicate += 1,
+            Ok(_) => self.stored += 1,
+            Err(e) => {
+                *self
+                    .rejected
+                    .entry(crate::telemetry::Rejection::of(e))
+                    .or_default() += 1
+            }
+        }
+    }
+
+    /// Records the counts (the group was applied).
+    pub(super) fn record(self) {
+        use crate::telemetry as t;
+        if self.stored > 0 {
+            metrics::counter!(t::EVENTS_STORED).increment(self.stored);
+        }
+        if self.duplicate > 0 {
+            metrics::counter!(t::EVENTS_DUPLICATE).increment(self.duplicate);
+        }
+        for (why, n) in self.rejected {
+            t::rejected(why, n);
+        }
+        for (trigger, n) in self.fired {
+            metrics::counter!(t::ACTIONS_FIRED, "trigger_id" => trigger).increment(n);
+        }
+    }
 }
 
 /// Counts the stored events a group reads to evaluate conditions and absence checks, so one
@@ -96,6 +141,7 @@ impl Group {
             columns: ColumnWrites::default(),
             timers: TimerOverlay::default(),
             reads: Reads::default(),
+            counts: Counts::default(),
         }
     }
 }

@@ -15,6 +15,11 @@ use crate::domain::rules::{Limits, PreparedEvent};
 use crate::error::Error;
 
 impl Ingest {
+    /// Timers pending (as of the last applied write group).
+    pub(crate) fn pending_timers(&self) -> u64 {
+        self.published.pending_timers.load(Ordering::Relaxed)
+    }
+
     /// The limits in force.
     pub(crate) fn limits(&self) -> &Limits {
         &self.limits
@@ -90,7 +95,9 @@ impl Ingest {
                     let mut done = Vec::new();
                     let mut it = rest.into_iter();
                     for e in it.by_ref() {
-                        done.push(e.and_then(|e| writer.track_one(e, group)));
+                        let result = e.and_then(|e| writer.track_one(e, group));
+                        group.counts.track(&result, |t| t.duplicate);
+                        done.push(result);
                         if group.reads.group_spent(&writer.limits) {
                             break;
                         }

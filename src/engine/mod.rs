@@ -75,6 +75,8 @@ struct Published {
     attributes: RwLock<BTreeMap<String, AttributeDefinition>>,
     event_names: RwLock<BTreeMap<String, EventNameStats>>,
     triggers: RwLock<BTreeMap<String, Arc<Trigger>>>,
+    /// Timers pending once the last applied group is (what `engage_timers_pending` shows).
+    pending_timers: AtomicU64,
 }
 
 /// The handle callers use; cheap to clone.

@@ -113,6 +113,9 @@ impl Writer {
         *published.attributes.write() = attributes.clone();
         *published.event_names.write() = event_names.clone();
         *published.triggers.write() = triggers.clone();
+        published
+            .pending_timers
+            .store(store.count_timers()?, std::sync::atomic::Ordering::Relaxed);
         let mut writer = Writer {
             store: store.clone(),
             published: Arc::new(published),

@@ -314,6 +314,7 @@ impl Writer {
                 event: Some(event.clone()),
             };
             group.batch.put_action(&action);
+            *group.counts.fired.entry(trigger.id.clone()).or_default() += 1;
             if let Some(mut state) = state {
                 state.firings += 1;
                 state.last_fired_at = Some(now);

@@ -129,12 +129,16 @@ impl Writer {
                 return Some(unavailable());
             }
         }
+        let mut timers_delta = 0;
         if !group.timers.is_empty() {
             let timers = std::mem::take(&mut group.timers);
-            if let Err(e) = timers.write(&self.store, &mut batch) {
-                tracing::error!(error = %e, "writing timers failed; refusing further writes");
-                self.failed.store(true, Ordering::Release);
-                return Some(unavailable());
+            match timers.write(&self.store, &mut batch) {
+                Ok(delta) => timers_delta = delta,
+                Err(e) => {
+                    tracing::error!(error = %e, "writing timers failed; refusing further writes");
+                    self.failed.store(true, Ordering::Release);
+                    return Some(unavailable());
+                }
             }
         }
         for (name, stats) in &group.name_stats {
@@ -152,12 +156,21 @@ impl Writer {
         if self.last_action_seq != start_action_seq {
             batch.put_last_action_seq(self.last_action_seq);
         }
+        let writes = batch.len();
         if let Err(e) = self.store.apply(batch) {
             tracing::error!(error = %e, "applying a write batch failed; refusing further writes");
             self.failed.store(true, Ordering::Release);
             return Some(unavailable());
         }
+        metrics::histogram!(crate::telemetry::WRITE_GROUP_SIZE).record(writes as f64);
+        if timers_delta != 0 {
+            let pending = &self.published.pending_timers;
+            let now = (pending.load(Ordering::Relaxed) as i64 + timers_delta).max(0);
+            pending.store(now as u64, Ordering::Relaxed);
+        }
+        let counts = std::mem::take(&mut group.counts);
         self.publish(group);
+        counts.record();
         None
     }
 

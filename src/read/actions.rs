@@ -83,6 +83,7 @@ pub(crate) struct ActionLog {
     store: Store,
     ingest: Ingest,
     permits: Arc<Semaphore>,
+    max_subscribers: usize,
     shutdown: watch::Receiver<bool>,
     retention_secs: u64,
     buffer_bytes: usize,
@@ -103,6 +104,7 @@ impl ActionLog {
             store,
             ingest,
             permits: Arc::new(Semaphore::new(options.max_subscribers)),
+            max_subscribers: options.max_subscribers,
             shutdown,
             retention_secs: options.retention_secs,
             // One action's share never exceeds either budget, or it could never be sent.
@@ -119,6 +121,12 @@ impl ActionLog {
                 .total_buffer_bytes
                 .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
         }
+    }
+
+    /// SubscribeActions streams open now.
+    pub(crate) fn open_subscriptions(&self) -> usize {
+        self.max_subscribers
+            .saturating_sub(self.permits.available_permits())
     }
 
     /// The oldest sequence still kept (one past the last when the log is empty).

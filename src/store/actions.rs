@@ -56,6 +56,16 @@ impl Store {
         self.tree.get(&key)?.map(|v| decode_u64(&key, &v)).transpose()
     }
 
+    /// Every named consumer with its acknowledged position, by name.
+    pub(crate) fn consumers(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([CONSUMER]) {
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode_u64(&k, &v)?));
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` actions with sequences from `from` to `to` inclusive, in order.
     /// (At least one, and no more than `max_bytes` of stored records after the first.)
     pub(crate) fn actions(

@@ -81,6 +81,8 @@ impl Store {
 #[derive(Default)]
 pub(crate) struct TimerOverlay {
     buckets: HashMap<u16, Vec<Timer>>,
+    /// How many timers each bucket held when loaded (for the count of pending timers).
+    loaded: HashMap<u16, usize>,
     changed: HashSet<u16>,
     added: BTreeMap<(i64, u8), BTreeSet<u16>>,
     retired: BTreeSet<(i64, u8)>,
@@ -92,6 +94,7 @@ impl TimerOverlay {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.buckets.entry(bucket) {
             match store.timer_bucket(bucket) {
                 Ok(timers) => {
+                    self.loaded.insert(bucket, timers.len());
                     slot.insert(timers);
                 }
                 Err(e @ StoreError::Corrupt { .. }) => {
@@ -201,8 +204,14 @@ impl TimerOverlay {
     }
 
     /// Adds the group's timer changes to `batch`: changed buckets, due sets merged with the
-    /// stored ones (read, merged, rewritten), retired due sets removed.
-    pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Result<(), StoreError> {
+    /// stored ones (read, merged, rewritten), retired due sets removed. Answers how many more
+    /// timers are pending once the batch is applied (negative: fewer).
+    pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Result<i64, StoreError> {
+        let mut delta = 0i64;
+        for bucket in &self.changed {
+            let now = self.buckets.get(bucket).map_or(0, Vec::len);
+            delta += now as i64 - self.loaded.get(bucket).copied().unwrap_or(0) as i64;
+        }
         for bucket in &self.changed {
             let key = timer_bucket_key(*bucket).to_vec();
             match self.buckets.get(bucket) {
@@ -229,7 +238,20 @@ impl TimerOverlay {
             let list: Vec<u16> = set.into_iter().collect();
             batch.put_raw(key.to_vec(), encode(&list));
         }
-        Ok(())
+        Ok(delta)
+    }
+}
+
+impl Store {
+    /// Every pending timer, counted (once, at start: the writer keeps the count after that).
+    pub(crate) fn count_timers(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for kv in self.tree.scan_prefix([super::keys::TIMER_BUCKET]) {
+            let (k, v) = kv?;
+            // A bucket that does not decode is dropped when next loaded: it counts as empty.
+            n += decode::<Vec<Timer>>(&k, &v).map_or(0, |t| t.len() as u64);
+        }
+        Ok(n)
     }
 }
 

@@ -1,0 +1,270 @@
+//! The gate every call passes first (a tower layer on the whole listener): which role each RPC
+//! needs, the caller's key checked against it before anything else about the call, and the
+//! per-call metrics (`engage_grpc_requests_total` by method and code, and the duration).
+//!
+//! [`METHOD_ROLES`] is the one table of roles: a test walks every method of every service in
+//! the descriptor set and fails on one missing here. A path not in it (none of engage's
+//! services) needs `admin`; health and reflection need no key.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::Frame;
+use tonic::Status;
+
+use crate::access::{secret_of, Access, Denied, Role};
+use crate::telemetry::{self, Rejection};
+
+/// Every engage RPC, with the role it needs.
+pub(crate) const METHOD_ROLES: &[(&str, Role)] = &[
+    ("engage.v1.EventService/TrackEvent", Role::Ingest),
+    ("engage.v1.EventService/TrackEvents", Role::Ingest),
+    ("engage.v1.EventService/GetUserTimeline", Role::Read),
+    ("engage.v1.EventService/DeleteUser", Role::Admin),
+    ("engage.v1.SchemaService/DefineAttribute", Role::Admin),
+    ("engage.v1.SchemaService/ListAttributes", Role::Read),
+    ("engage.v1.SchemaService/ListEventNames", Role::Read),
+    ("engage.v1.TriggerService/CreateTrigger", Role::Admin),
+    ("engage.v1.TriggerService/GetTrigger", Role::Read),
+    ("engage.v1.TriggerService/ListTriggers", Role::Read),
+    ("engage.v1.TriggerService/UpdateTrigger", Role::Admin),
+    ("engage.v1.TriggerService/DeleteTrigger", Role::Admin),
+    ("engage.v1.ActionService/SubscribeActions", Role::Read),
+    ("engage.v1.ActionService/AckActions", Role::Read),
+    ("engage.v1.ActionService/ListFiredActions", Role::Read),
+    ("engage.v1.QueryService/FilterUsers", Role::Read),
+    ("engage.v1.QueryService/GetEventStats", Role::Read),
+];
+
+/// Services anyone may call (load balancers' health checks, grpcurl's reflection).
+const OPEN_PREFIXES: &[&str] = &[
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// The method of a path (`/pkg.Service/Method`) and the role it needs; `None` for open paths.
+fn method_of(path: &str) -> Option<(&'static str, Role)> {
+    if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return None;
+    }
+    let name = path.strip_prefix('/').unwrap_or(path);
+    Some(
+        METHOD_ROLES
+            .iter()
+            .find(|(m, _)| *m == name)
+            .copied()
+            .unwrap_or(("unknown", Role::Admin)),
+    )
+}
+
+/// The status of a refused credential (never quoting the credential).
+fn refusal(denied: Denied) -> (Status, Rejection) {
+    match denied {
+        Denied::Unauthenticated => (
+            Status::unauthenticated(
+                "authorization: a valid API key is required (authorization: Bearer <secret>)",
+            ),
+            Rejection::Unauthenticated,
+        ),
+        Denied::PermissionDenied { key, has, needs } => (
+            Status::permission_denied(format!(
+                "this call needs the {needs} role; key {key:?} has the {has} role"
+            )),
+            Rejection::PermissionDenied,
+        ),
+    }
+}
+
+/// The layer, for `Server::layer`.
+#[derive(Clone)]
+pub(crate) struct GateLayer {
+    pub(crate) access: Arc<Access>,
+}
+
+impl<S> tower_layer::Layer<S> for GateLayer {
+    type Service = Gate<S>;
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            access: self.access.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub(crate) struct Gate<S> {
+    inner: S,
+    access: Arc<Access>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for Gate<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let Some((method, needs)) = method_of(request.uri().path()) else {
+            let mut inner = self.inner.clone();
+            std::mem::swap(&mut inner, &mut self.inner);
+            return Box::pin(inner.call(request));
+        };
+        let secret = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(secret_of);
+        match self.access.check(secret.as_deref(), needs) {
+            Ok(mut caller) => {
+                caller.peer = request
+                    .extensions()
+                    .get::<crate::net::ConnInfo>()
+                    .and_then(|c| c.remote);
+                request.extensions_mut().insert(caller);
+            }
+            Err(denied) => {
+                let (status, why) = refusal(denied);
+                if needs == Role::Ingest {
+                    // Refused before the request is read: counted once per call.
+                    telemetry::rejected(why, 1);
+                }
+                record(method, status.code() as i32, started);
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+        }
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            let response = inner.call(request).await?;
+            // A trailers-only answer (an error) carries its status in the headers.
+            if let Some(code) = grpc_status(response.headers()) {
+                record(method, code, started);
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(Observed {
+                    inner: body,
+                    method,
+                    started,
+                    done: false,
+                })
+            }))
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn record(method: &'static str, code: i32, started: Instant) {
+    metrics::counter!(telemetry::GRPC_REQUESTS, "method" => method, "code" => telemetry::code_name(code))
+        .increment(1);
+    metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
+}
+
+/// A response body that records the call's code when its trailers pass (or CANCELLED when the
+/// client goes before them).
+struct Observed {
+    inner: tonic::body::Body,
+    method: &'static str,
+    started: Instant,
+    done: bool,
+}
+
+impl http_body::Body for Observed {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(frame) = &polled {
+            match frame {
+                Some(Ok(f)) => {
+                    if let Some(code) = f.trailers_ref().and_then(grpc_status) {
+                        this.done = true;
+                        record(this.method, code, this.started);
+                    }
+                }
+                Some(Err(_)) | None => {
+                    if !this.done {
+                        this.done = true;
+                        record(this.method, tonic::Code::Unknown as i32, this.started);
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        if !self.done {
+            record(self.method, tonic::Code::Cancelled as i32, self.started);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every method of every engage service in the descriptor set has a role here.
+    #[test]
+    fn every_rpc_has_a_role() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut seen = 0;
+        for file in set.file.iter().filter(|f| f.package() == "engage.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("engage.v1.{}/{}", service.name(), method.name());
+                    assert!(
+                        METHOD_ROLES.iter().any(|(m, _)| *m == path),
+                        "{path} has no role in METHOD_ROLES"
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(
+            seen,
+            METHOD_ROLES.len(),
+            "METHOD_ROLES names a method that does not exist"
+        );
+    }
+}
