@@ -147,6 +147,11 @@ pub async fn serve(
     let usr1 = None;
     let backups = tokio::spawn(serve_backups(ingest.clone(), args.data_dir.clone(), usr1));
     let pid_file = PidFile::write(args.data_dir.join(PID_FILE));
+    let metrics_addr = metrics
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let reloads = tokio::spawn(serve_reloads(access.clone(), tls_files.clone(), tls.clone()));
     let metrics_server = metrics.map(|(listener, handle)| {
         let scrape = Scrape {
@@ -164,7 +169,7 @@ pub async fn serve(
         tls = tls.is_some(),
         mtls = args.tls_client_ca.is_some(),
         keys = access.has_keys(),
-        metrics = ?args.metrics_listen,
+        metrics_listen = %metrics_addr,
         config = ?args,
         "engage started"
     );

@@ -5,55 +5,14 @@
 
 mod common;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use common::*;
 use engage::proto;
 use tonic::{Code, Status};
 
 /// Sends `body` as the request of `path`, whatever it holds.
 async fn raw_call(server: &TestServer, path: &'static str, body: Vec<u8>) -> Result<Bytes, Status> {
-    let mut grpc = tonic::client::Grpc::new(server.channel().await);
-    grpc.ready().await.expect("ready");
-    grpc.unary(
-        tonic::Request::new(Bytes::from(body)),
-        tonic::codegen::http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
-    .map(|r| r.into_inner())
-}
-
-#[derive(Clone, Copy)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put(item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(buf.copy_to_bytes(buf.remaining())))
-    }
+    raw_unary(server.channel().await, path, Bytes::from(body), None).await
 }
 
 /// A condition nested `depth` levels deep in `not`.

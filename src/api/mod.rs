@@ -76,7 +76,7 @@ pub(crate) fn audit<T>(
         Err(s) => crate::telemetry::code_name(s.code() as i32),
     };
     let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
-    tracing::info!(target: "audit", key = %caller.name, role = %caller.role, %peer, method, target = %bounded(target.to_string()), outcome, "audit");
+    tracing::info!(target: "audit", key = %caller.name, role = %caller.role, %peer, method, resource = %bounded(target.to_string()), outcome, "audit");
 }
 
 /// Runs blocking storage reads off the async runtime.

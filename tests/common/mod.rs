@@ -22,6 +22,131 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+/// Passes request and answer bytes through as they are (for calls by path, whatever the body).
+#[derive(Clone, Copy)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
+/// `request` with `authorization: Bearer secret` when a secret is given.
+pub fn keyed<T>(mut request: tonic::Request<T>, secret: Option<&str>) -> tonic::Request<T> {
+    if let Some(s) = secret {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {s}").parse().unwrap());
+    }
+    request
+}
+
+/// A unary call of `path` with `body` as its request, whatever it holds.
+pub async fn raw_unary(
+    channel: Channel,
+    path: &str,
+    body: bytes::Bytes,
+    secret: Option<&str>,
+) -> Result<bytes::Bytes, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path.to_string()).expect("path");
+    grpc.unary(keyed(tonic::Request::new(body), secret), path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// A call of `path` of any kind (unary or streaming: the wire is the same) with one request
+/// message; answers once the server has answered its headers (Ok) or refused the call.
+pub async fn raw_any(
+    channel: Channel,
+    path: &str,
+    body: bytes::Bytes,
+    secret: Option<&str>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(path.to_string()).expect("path");
+    let request = keyed(tonic::Request::new(tokio_stream::once(body)), secret);
+    // A refused call (and a failed unary one) is answered trailers-only: an error here. An
+    // accepted one answers headers first (a stream may then wait for actions: not read).
+    grpc.streaming(request, path, RawCodec).await.map(|_| ())
+}
+
+/// Interceptor adding `authorization: Bearer` to every call of a generated client.
+#[derive(Clone)]
+pub struct Bearer(pub String);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        Ok(keyed(request, Some(&self.0)))
+    }
+}
+
+/// `engage keys ARGS` through the binary: (exit success, stdout, stderr).
+pub fn engage_keys(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_engage"))
+        .arg("keys")
+        .args(args)
+        .env_remove("ENGAGE_API_KEYS_FILE")
+        .output()
+        .expect("run engage keys");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Creates a key through the binary; answers its secret.
+pub fn create_key(file: &Path, name: &str, role: &str) -> String {
+    let (ok, out, err) = engage_keys(&[
+        "create",
+        "--file",
+        file.to_str().unwrap(),
+        "--name",
+        name,
+        "--role",
+        role,
+    ]);
+    assert!(ok, "engage keys create failed: {err}");
+    out.trim().to_string()
+}
+
 /// An in-process server; `stop` shuts it down gracefully and hands back its data directory.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -130,6 +255,38 @@ impl Drop for TestServer {
 pub struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every stderr line after the start line, as it comes.
+    pub log: Log,
+}
+
+/// A child's log lines, with a way to wait for one.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)>);
+
+impl Log {
+    fn push(&self, line: String) {
+        self.0 .0.lock().unwrap().push(line);
+        self.0 .1.notify_all();
+    }
+
+    /// Waits for a line that `matches` (at most a minute: a hang is a failure, not a wait).
+    pub fn wait_for(&self, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut lines = self.0 .0.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| matches(l)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such log line; got:\n{}", lines.join("\n"));
+            lines = self.0 .1.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0 .0.lock().unwrap().clone()
+    }
 }
 
 impl ChildServer {
@@ -440,8 +597,15 @@ pub fn start_or_exit(dir: &Path, extra: &[&str]) -> Outcome {
                     .and_then(|a| a.parse().ok())
                     .expect("address");
                 // Keep draining so the child never blocks on a full pipe.
-                std::thread::spawn(move || for _ in lines {});
-                return Outcome::Started(ChildServer { child, addr });
+                let log = Log::default();
+                log.push(line.clone());
+                let kept = log.clone();
+                std::thread::spawn(move || {
+                    for l in lines.map_while(Result::ok) {
+                        kept.push(l);
+                    }
+                });
+                return Outcome::Started(ChildServer { child, addr, log });
             }
         }
         text.push_str(&line);
