@@ -7,6 +7,10 @@
 # OLD_BINARY is `engage` built from the earlier commit, for example:
 #   git worktree add ../prev <commit> && (cd ../prev && cargo build --release --bin engage)
 #   bench/compare-release.sh ../prev/target/release/engage 3 10
+#
+# NEW_ENV adds environment settings to the new runs only, so one binary can be compared with
+# itself under another configuration, for example metrics on against off:
+#   NEW_ENV="ENGAGE_METRICS_LISTEN=127.0.0.1:0" bench/compare-release.sh target/release/engage 3 10
 set -euo pipefail
 cd "$(dirname "$0")/.."
 old=${1:?usage: bench/compare-release.sh OLD_BINARY [PAIRS] [SECS]}
@@ -18,8 +22,9 @@ out=$(mktemp)
 for i in $(seq 1 "$pairs"); do
   for which in new old; do
     bin=$new
-    [ "$which" = old ] && bin=$old
-    target/release/examples/loadgen run --secs "$secs" --only "engage " --engage-bin "$bin" |
+    settings=${NEW_ENV:-}
+    if [ "$which" = old ]; then bin=$old; settings=""; fi
+    env $settings target/release/examples/loadgen run --secs "$secs" --only "engage " --engage-bin "$bin" |
       awk -v w="$which" -v i="$i" '/^engage (batch|unary) +[0-9]/ { print w, i, $2, $3 }' | tee -a "$out"
   done
 done
