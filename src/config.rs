@@ -115,6 +115,10 @@ pub enum LogFormat {
 /// Flags of `engage serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// A TOML file of settings, one `name = value` per flag (`listen = "0.0.0.0:50051"`,
+    /// `max_batch_events = 500`); environment variables and flags override it.
+    #[arg(long, env = "ENGAGE_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port; the start line logs the real one).
     #[arg(long, env = "ENGAGE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -229,6 +233,61 @@ pub struct ServeArgs {
     /// How far in the future occurred_at may be, in seconds.
     #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
     pub max_future_skew_secs: i64,
+}
+
+/// Applies the config file named on `args` (`--config F`, `--config=F`) or by `ENGAGE_CONFIG`,
+/// if any, before the flags are parsed: each setting becomes its flag's `ENGAGE_*` variable
+/// unless that variable is already set, so the environment and then the flags override the
+/// file. A setting no flag of `engage serve` has is an error naming it.
+pub fn apply_config_file(args: &[String]) -> Result<(), String> {
+    let named = args.iter().enumerate().find_map(|(i, a)| {
+        if a == "--config" {
+            args.get(i + 1).cloned()
+        } else {
+            a.strip_prefix("--config=").map(str::to_string)
+        }
+    });
+    let Some(path) = named.or_else(|| std::env::var("ENGAGE_CONFIG").ok()) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("--config {path}: {e}"))?;
+    for (variable, value) in settings(&path, &text)? {
+        if std::env::var_os(&variable).is_none() {
+            std::env::set_var(&variable, &value);
+        }
+    }
+    Ok(())
+}
+
+/// The file's settings as (variable, value).
+fn settings(path: &str, text: &str) -> Result<Vec<(String, String)>, String> {
+    use clap::Args;
+    let table: toml::Table = text.parse().map_err(|e| format!("--config {path}: {e}"))?;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut out = Vec::new();
+    for (key, value) in table {
+        let long = key.replace('_', "-");
+        let env = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+            .and_then(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("--config {path}: {key:?} is not a setting of engage serve"))?;
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(format!(
+                    "--config {path}: {key}: a string, number or boolean, not {}",
+                    other.type_str()
+                ))
+            }
+        };
+        out.push((env, value));
+    }
+    Ok(out)
 }
 
 impl ServeArgs {

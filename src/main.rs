@@ -37,6 +37,15 @@ fn report(result: Result<String, engage::server::ServerError>, what: &str) -> st
 }
 
 fn main() -> std::process::ExitCode {
+    // Before the flags are parsed (and before any thread starts): the file's settings become
+    // the defaults of their flags.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|c| c == "serve") {
+        if let Err(e) = engage::config::apply_config_file(&args) {
+            eprintln!("engage: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Compact(args) => {

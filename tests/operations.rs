@@ -212,3 +212,48 @@ async fn sigterm_flushes_and_exits_zero() {
     assert_eq!(again.sequence, r.sequence);
     assert_eq!(child.terminate().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_file_sets_defaults_that_flags_override_and_unknown_settings_are_refused() {
+    let files = tempfile::tempdir().unwrap();
+    let config = files.path().join("engage.toml");
+    std::fs::write(
+        &config,
+        "max_batch_events = 2\nmax-attributes-per-event = 1\nshutdown_grace_secs = 3\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn_with(
+        data.path(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--max-attributes-per-event",
+            "3",
+        ],
+    );
+    let start = server.log.wait_for(|l| l.contains("engage started"));
+    assert!(start.contains("max_batch_events: 2"), "{start}");
+    let mut c = server.events().await;
+    let batch = |n: usize| proto::TrackEventsRequest {
+        events: (0..n).map(|_| event("u", "visit", &[])).collect(),
+    };
+    let s = c.track_events(batch(3)).await.unwrap_err();
+    assert!(s.message().contains("max_batch_events"), "{}", s.message());
+    c.track_events(batch(2)).await.expect("the file's limit");
+    // The flag wins over the file.
+    let e = event("u", "visit", &[("a", n(1.0)), ("b", n(2.0))]);
+    track(&mut c, e)
+        .await
+        .expect("two attributes: the flag's 3, not the file's 1");
+    drop(server);
+
+    std::fs::write(&config, "max_batch_event = 2\n").unwrap();
+    match start_or_exit(data.path(), &["--config", config.to_str().unwrap()]) {
+        Outcome::Started(_) => panic!("started with an unknown setting"),
+        Outcome::Exited(status, stderr) => {
+            assert!(!status.success());
+            assert!(stderr.contains("max_batch_event"), "{stderr}");
+        }
+    }
+}
