@@ -60,12 +60,12 @@ fn method_of(path: &str) -> Option<(&'static str, Role)> {
 }
 
 /// The status of a refused credential (never quoting the credential).
-fn refusal(denied: Denied) -> (Status, Rejection) {
+fn refusal(denied: Denied, needs: Role) -> (Status, Rejection) {
     match denied {
         Denied::Unauthenticated => (
-            Status::unauthenticated(
-                "authorization: a valid API key is required (authorization: Bearer <secret>)",
-            ),
+            Status::unauthenticated(format!(
+                "authorization: this call needs an API key with the {needs} role (authorization: Bearer <secret>); none was given or the key is unknown"
+            )),
             Rejection::Unauthenticated,
         ),
         Denied::PermissionDenied { key, has, needs } => (
@@ -141,7 +141,7 @@ where
                 request.extensions_mut().insert(caller);
             }
             Err(denied) => {
-                let (status, why) = refusal(denied);
+                let (status, why) = refusal(denied, needs);
                 if needs == Role::Ingest {
                     // Refused before the request is read: counted once per call.
                     telemetry::rejected(why, 1);
