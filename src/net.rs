@@ -19,6 +19,9 @@ pub(crate) type TlsConfig = Arc<RwLock<Arc<rustls::ServerConfig>>>;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress at once: past it the accept loop waits for one to end, so a
+/// flood of connections that never finish their handshake holds a bounded number of tasks.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// One accepted connection.
 pub(crate) enum Conn {
@@ -102,6 +105,7 @@ pub(crate) fn incoming(
     tls: Option<TlsConfig>,
 ) -> impl tokio_stream::Stream<Item = io::Result<Conn>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Conn>>(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let accept = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -121,9 +125,13 @@ pub(crate) fn incoming(
                     }
                 }
                 Some(config) => {
+                    let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                        return;
+                    };
                     let acceptor = tokio_rustls::TlsAcceptor::from(config.read().clone());
                     let tx = tx.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                             Ok(Ok(stream)) => {
                                 let _ = tx.send(Ok(Conn::Tls(Box::new(stream)))).await;
