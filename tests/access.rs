@@ -377,3 +377,32 @@ async fn a_non_loopback_address_without_keys_is_refused_unless_insecure() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+#[test]
+fn concurrent_key_creations_all_land_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    let children: Vec<_> = (0..12)
+        .map(|i| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+                .args(["keys", "create", "--file", file.to_str().unwrap(), "--name"])
+                .arg(format!("k{i}"))
+                .args(["--role", "read"])
+                .env_remove("ENGAGE_API_KEYS_FILE")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let (_, out, _) = engage_keys(&["list", "--file", file.to_str().unwrap()]);
+    let mut names: Vec<&str> = out.lines().filter_map(|l| l.split('\t').next()).collect();
+    names.sort();
+    let mut want: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+}

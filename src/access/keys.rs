@@ -65,8 +65,11 @@ fn read(path: &Path) -> Result<KeysFile, String> {
 fn write(path: &Path, file: &KeysFile) -> Result<(), String> {
     let text = serde_json::to_string_pretty(file).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("tmp");
+    // Under the file's lock (see `locked`): a temporary left by a crash is replaced, never
+    // reused with whatever permissions it had.
+    let _ = std::fs::remove_file(&tmp);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -79,7 +82,36 @@ fn write(path: &Path, file: &KeysFile) -> Result<(), String> {
     });
     result
         .and_then(|_| std::fs::rename(&tmp, path))
+        .and_then(|_| {
+            // The rename itself is durable once the directory is.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        })
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs `change` holding an exclusive lock on the keys file's sidecar `.lock` file, so that
+/// concurrent `engage keys` runs never lose each other's changes.
+fn locked<T>(path: &Path, change: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let lock_path = path.with_extension("lock");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let lock = options
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("{}: cannot lock: {e}", lock_path.display()))?;
+    let result = change();
+    let _ = lock.unlock();
+    result
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -137,6 +169,10 @@ fn check_name(name: &str) -> Result<(), String> {
 /// Adds a key (creating the file if missing); answers its secret, which nothing keeps.
 pub(crate) fn create(path: &Path, name: &str, role: Role) -> Result<String, String> {
     check_name(name)?;
+    locked(path, || create_locked(path, name, role))
+}
+
+fn create_locked(path: &Path, name: &str, role: Role) -> Result<String, String> {
     let mut file = if path.exists() {
         read(path)?
     } else {
@@ -177,6 +213,10 @@ pub(crate) fn list(path: &Path) -> Result<String, String> {
 
 /// Removes a key by name.
 pub(crate) fn revoke(path: &Path, name: &str) -> Result<(), String> {
+    locked(path, || revoke_locked(path, name))
+}
+
+fn revoke_locked(path: &Path, name: &str) -> Result<(), String> {
     let mut file = read(path)?;
     let before = file.keys.len();
     file.keys.retain(|k| k.name != name);
