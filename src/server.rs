@@ -76,6 +76,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let addr = listener.local_addr()?;
+    // First of all: a SIGHUP sent while the server starts (an operator's reload) must not find
+    // the default action, which ends the process.
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hup = None::<()>;
     if args.max_message_bytes < 64 * 1024 {
         return Err(format!(
             "--max-message-bytes {} is below 65536: nothing useful fits such messages",
@@ -91,6 +97,7 @@ pub async fn serve(
         )
         .map_err(|e| format!("--api-keys-file: {e}"))?,
     );
+    warn_about_rate_limits(&args);
     if !access.has_keys() && !addr.ip().is_loopback() && !args.insecure {
         return Err(format!(
             "refusing to listen on {addr} without --api-keys-file: anyone reaching it could read and erase every user's data; create keys with `engage keys create`, or pass --insecure"
@@ -152,7 +159,7 @@ pub async fn serve(
         .and_then(|(l, _)| l.local_addr().ok())
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let reloads = tokio::spawn(serve_reloads(access.clone(), tls_files.clone(), tls.clone()));
+    let reloads = tokio::spawn(serve_reloads(hup, access.clone(), tls_files.clone(), tls.clone()));
     let metrics_server = metrics.map(|(listener, handle)| {
         let scrape = Scrape {
             handle,
@@ -543,10 +550,20 @@ pub fn keys(args: &crate::config::KeysArgs) -> Result<String, ServerError> {
 
 /// Re-reads the keys file and the TLS files on every SIGHUP; a file that fails to load keeps
 /// what is in force (logged). Open connections and streams are not touched.
-async fn serve_reloads(access: Arc<Access>, files: Option<TlsFiles>, tls: Option<crate::net::TlsConfig>) {
+#[cfg(unix)]
+type Hup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hup = Option<()>;
+
+async fn serve_reloads(
+    hup: Hup,
+    access: Arc<Access>,
+    files: Option<TlsFiles>,
+    tls: Option<crate::net::TlsConfig>,
+) {
     #[cfg(unix)]
     {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Some(mut hup) = hup else {
             tracing::warn!("cannot listen for SIGHUP: keys and certificates are not reloaded");
             return;
         };
@@ -573,7 +590,26 @@ async fn serve_reloads(access: Arc<Access>, files: Option<TlsFiles>, tls: Option
     }
     #[cfg(not(unix))]
     {
-        let _ = (access, files, tls);
+        let _ = (hup, access, files, tls);
+    }
+}
+
+/// Rate-limit settings that are legal but probably not what the operator meant.
+fn warn_about_rate_limits(args: &ServeArgs) {
+    let rate = args.ingest_rate_per_key;
+    let burst = if args.ingest_burst == 0 {
+        rate
+    } else {
+        args.ingest_burst
+    };
+    if rate == 0 && args.ingest_burst != 0 {
+        tracing::warn!("--ingest-burst has no effect without --ingest-rate-per-key");
+    } else if rate > 0 && (burst as usize) < args.max_batch_events {
+        tracing::warn!(
+            burst,
+            max_batch_events = args.max_batch_events,
+            "a TrackEvents batch larger than the ingest burst is never admitted (INVALID_ARGUMENT); raise --ingest-burst or lower --max-batch-events"
+        );
     }
 }
 
@@ -587,6 +623,9 @@ async fn bind_metrics(
     let handle = crate::telemetry::install()?;
     Ok((listener, handle))
 }
+
+/// Most named consumers a scrape exports (those furthest behind first).
+const MAX_CONSUMER_SERIES: usize = 1000;
 
 /// What a scrape reads.
 #[derive(Clone)]
@@ -607,7 +646,10 @@ impl Scrape {
         metrics::gauge!(t::LOG_HEAD).set(head as f64);
         metrics::gauge!(t::SUBSCRIPTIONS_OPEN).set(self.log.open_subscriptions() as f64);
         match self.store.consumers() {
-            Ok(consumers) => {
+            Ok(mut consumers) => {
+                // Bounded label sets: the consumers furthest behind, at most this many.
+                consumers.sort_by_key(|(_, acked)| *acked);
+                consumers.truncate(MAX_CONSUMER_SERIES);
                 for (name, acked) in consumers {
                     metrics::gauge!(t::CONSUMER_ACKED, "consumer" => name.clone()).set(acked as f64);
                     metrics::gauge!(t::CONSUMER_LAG, "consumer" => name)
@@ -623,6 +665,19 @@ impl Scrape {
 
 /// Serves `GET /metrics` (HTTP/1.1) until aborted.
 async fn serve_metrics(listener: TcpListener, scrape: Scrape) {
+    // Histogram samples are kept until drained: drained every few seconds whether or not
+    // anyone scrapes, so memory does not grow with traffic while no scraper runs.
+    let upkeep = {
+        let handle = scrape.handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        })
+    };
+    let _upkeep = AbortOnDrop(upkeep);
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -652,9 +707,20 @@ async fn serve_metrics(listener: TcpListener, scrape: Scrape) {
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(io, service)
                 .await;
         });
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

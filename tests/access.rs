@@ -244,10 +244,17 @@ async fn a_revoked_key_is_refused_after_sighup_while_an_open_stream_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn configuration_and_erasure_calls_leave_audit_lines() {
-    let (_dir, file, _ingest, _read, admin) = three_keys();
+    let (_dir, file, _ingest, read, admin) = three_keys();
     let data = tempfile::tempdir().unwrap();
     let server = ChildServer::spawn_with(data.path(), &["--api-keys-file", file.to_str().unwrap()]);
     let channel = server.channel().await;
+    // A refused attempt at an erasure is audited too.
+    EventServiceClient::with_interceptor(channel.clone(), Bearer(read.clone()))
+        .delete_user(proto::DeleteUserRequest {
+            user_id: "ann".into(),
+        })
+        .await
+        .unwrap_err();
     let mut triggers = proto::trigger_service_client::TriggerServiceClient::with_interceptor(
         channel.clone(),
         Bearer(admin.clone()),
@@ -270,9 +277,11 @@ async fn configuration_and_erasure_calls_leave_audit_lines() {
         })
         .await
         .unwrap();
-    let line = server
-        .log
-        .wait_for(|l| l.contains("\"target\":\"audit\"") && l.contains("DeleteUser"));
+    let line = server.log.wait_for(|l| {
+        l.contains("\"target\":\"engage::audit\"")
+            && l.contains("DeleteUser")
+            && l.contains("\"outcome\":\"OK\"")
+    });
     let audit: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(audit["key"], "ops");
     assert_eq!(audit["method"], "engage.v1.EventService/DeleteUser");
@@ -285,7 +294,7 @@ async fn configuration_and_erasure_calls_leave_audit_lines() {
     let lines = server.log.lines();
     let create = lines
         .iter()
-        .find(|l| l.contains("\"target\":\"audit\"") && l.contains("CreateTrigger"))
+        .find(|l| l.contains("\"target\":\"engage::audit\"") && l.contains("CreateTrigger"))
         .expect("create audited");
     assert!(
         create.contains(&created.id) && create.contains("\"outcome\":\"OK\""),
@@ -293,9 +302,17 @@ async fn configuration_and_erasure_calls_leave_audit_lines() {
     );
     let delete = lines
         .iter()
-        .find(|l| l.contains("\"target\":\"audit\"") && l.contains("DeleteTrigger"))
+        .find(|l| l.contains("\"target\":\"engage::audit\"") && l.contains("DeleteTrigger"))
         .expect("delete audited");
     assert!(delete.contains("\"outcome\":\"NOT_FOUND\""), "{delete}");
+    let refused = lines
+        .iter()
+        .find(|l| l.contains("\"target\":\"engage::audit\"") && l.contains("PERMISSION_DENIED"))
+        .expect("a refused erasure audited");
+    assert!(
+        refused.contains("\"key\":\"worker\"") && refused.contains("DeleteUser"),
+        "{refused}"
+    );
     assert_eq!(count_lines(&server.log, &admin[7..]), 0, "a secret was logged");
 }
 

@@ -510,3 +510,16 @@ async fn track_event_without_an_event_names_the_field() {
         .into_inner();
     assert!(empty.results.is_empty());
 }
+
+#[tokio::test]
+async fn a_track_event_without_an_event_names_the_field() {
+    let server = TestServer::start().await;
+    let s = server
+        .events()
+        .await
+        .track_event(proto::TrackEventRequest { event: None })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert_eq!(s.message(), "event: required");
+}

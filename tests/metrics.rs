@@ -54,6 +54,7 @@ async fn a_scrape_after_a_scripted_workload_shows_exact_values() {
     let file = keys.path().join("keys.json");
     let admin = create_key(&file, "ops", "admin");
     let read = create_key(&file, "worker", "read");
+    let web = create_key(&file, "web", "ingest");
     let data = tempfile::tempdir().unwrap();
     let server = ChildServer::spawn_with(
         data.path(),
@@ -63,7 +64,7 @@ async fn a_scrape_after_a_scripted_workload_shows_exact_values() {
             "--api-keys-file",
             file.to_str().unwrap(),
             "--ingest-rate-per-key",
-            "1000",
+            "1",
             "--ingest-burst",
             "20",
         ],
@@ -131,13 +132,28 @@ async fn a_scrape_after_a_scripted_workload_shows_exact_values() {
         "{}",
         results[2].error
     );
-    // More than the burst: refused whole, every event counted.
+    // More than the burst: never admissible, a batch limit; every event counted.
     events
         .track_events(proto::TrackEventsRequest {
             events: (0..21).map(|_| event("c", "visit", &[])).collect(),
         })
         .await
         .unwrap_err();
+    // Another key's whole burst, then a call over its rate (1 event/s: no cell comes back
+    // within the test).
+    let mut site = EventServiceClient::with_interceptor(channel.clone(), Bearer(web.clone()));
+    site.track_events(proto::TrackEventsRequest {
+        events: (0..20).map(|_| event("w", "visit", &[])).collect(),
+    })
+    .await
+    .unwrap();
+    let s = site
+        .track_events(proto::TrackEventsRequest {
+            events: (0..5).map(|_| event("w", "visit", &[])).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
     // No key, and a key without the role.
     EventServiceClient::new(channel.clone())
         .track_event(one(event("x", "visit", &[])))
@@ -174,12 +190,12 @@ async fn a_scrape_after_a_scripted_workload_shows_exact_values() {
     let v = |name: &str, labels: &[(&str, &str)]| {
         value(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
     };
-    assert_eq!(v("engage_events_stored_total", &[]), 4.0);
+    assert_eq!(v("engage_events_stored_total", &[]), 24.0);
     assert_eq!(v("engage_events_duplicate_total", &[]), 1.0);
     for (reason, n) in [
         ("invalid", 1.0),
-        ("limit", 1.0),
-        ("rate_limited", 21.0),
+        ("limit", 22.0),
+        ("rate_limited", 5.0),
         ("unauthenticated", 1.0),
         ("permission_denied", 1.0),
     ] {

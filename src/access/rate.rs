@@ -59,7 +59,7 @@ impl IngestLimits {
         match limiter.check_key_n(&key.to_string(), cells) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(Refusal::RetryAfter(
-                not_until.wait_time_from(DefaultClock::default().now()),
+                not_until.wait_time_from(limiter.clock().now()),
             )),
             Err(_) => Err(Refusal::LargerThanBurst(self.burst)),
         }

@@ -29,7 +29,12 @@ impl EventApi {
         match self.access.ingest.admit(&caller.name, events) {
             Ok(()) => Ok(()),
             Err(refusal) => {
-                telemetry::rejected(Rejection::RateLimited, events as u64);
+                let why = match refusal {
+                    Refusal::RetryAfter(_) => Rejection::RateLimited,
+                    // Answered INVALID_ARGUMENT: a batch limit, counted as one.
+                    Refusal::LargerThanBurst(_) => Rejection::Limit,
+                };
+                telemetry::rejected(why, events as u64);
                 Err(match refusal {
                     Refusal::RetryAfter(wait) => {
                         let wait = wait.max(std::time::Duration::from_millis(1));
@@ -66,15 +71,13 @@ impl EventService for EventApi {
         request: Request<proto::TrackEventRequest>,
     ) -> Result<Response<proto::TrackEventResponse>, Status> {
         self.admit(&caller(&request), 1)?;
-        let prepared = request
-            .into_inner()
-            .event
-            .ok_or_else(|| invalid("event: required"))
-            .and_then(|event| self.prepare(event, Timestamp::now()))
-            .map_err(|e| {
-                telemetry::rejected(Rejection::of(&e), 1);
-                e.within("event")
-            })?;
+        let prepared = match request.into_inner().event {
+            None => Err(invalid("event: required")),
+            Some(event) => self
+                .prepare(event, Timestamp::now())
+                .map_err(|e| e.within("event")),
+        }
+        .inspect_err(|e| telemetry::rejected(Rejection::of(e), 1))?;
         let mut results = self.ingest.track(vec![Ok(prepared)]).await.inspect_err(|e| {
             telemetry::rejected(Rejection::of(e), 1);
         })?;

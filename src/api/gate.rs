@@ -141,6 +141,24 @@ where
                 request.extensions_mut().insert(caller);
             }
             Err(denied) => {
+                if needs == Role::Admin {
+                    // A refused attempt at a change or an erasure is worth an audit line too.
+                    let key = match &denied {
+                        Denied::PermissionDenied { key, .. } => key.clone(),
+                        Denied::Unauthenticated => String::new(),
+                    };
+                    let outcome = match &denied {
+                        Denied::PermissionDenied { .. } => "PERMISSION_DENIED",
+                        Denied::Unauthenticated => "UNAUTHENTICATED",
+                    };
+                    let peer = request
+                        .extensions()
+                        .get::<crate::net::ConnInfo>()
+                        .and_then(|c| c.remote)
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(target: crate::api::AUDIT, %key, %peer, method, outcome, "audit");
+                }
                 let (status, why) = refusal(denied, needs);
                 if needs == Role::Ingest {
                     // Refused before the request is read: counted once per call.
@@ -153,7 +171,15 @@ where
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
         Box::pin(async move {
-            let response = inner.call(request).await?;
+            // A call dropped before it answers (a deadline, a client gone) is still counted.
+            let mut pending = Pending {
+                method,
+                started,
+                done: false,
+            };
+            let response = inner.call(request).await;
+            pending.done = true;
+            let response = response?;
             // A trailers-only answer (an error) carries its status in the headers.
             if let Some(code) = grpc_status(response.headers()) {
                 record(method, code, started);
@@ -182,6 +208,21 @@ fn record(method: &'static str, code: i32, started: Instant) {
     metrics::counter!(telemetry::GRPC_REQUESTS, "method" => method, "code" => telemetry::code_name(code))
         .increment(1);
     metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());
+}
+
+/// Records a call as CANCELLED when its future is dropped before it answers.
+struct Pending {
+    method: &'static str,
+    started: Instant,
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            record(self.method, tonic::Code::Cancelled as i32, self.started);
+        }
+    }
 }
 
 /// A response body that records the call's code when its trailers pass (or CANCELLED when the

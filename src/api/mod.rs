@@ -54,13 +54,21 @@ impl From<Error> for Status {
     }
 }
 
-/// The caller the gate admitted (anonymous when the server has no keys).
+/// The target of audit lines (under `engage`, so `RUST_LOG=engage=...` keeps them).
+pub(crate) const AUDIT: &str = "engage::audit";
+
+/// The caller the gate admitted (anonymous when the server has no keys). A call that did not
+/// pass the gate (none does) is an unknown caller with the least role, never an admin.
 pub(crate) fn caller<T>(request: &tonic::Request<T>) -> crate::access::Caller {
     request
         .extensions()
         .get::<crate::access::Caller>()
         .cloned()
-        .unwrap_or_else(crate::access::Caller::anonymous)
+        .unwrap_or_else(|| crate::access::Caller {
+            name: "unknown".into(),
+            role: crate::access::Role::Ingest,
+            peer: None,
+        })
 }
 
 /// Logs the `audit` line of a call that changes configuration or erases data: the key's name,
@@ -76,7 +84,7 @@ pub(crate) fn audit<T>(
         Err(s) => crate::telemetry::code_name(s.code() as i32),
     };
     let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
-    tracing::info!(target: "audit", key = %caller.name, role = %caller.role, %peer, method, resource = %bounded(target.to_string()), outcome, "audit");
+    tracing::info!(target: AUDIT, key = %caller.name, role = %caller.role, %peer, method, resource = %bounded(target.to_string()), outcome, "audit");
 }
 
 /// Runs blocking storage reads off the async runtime.

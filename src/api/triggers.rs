@@ -201,7 +201,7 @@ impl TriggerService for TriggerApi {
         audit(
             &caller,
             "engage.v1.TriggerService/UpdateTrigger",
-            &format!("trigger {id}"),
+            &format!("trigger {id:?}"),
             &result,
         );
         Ok(Response::new(convert::to_proto_trigger(&result?)))
@@ -223,7 +223,7 @@ impl TriggerService for TriggerApi {
         audit(
             &caller,
             "engage.v1.TriggerService/DeleteTrigger",
-            &format!("trigger {id}"),
+            &format!("trigger {id:?}"),
             &result,
         );
         result?;

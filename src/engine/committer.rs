@@ -47,12 +47,14 @@ pub(super) fn run_committer(
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut replies = first.replies;
+        let mut counts = vec![first.counts];
         let mut now = Acknowledged {
             event_seq: first.last_event_seq,
             action_seq: first.last_action_seq,
         };
         while let Ok(more) = rx.try_recv() {
             replies.extend(more.replies);
+            counts.push(more.counts);
             now.event_seq = now.event_seq.max(more.last_event_seq);
             now.action_seq = now.action_seq.max(more.last_action_seq);
         }
@@ -79,6 +81,8 @@ pub(super) fn run_committer(
         });
         if fault.is_none() {
             flushed = now;
+            // Counted once durable: a failed flush answers its events as unavailable instead.
+            counts.into_iter().for_each(super::group::Counts::record);
             // Publish before answering: a client that read sequence N from an answer can
             // subscribe from N at once.
             durable.send_if_modified(|v| {

@@ -116,6 +116,10 @@ impl Ingest {
                 // Nothing of this call committed yet: the call fails as a whole.
                 Err(e) if results.is_empty() => return Err(e),
                 Err(e) => {
+                    crate::telemetry::rejected(
+                        crate::telemetry::Rejection::of(&e),
+                        (total - results.len()) as u64,
+                    );
                     results.resize_with(total, || Err(e.clone()));
                     return Ok(results);
                 }

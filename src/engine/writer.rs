@@ -37,6 +37,8 @@ const MAX_GROUP_WRITES: usize = 4096;
 /// behind (durable once the committer's flush succeeds).
 pub(super) struct Applied {
     pub(super) replies: Vec<Reply>,
+    /// What the group's events did, recorded once its flush succeeds.
+    pub(super) counts: super::group::Counts,
     pub(super) last_event_seq: u64,
     pub(super) last_action_seq: u64,
 }
@@ -97,6 +99,7 @@ impl Writer {
                 }
             }
             let replies = std::mem::take(&mut group.replies);
+            let counts = std::mem::take(&mut group.counts);
             if let Some(fault) = self.apply(group, start_seq, start_action_seq) {
                 for r in replies {
                     r(Some(&fault));
@@ -105,6 +108,7 @@ impl Writer {
             }
             let applied = Applied {
                 replies,
+                counts,
                 last_event_seq: self.last_seq,
                 last_action_seq: self.last_action_seq,
             };
@@ -168,9 +172,7 @@ impl Writer {
             let now = (pending.load(Ordering::Relaxed) as i64 + timers_delta).max(0);
             pending.store(now as u64, Ordering::Relaxed);
         }
-        let counts = std::mem::take(&mut group.counts);
         self.publish(group);
-        counts.record();
         None
     }
 
