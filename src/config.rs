@@ -227,6 +227,10 @@ pub struct ServeArgs {
     /// Events a key may send at once above its rate; 0 means one second's worth.
     #[arg(long, env = "ENGAGE_INGEST_BURST", default_value_t = 0)]
     pub ingest_burst: u32,
+    /// Origins whose browsers may call the HTTP endpoints and grpc-web (comma-separated; `*`
+    /// allows any; none by default), preflight included.
+    #[arg(long, env = "ENGAGE_CORS_ALLOWED_ORIGINS", default_value = "")]
+    pub cors_allowed_origins: String,
     /// Serve Prometheus metrics at GET /metrics on this address (no keys: bind it privately).
     #[arg(long, env = "ENGAGE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

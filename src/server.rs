@@ -192,12 +192,23 @@ pub async fn serve(
         let _ = stop_streams.send(true);
         let _ = started_tx.send(Some(tokio::time::Instant::now()));
     };
-    let server = Server::builder()
+    // Outermost first: CORS answers preflights, grpc-web becomes gRPC, then the gate.
+    let mut builder = Server::builder()
+        .accept_http1(true)
+        .layer(cors(&args.cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(GateLayer {
             access: access.clone(),
         })
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    let http = crate::api::http::router(crate::api::segment::SegmentApi {
+        ingest: ingest.clone(),
+        access: access.clone(),
+        max_body_bytes: args.max_message_bytes,
+    });
+    let server = builder
+        .add_routes(tonic::service::Routes::from(http))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -235,6 +246,35 @@ pub async fn serve(
     stop_engine(ingest, threads, &store, left).await?;
     tracing::info!("engage stopped");
     Ok(())
+}
+
+/// The CORS policy of `--cors-allowed-origins`: none, a list, or `*` for any origin. Requests
+/// carry keys in `authorization`, never cookies, so no credentials mode is needed.
+fn cors(origins: &str) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let list: Vec<http::HeaderValue> = origins
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty() && *o != "*")
+        .filter_map(|o| http::HeaderValue::from_str(o).ok())
+        .collect();
+    let any = origins.split(',').any(|o| o.trim() == "*");
+    let allow = if any {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(list)
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([http::Method::GET, http::Method::POST, http::Method::OPTIONS])
+        .allow_headers(Any)
+        .expose_headers([
+            http::HeaderName::from_static("grpc-status"),
+            http::HeaderName::from_static("grpc-message"),
+            http::HeaderName::from_static("grpc-status-details-bin"),
+            http::header::RETRY_AFTER,
+        ])
+        .max_age(Duration::from_secs(3600))
 }
 
 /// Adds engage's own services to `router`, each limited to messages of `max` bytes.

@@ -28,6 +28,7 @@ pub(crate) const WRITE_GROUP_SIZE: &str = "engage_write_group_size";
 pub(crate) const GRPC_REQUESTS: &str = "engage_grpc_requests_total";
 pub(crate) const GRPC_DURATION: &str = "engage_grpc_request_duration_seconds";
 pub(crate) const STORAGE_BYTES: &str = "engage_storage_bytes";
+pub(crate) const HTTP_REQUESTS: &str = "engage_http_requests_total";
 
 /// Why an event was refused, as `engage_events_rejected_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -29,7 +29,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-/// Loads the files into a server configuration (HTTP/2 offered by ALPN).
+/// Loads the files into a server configuration (HTTP/2 and HTTP/1.1 offered by ALPN).
 pub(crate) fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&files.cert)?;
@@ -56,8 +56,7 @@ pub(crate) fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| format!("{} and {}: {e}", files.cert.display(), files.key.display()))?;
-    // The listener speaks HTTP/2 only (gRPC): offering http/1.1 would let a client pick a
-    // protocol the server then cannot serve.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC needs HTTP/2; the HTTP endpoints and grpc-web also answer HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

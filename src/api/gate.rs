@@ -37,6 +37,20 @@ pub(crate) const METHOD_ROLES: &[(&str, Role)] = &[
     ("engage.v1.QueryService/GetEventStats", Role::Read),
 ];
 
+/// The HTTP endpoints (SPEC §7), with the role each needs.
+pub(crate) const HTTP_ROLES: &[(&str, Role)] = &[
+    ("/v1/track", Role::Ingest),
+    ("/v1/page", Role::Ingest),
+    ("/v1/screen", Role::Ingest),
+    ("/v1/identify", Role::Ingest),
+    ("/v1/group", Role::Ingest),
+    ("/v1/alias", Role::Ingest),
+    ("/v1/batch", Role::Ingest),
+];
+
+/// HTTP paths anyone may fetch.
+const OPEN_HTTP: &[&str] = &["/snippet.js"];
+
 /// Services anyone may call (load balancers' health checks, grpcurl's reflection).
 const OPEN_PREFIXES: &[&str] = &[
     "/grpc.health.v1.Health/",
@@ -44,19 +58,61 @@ const OPEN_PREFIXES: &[&str] = &[
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
-/// The method of a path (`/pkg.Service/Method`) and the role it needs; `None` for open paths.
-fn method_of(path: &str) -> Option<(&'static str, Role)> {
+/// What a request is, for the gate.
+#[derive(Clone, Copy)]
+enum Route {
+    /// Health, reflection: no key.
+    Open,
+    /// An open HTTP path (counted by path).
+    OpenHttp(&'static str),
+    /// A gRPC method (or an unknown path asked as gRPC) and the role it needs.
+    Grpc(&'static str, Role),
+    /// An HTTP endpoint (or an unknown path asked as plain HTTP) and the role it needs.
+    Http(&'static str, Role),
+}
+
+fn route_of(path: &str, grpc: bool) -> Route {
     if OPEN_PREFIXES.iter().any(|p| path.starts_with(p)) {
-        return None;
+        return Route::Open;
+    }
+    if let Some(p) = OPEN_HTTP.iter().find(|p| **p == path) {
+        return Route::OpenHttp(p);
+    }
+    if let Some((p, role)) = HTTP_ROLES.iter().find(|(p, _)| *p == path) {
+        return Route::Http(p, *role);
     }
     let name = path.strip_prefix('/').unwrap_or(path);
-    Some(
-        METHOD_ROLES
-            .iter()
-            .find(|(m, _)| *m == name)
-            .copied()
-            .unwrap_or(("unknown", Role::Admin)),
-    )
+    if let Some((m, role)) = METHOD_ROLES.iter().find(|(m, _)| *m == name) {
+        return Route::Grpc(m, *role);
+    }
+    // Anything else needs the highest role (it answers "not found" or UNIMPLEMENTED).
+    if grpc {
+        Route::Grpc("unknown", Role::Admin)
+    } else {
+        Route::Http("other", Role::Admin)
+    }
+}
+
+/// An HTTP answer for a refused credential (what §6 says: 401, 403, JSON).
+fn http_refusal(status: &Status) -> http::Response<tonic::body::Body> {
+    let code = match status.code() {
+        tonic::Code::Unauthenticated => http::StatusCode::UNAUTHORIZED,
+        _ => http::StatusCode::FORBIDDEN,
+    };
+    let body = serde_json::json!({ "error": status.message() }).to_string();
+    let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if code == http::StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer, Basic realm=\"engage\""),
+        );
+    }
+    response
 }
 
 /// The status of a refused credential (never quoting the credential).
@@ -122,10 +178,28 @@ where
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let Some((method, needs)) = method_of(request.uri().path()) else {
-            let mut inner = self.inner.clone();
-            std::mem::swap(&mut inner, &mut self.inner);
-            return Box::pin(inner.call(request));
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/grpc"));
+        let (method, needs, is_grpc) = match route_of(request.uri().path(), grpc) {
+            Route::Open => {
+                let mut inner = self.inner.clone();
+                std::mem::swap(&mut inner, &mut self.inner);
+                return Box::pin(inner.call(request));
+            }
+            Route::OpenHttp(path) => {
+                let mut inner = self.inner.clone();
+                std::mem::swap(&mut inner, &mut self.inner);
+                return Box::pin(async move {
+                    let response = inner.call(request).await?;
+                    record_http(path, response.status());
+                    Ok(response)
+                });
+            }
+            Route::Grpc(method, needs) => (method, needs, true),
+            Route::Http(path, needs) => (path, needs, false),
         };
         let secret = request
             .headers()
@@ -142,27 +216,17 @@ where
             }
             Err(denied) => {
                 if needs == Role::Admin {
-                    // A refused attempt at a change or an erasure is worth an audit line too.
-                    let key = match &denied {
-                        Denied::PermissionDenied { key, .. } => key.clone(),
-                        Denied::Unauthenticated => String::new(),
-                    };
-                    let outcome = match &denied {
-                        Denied::PermissionDenied { .. } => "PERMISSION_DENIED",
-                        Denied::Unauthenticated => "UNAUTHENTICATED",
-                    };
-                    let peer = request
-                        .extensions()
-                        .get::<crate::net::ConnInfo>()
-                        .and_then(|c| c.remote)
-                        .map(|p| p.to_string())
-                        .unwrap_or_default();
-                    tracing::info!(target: crate::api::AUDIT, %key, %peer, method, outcome, "audit");
+                    audit_refusal(&denied, method, &request);
                 }
                 let (status, why) = refusal(denied, needs);
                 if needs == Role::Ingest {
                     // Refused before the request is read: counted once per call.
                     telemetry::rejected(why, 1);
+                }
+                if !is_grpc {
+                    let response = http_refusal(&status);
+                    record_http(method, response.status());
+                    return Box::pin(std::future::ready(Ok(response)));
                 }
                 record(method, status.code() as i32, started);
                 return Box::pin(std::future::ready(Ok(status.into_http())));
@@ -170,6 +234,13 @@ where
         }
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
+        if !is_grpc {
+            return Box::pin(async move {
+                let response = inner.call(request).await?;
+                record_http(method, response.status());
+                Ok(response)
+            });
+        }
         Box::pin(async move {
             // A call dropped before it answers (a deadline, a client gone) is still counted.
             let mut pending = Pending {
@@ -195,6 +266,25 @@ where
             }))
         })
     }
+}
+
+/// The audit line of a refused attempt at a change or an erasure.
+fn audit_refusal<B>(denied: &Denied, method: &str, request: &http::Request<B>) {
+    let (key, outcome) = match denied {
+        Denied::PermissionDenied { key, .. } => (key.clone(), "PERMISSION_DENIED"),
+        Denied::Unauthenticated => (String::new(), "UNAUTHENTICATED"),
+    };
+    let peer = request
+        .extensions()
+        .get::<crate::net::ConnInfo>()
+        .and_then(|c| c.remote)
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    tracing::info!(target: crate::api::AUDIT, %key, %peer, method, outcome, "audit");
+}
+
+fn record_http(path: &'static str, status: http::StatusCode) {
+    metrics::counter!(telemetry::HTTP_REQUESTS, "path" => path, "status" => status.as_u16().to_string()).increment(1);
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {

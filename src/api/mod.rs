@@ -8,8 +8,10 @@ pub(crate) mod events;
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod gate;
+pub(crate) mod http;
 pub(crate) mod query;
 pub(crate) mod schema;
+pub(crate) mod segment;
 pub(crate) mod triggers;
 
 use tonic::{Code, Status};
