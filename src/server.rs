@@ -196,7 +196,7 @@ pub async fn serve(
     let mut builder = Server::builder()
         .accept_http1(true)
         .layer(cors(&args.cors_allowed_origins))
-        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(crate::api::http::GrpcWebOnlyLayer)
         .layer(GateLayer {
             access: access.clone(),
         })

@@ -100,7 +100,9 @@ fn http_refusal(status: &Status) -> http::Response<tonic::body::Body> {
         _ => http::StatusCode::FORBIDDEN,
     };
     let body = serde_json::json!({ "error": status.message() }).to_string();
-    let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))));
+    let mut response = http::Response::new(tonic::body::Body::new(http_body_util::Full::new(
+        bytes::Bytes::from(body),
+    )));
     *response.status_mut() = code;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -284,7 +286,8 @@ fn audit_refusal<B>(denied: &Denied, method: &str, request: &http::Request<B>) {
 }
 
 fn record_http(path: &'static str, status: http::StatusCode) {
-    metrics::counter!(telemetry::HTTP_REQUESTS, "path" => path, "status" => status.as_u16().to_string()).increment(1);
+    metrics::counter!(telemetry::HTTP_REQUESTS, "path" => path, "status" => status.as_u16().to_string())
+        .increment(1);
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {

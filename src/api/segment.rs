@@ -87,7 +87,10 @@ impl SegmentApi {
             telemetry::rejected(Rejection::Limit, messages.len() as u64);
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("batch: {} messages, limit is {limit} (max_batch_events)", messages.len()),
+                format!(
+                    "batch: {} messages, limit is {limit} (max_batch_events)",
+                    messages.len()
+                ),
             );
         }
         let now = Timestamp::now();
@@ -119,7 +122,9 @@ impl SegmentApi {
         };
         for (i, r) in indexes.into_iter().zip(results) {
             if let Err(e) = r {
-                let message = tonic::Status::from(e.within(&format!("batch[{i}]"))).message().to_string();
+                let message = tonic::Status::from(e.within(&format!("batch[{i}]")))
+                    .message()
+                    .to_string();
                 rejected.push(json!({ "index": i, "error": message }));
             }
         }
@@ -162,7 +167,12 @@ impl SegmentApi {
     /// The body, gunzipped when it says so; 413 past `max_body_bytes` (compressed or not).
     async fn read_body(&self, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Response> {
         let max = self.max_body_bytes;
-        let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, format!("body: larger than {max} bytes (max_message_bytes)"));
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body: larger than {max} bytes (max_message_bytes)"),
+            )
+        };
         let raw = http_body_util::Limited::new(body, max)
             .collect()
             .await
@@ -203,7 +213,10 @@ impl SegmentApi {
 
 /// The messages of a body: one for a single call, the `batch` of `/v1/batch` (each with its
 /// `type`). A body that is not JSON of that shape is the whole call's error.
-fn parse(kind: &str, bytes: &[u8]) -> Result<Vec<(String, Map<String, Json>)>, String> {
+/// One message: its type and its fields.
+type Message = (String, Map<String, Json>);
+
+fn parse(kind: &str, bytes: &[u8]) -> Result<Vec<Message>, String> {
     let body: Json = serde_json::from_slice(bytes).map_err(|e| format!("body: not JSON ({e})"))?;
     let Json::Object(mut body) = body else {
         return Err("body: must be a JSON object".into());
@@ -221,7 +234,11 @@ fn parse(kind: &str, bytes: &[u8]) -> Result<Vec<(String, Map<String, Json>)>, S
         };
         let kind = match m.get("type") {
             Some(Json::String(t)) => t.to_ascii_lowercase(),
-            _ => return Err(format!("batch[{i}].type: required (track, page, screen, identify, group or alias)")),
+            _ => {
+                return Err(format!(
+                    "batch[{i}].type: required (track, page, screen, identify, group or alias)"
+                ))
+            }
         };
         out.push((kind, m));
     }
@@ -266,11 +283,15 @@ fn text(m: &Map<String, Json>, field: &str) -> Option<String> {
 }
 
 /// The event a message stores (`None` for identify, group and alias: answered, not stored).
-fn to_event((kind, m): &(String, Map<String, Json>)) -> Result<Option<Result<NewEvent, Error>>, Error> {
+fn to_event((kind, m): &Message) -> Result<Option<Result<NewEvent, Error>>, Error> {
     let name = match kind.as_str() {
         "track" => match m.get("event") {
             Some(Json::String(e)) => normalized(e, event_name_char),
-            _ => return Ok(Some(Err(crate::error::invalid("event: required for a track message")))),
+            _ => {
+                return Ok(Some(Err(crate::error::invalid(
+                    "event: required for a track message",
+                ))))
+            }
         },
         "page" => "page_viewed".to_string(),
         "screen" => "screen_viewed".to_string(),
@@ -282,15 +303,25 @@ fn to_event((kind, m): &(String, Map<String, Json>)) -> Result<Option<Result<New
         }
     };
     let Some(user_id) = text(m, "userId").or_else(|| text(m, "anonymousId")) else {
-        return Ok(Some(Err(crate::error::invalid("userId: required (or anonymousId)"))));
+        return Ok(Some(Err(crate::error::invalid(
+            "userId: required (or anonymousId)",
+        ))));
     };
     let occurred_at = match m.get("timestamp") {
         None | Some(Json::Null) => None,
         Some(Json::String(t)) => match Timestamp::parse(t) {
             Some(ts) => Some(ts),
-            None => return Ok(Some(Err(crate::error::invalid(format!("timestamp: {t:?} is not an ISO 8601 time"))))),
+            None => {
+                return Ok(Some(Err(crate::error::invalid(format!(
+                    "timestamp: {t:?} is not an ISO 8601 time"
+                )))))
+            }
         },
-        Some(_) => return Ok(Some(Err(crate::error::invalid("timestamp: must be an ISO 8601 string")))),
+        Some(_) => {
+            return Ok(Some(Err(crate::error::invalid(
+                "timestamp: must be an ISO 8601 string",
+            ))))
+        }
     };
     let mut attributes = Vec::new();
     if let Some(props) = m.get("properties") {
@@ -341,7 +372,10 @@ mod tests {
         assert_eq!(normalized("Order Completed", event_name_char), "order_completed");
         assert_eq!(normalized("Product ID", attribute_char), "product_id");
         assert_eq!(normalized("  --Weird!!name--  ", attribute_char), "weird_name");
-        assert_eq!(normalized("checkout.started", event_name_char), "checkout.started");
+        assert_eq!(
+            normalized("checkout.started", event_name_char),
+            "checkout.started"
+        );
         assert_eq!(normalized("CamelCase", attribute_char), "CamelCase");
         assert_eq!(normalized("!!!", attribute_char), "");
     }
