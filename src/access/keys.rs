@@ -141,7 +141,7 @@ pub(crate) fn load(path: &Path) -> Result<Keys, String> {
         entries.push((
             digest,
             Caller {
-                name: k.name,
+                name: k.name.into(),
                 role: k.role,
                 peer: None,
             },

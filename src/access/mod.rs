@@ -45,20 +45,23 @@ impl fmt::Display for Role {
 /// server runs without a keys file). Put in the request's extensions by the gate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Caller {
-    pub(crate) name: String,
+    /// Shared: a caller is cloned on every call (into the request, out of it).
+    pub(crate) name: std::sync::Arc<str>,
     pub(crate) role: Role,
     /// The address the call came from, when known (for the audit line).
     pub(crate) peer: Option<std::net::SocketAddr>,
 }
 
+static ANONYMOUS: std::sync::LazyLock<Caller> = std::sync::LazyLock::new(|| Caller {
+    name: "anonymous".into(),
+    role: Role::Admin,
+    peer: None,
+});
+
 impl Caller {
-    /// The caller of a server without keys.
+    /// The caller of a server without keys (no allocation: every call of such a server is one).
     pub(crate) fn anonymous() -> Self {
-        Self {
-            name: "anonymous".into(),
-            role: Role::Admin,
-            peer: None,
-        }
+        ANONYMOUS.clone()
     }
 }
 
@@ -69,6 +72,18 @@ pub(crate) struct Access {
     /// `None`: no keys file, every call allowed.
     keys: parking_lot::RwLock<Option<std::sync::Arc<keys::Keys>>>,
     pub(crate) ingest: rate::IngestLimits,
+}
+
+/// Why the ingest rate limit refused a call, with the message to answer.
+#[derive(Debug)]
+pub(crate) enum Limited {
+    /// Over the rate: RESOURCE_EXHAUSTED (HTTP 429) with this wait.
+    RetryAfter {
+        wait: std::time::Duration,
+        message: String,
+    },
+    /// More than the burst: INVALID_ARGUMENT (HTTP 400).
+    TooLarge(String),
 }
 
 /// Why a credential was not accepted.
@@ -91,6 +106,39 @@ impl Access {
             keys_file,
             keys: parking_lot::RwLock::new(keys),
             ingest: rate::IngestLimits::new(rate, burst),
+        })
+    }
+
+    /// Admits `events` events of `caller` under the ingest rate limit, whole or not at all. A
+    /// refusal is counted (`engage_events_rejected_total`) and explained; `field` names what
+    /// the count is of (`events`, `batch`).
+    pub(crate) fn admit(&self, caller: &Caller, field: &str, events: usize) -> Result<(), Limited> {
+        let refusal = match self.ingest.admit(&caller.name, events) {
+            Ok(()) => return Ok(()),
+            Err(r) => r,
+        };
+        use crate::telemetry::{rejected, Rejection};
+        Err(match refusal {
+            rate::Refusal::RetryAfter(wait) => {
+                rejected(Rejection::RateLimited, events as u64);
+                let wait = wait.max(std::time::Duration::from_millis(1));
+                Limited::RetryAfter {
+                    wait,
+                    message: format!(
+                        "rate limit: key {:?} may send {} events per second (ingest_rate_per_key); retry in {} ms",
+                        caller.name,
+                        self.ingest.rate(),
+                        wait.as_millis()
+                    ),
+                }
+            }
+            // Never admissible whole: a limit of the call, answered and counted as one.
+            rate::Refusal::LargerThanBurst(burst) => {
+                rejected(Rejection::Limit, events as u64);
+                Limited::TooLarge(format!(
+                    "{field}: {events} events, more than the ingest burst of {burst} (ingest_burst) a call may ever send; split it"
+                ))
+            }
         })
     }
 
@@ -123,7 +171,7 @@ impl Access {
             Ok(caller)
         } else {
             Err(Denied::PermissionDenied {
-                key: caller.name,
+                key: caller.name.to_string(),
                 has: caller.role,
                 needs,
             })

@@ -1,11 +1,8 @@
 //! EventService: TrackEvent, TrackEvents, GetUserTimeline, DeleteUser.
 
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::{Request, Response, Status};
 
-use crate::access::rate::Refusal;
-use crate::access::Caller;
-use crate::api::{audit, blocking, caller, convert};
+use crate::api::{audit, blocking, caller, check_batch_size, convert, limited_status};
 use crate::domain::model::Timestamp;
 use crate::domain::rules::{self, page_size, PreparedEvent};
 use crate::engine::Ingest;
@@ -14,7 +11,6 @@ use crate::proto;
 use crate::proto::event_service_server::EventService;
 use crate::read::timeline::{self, TimelineQuery};
 use crate::store::Store;
-use crate::telemetry::{self, Rejection};
 
 /// The EventService handlers.
 pub(crate) struct EventApi {
@@ -24,39 +20,6 @@ pub(crate) struct EventApi {
 }
 
 impl EventApi {
-    /// Admits `events` events for `caller` under the ingest rate limit, whole or not at all.
-    fn admit(&self, caller: &Caller, events: usize) -> Result<(), Status> {
-        match self.access.ingest.admit(&caller.name, events) {
-            Ok(()) => Ok(()),
-            Err(refusal) => {
-                let why = match refusal {
-                    Refusal::RetryAfter(_) => Rejection::RateLimited,
-                    // Answered INVALID_ARGUMENT: a batch limit, counted as one.
-                    Refusal::LargerThanBurst(_) => Rejection::Limit,
-                };
-                telemetry::rejected(why, events as u64);
-                Err(match refusal {
-                    Refusal::RetryAfter(wait) => {
-                        let wait = wait.max(std::time::Duration::from_millis(1));
-                        Status::with_error_details(
-                            Code::ResourceExhausted,
-                            format!(
-                                "rate limit: key {:?} may send {} events per second (ingest_rate_per_key); retry in {} ms",
-                                caller.name,
-                                self.access.ingest.rate(),
-                                wait.as_millis().max(1)
-                            ),
-                            ErrorDetails::with_retry_info(Some(wait)),
-                        )
-                    }
-                    Refusal::LargerThanBurst(burst) => Status::invalid_argument(format!(
-                        "events: {events} events, more than the ingest burst of {burst} (ingest_burst) a call may ever send; split the batch"
-                    )),
-                })
-            }
-        }
-    }
-
     /// Converts and checks one wire event on the caller's task (off the writer thread).
     fn prepare(&self, e: proto::Event, now: Timestamp) -> Result<PreparedEvent, Error> {
         let event = convert::new_event(e)?;
@@ -70,17 +33,16 @@ impl EventService for EventApi {
         &self,
         request: Request<proto::TrackEventRequest>,
     ) -> Result<Response<proto::TrackEventResponse>, Status> {
-        self.admit(&caller(&request), 1)?;
+        self.access
+            .admit(&caller(&request), "events", 1)
+            .map_err(limited_status)?;
+        // A refused event goes the writer's way too: the engine counts every event's outcome
+        // in one place (see `Ingest::track`).
         let prepared = match request.into_inner().event {
-            None => Err(invalid("event: required")),
-            Some(event) => self
-                .prepare(event, Timestamp::now())
-                .map_err(|e| e.within("event")),
-        }
-        .inspect_err(|e| telemetry::rejected(Rejection::of(e), 1))?;
-        let mut results = self.ingest.track(vec![Ok(prepared)]).await.inspect_err(|e| {
-            telemetry::rejected(Rejection::of(e), 1);
-        })?;
+            None => Err(invalid(": required")),
+            Some(event) => self.prepare(event, Timestamp::now()),
+        };
+        let mut results = self.ingest.track(vec![prepared]).await?;
         let tracked = results
             .pop()
             .ok_or_else(|| Error::Internal("no result for a tracked event".into()))?
@@ -99,25 +61,16 @@ impl EventService for EventApi {
     ) -> Result<Response<proto::TrackEventsResponse>, Status> {
         let caller = caller(&request);
         let events = request.into_inner().events;
-        let limit = self.ingest.limits().max_batch_events;
-        if events.len() > limit {
-            telemetry::rejected(Rejection::Limit, events.len() as u64);
-            return Err(invalid(format!(
-                "events: {} events, limit is {limit} (max_batch_events)",
-                events.len()
-            ))
-            .into());
-        }
+        check_batch_size("events", events.len(), self.ingest.limits())?;
         if events.is_empty() {
             return Ok(Response::new(proto::TrackEventsResponse::default()));
         }
-        self.admit(&caller, events.len())?;
+        self.access
+            .admit(&caller, "events", events.len())
+            .map_err(limited_status)?;
         let now = Timestamp::now();
-        let n = events.len() as u64;
         let prepared = events.into_iter().map(|e| self.prepare(e, now)).collect();
-        let results = self.ingest.track(prepared).await.inspect_err(|e| {
-            telemetry::rejected(Rejection::of(e), n);
-        })?;
+        let results = self.ingest.track(prepared).await?;
         let results = results
             .into_iter()
             .enumerate()

@@ -210,10 +210,7 @@ where
             .and_then(secret_of);
         match self.access.check(secret.as_deref(), needs) {
             Ok(mut caller) => {
-                caller.peer = request
-                    .extensions()
-                    .get::<crate::net::ConnInfo>()
-                    .and_then(|c| c.remote);
+                caller.peer = peer(&request);
                 request.extensions_mut().insert(caller);
             }
             Err(denied) => {
@@ -272,17 +269,19 @@ where
 
 /// The audit line of a refused attempt at a change or an erasure.
 fn audit_refusal<B>(denied: &Denied, method: &str, request: &http::Request<B>) {
-    let (key, outcome) = match denied {
-        Denied::PermissionDenied { key, .. } => (key.clone(), "PERMISSION_DENIED"),
-        Denied::Unauthenticated => (String::new(), "UNAUTHENTICATED"),
+    let (key, role, outcome) = match denied {
+        Denied::PermissionDenied { key, has, .. } => (key.as_str(), Some(*has), "PERMISSION_DENIED"),
+        Denied::Unauthenticated => ("", None, "UNAUTHENTICATED"),
     };
-    let peer = request
+    crate::api::audit_line(key, role, peer(request), method, "", outcome);
+}
+
+/// The address a request came from.
+fn peer<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    request
         .extensions()
         .get::<crate::net::ConnInfo>()
         .and_then(|c| c.remote)
-        .map(|p| p.to_string())
-        .unwrap_or_default();
-    tracing::info!(target: crate::api::AUDIT, %key, %peer, method, outcome, "audit");
 }
 
 fn record_http(path: &'static str, status: http::StatusCode) {

@@ -59,22 +59,64 @@ impl From<Error> for Status {
 /// The target of audit lines (under `engage`, so `RUST_LOG=engage=...` keeps them).
 pub(crate) const AUDIT: &str = "engage::audit";
 
-/// The caller the gate admitted (anonymous when the server has no keys). A call that did not
-/// pass the gate (none does) is an unknown caller with the least role, never an admin.
-pub(crate) fn caller<T>(request: &tonic::Request<T>) -> crate::access::Caller {
-    request
-        .extensions()
-        .get::<crate::access::Caller>()
-        .cloned()
-        .unwrap_or_else(|| crate::access::Caller {
-            name: "unknown".into(),
-            role: crate::access::Role::Ingest,
-            peer: None,
-        })
+/// The caller the gate admitted (anonymous when the server has no keys), from a request's
+/// extensions. A call that did not pass the gate (none does) is an unknown caller with the least
+/// role, never an admin.
+pub(crate) fn caller_of(admitted: Option<&crate::access::Caller>) -> crate::access::Caller {
+    admitted.cloned().unwrap_or_else(|| crate::access::Caller {
+        name: "unknown".into(),
+        role: crate::access::Role::Ingest,
+        peer: None,
+    })
 }
 
-/// Logs the `audit` line of a call that changes configuration or erases data: the key's name,
-/// the method, the target and the outcome (a gRPC code name).
+/// [`caller_of`] a gRPC request.
+pub(crate) fn caller<T>(request: &tonic::Request<T>) -> crate::access::Caller {
+    caller_of(request.extensions().get::<crate::access::Caller>())
+}
+
+/// A rate-limit refusal as a gRPC status (with `RetryInfo` when a wait will do).
+pub(crate) fn limited_status(limited: crate::access::Limited) -> Status {
+    match limited {
+        crate::access::Limited::RetryAfter { wait, message } => {
+            use tonic_types::StatusExt;
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+            )
+        }
+        crate::access::Limited::TooLarge(message) => Status::invalid_argument(message),
+    }
+}
+
+/// Refuses a call of more than `max_batch_events` events (counted as a limit); `field` names
+/// the list (`events`, `batch`).
+pub(crate) fn check_batch_size(field: &str, n: usize, limits: &crate::domain::rules::Limits) -> Result<(), Error> {
+    let limit = limits.max_batch_events;
+    if n <= limit {
+        return Ok(());
+    }
+    crate::telemetry::rejected(crate::telemetry::Rejection::Limit, n as u64);
+    Err(invalid(format!("{field}: {n} events, limit is {limit} (max_batch_events)")))
+}
+
+/// Logs one `audit` line: the key's name and role (when known), the peer, the method, what it
+/// was about and the outcome (a gRPC code name).
+pub(crate) fn audit_line(
+    key: &str,
+    role: Option<crate::access::Role>,
+    peer: Option<std::net::SocketAddr>,
+    method: &str,
+    resource: &str,
+    outcome: &str,
+) {
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+    let role = role.map_or("", crate::access::Role::as_str);
+    tracing::info!(target: AUDIT, %key, %role, %peer, method, resource = %bounded(resource.to_string()), outcome, "audit");
+}
+
+/// The audit line of a call that changes configuration or erases data, from its result.
 pub(crate) fn audit<T>(
     caller: &crate::access::Caller,
     method: &str,
@@ -85,8 +127,7 @@ pub(crate) fn audit<T>(
         Ok(_) => "OK",
         Err(s) => crate::telemetry::code_name(s.code() as i32),
     };
-    let peer = caller.peer.map(|p| p.to_string()).unwrap_or_default();
-    tracing::info!(target: AUDIT, key = %caller.name, role = %caller.role, %peer, method, resource = %bounded(target.to_string()), outcome, "audit");
+    audit_line(&caller.name, Some(caller.role), caller.peer, method, target, outcome);
 }
 
 /// Runs blocking storage reads off the async runtime.

@@ -15,13 +15,12 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Map, Value as Json};
 
-use crate::access::rate::Refusal;
-use crate::access::{Access, Caller};
+use crate::access::{Access, Caller, Limited};
+use crate::api::{caller_of, check_batch_size};
 use crate::domain::model::{NewEvent, Timestamp, Value};
 use crate::domain::rules;
 use crate::engine::Ingest;
 use crate::error::Error;
-use crate::telemetry::{self, Rejection};
 
 /// What the endpoints need.
 #[derive(Clone)]
@@ -68,11 +67,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 impl SegmentApi {
     async fn handle(&self, kind: &'static str, request: http::Request<Body>) -> Response {
-        let caller = request
-            .extensions()
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(Caller::anonymous);
+        let caller = caller_of(request.extensions().get::<Caller>());
         let (parts, body) = request.into_parts();
         let bytes = match self.read_body(&parts.headers, body).await {
             Ok(b) => b,
@@ -82,16 +77,8 @@ impl SegmentApi {
             Ok(m) => m,
             Err(why) => return error(StatusCode::BAD_REQUEST, why),
         };
-        let limit = self.ingest.limits().max_batch_events;
-        if messages.len() > limit {
-            telemetry::rejected(Rejection::Limit, messages.len() as u64);
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "batch: {} messages, limit is {limit} (max_batch_events)",
-                    messages.len()
-                ),
-            );
+        if let Err(e) = check_batch_size("batch", messages.len(), self.ingest.limits()) {
+            return error(StatusCode::BAD_REQUEST, e.to_string());
         }
         let now = Timestamp::now();
         // Positions kept: index i of the answer is message i of the batch.
@@ -104,15 +91,13 @@ impl SegmentApi {
                 Err(e) => stored.push((i, Err(e))),
             }
         }
-        if let Err(refusal) = self.access.ingest.admit(&caller.name, stored.len().max(1)) {
-            return self.refused(&caller, refusal, stored.len());
+        if let Err(limited) = self.access.admit(&caller, "batch", stored.len()) {
+            return refused(limited);
         }
         let (indexes, events): (Vec<usize>, Vec<_>) = stored.into_iter().unzip();
-        let n = events.len() as u64;
         let results = match self.ingest.track(events).await {
             Ok(r) => r,
             Err(e) => {
-                telemetry::rejected(Rejection::of(&e), n);
                 let status = match e {
                     Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,35 +117,6 @@ impl SegmentApi {
             answer(StatusCode::OK, json!({ "success": true }))
         } else {
             answer(StatusCode::OK, json!({ "success": true, "rejected": rejected }))
-        }
-    }
-
-    fn refused(&self, caller: &Caller, refusal: Refusal, events: usize) -> Response {
-        match refusal {
-            Refusal::RetryAfter(wait) => {
-                telemetry::rejected(Rejection::RateLimited, events as u64);
-                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                let mut r = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    format!(
-                        "rate limit: key {:?} may send {} events per second (ingest_rate_per_key); retry in {} ms",
-                        caller.name,
-                        self.access.ingest.rate(),
-                        wait.as_millis().max(1)
-                    ),
-                );
-                if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
-                    r.headers_mut().insert(http::header::RETRY_AFTER, v);
-                }
-                r
-            }
-            Refusal::LargerThanBurst(burst) => {
-                telemetry::rejected(Rejection::Limit, events as u64);
-                error(
-                    StatusCode::BAD_REQUEST,
-                    format!("batch: {events} events, more than the ingest burst of {burst} (ingest_burst) a call may ever send; split the batch"),
-                )
-            }
         }
     }
 
@@ -208,6 +164,20 @@ impl SegmentApi {
                 format!("content-encoding: {other:?} is not supported (gzip or none)"),
             )),
         }
+    }
+}
+
+/// A rate-limit refusal as HTTP: 429 with `Retry-After` (whole seconds, at least 1), or 400
+/// for a call larger than the burst.
+fn refused(limited: Limited) -> Response {
+    match limited {
+        Limited::RetryAfter { wait, message } => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, message);
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            r
+        }
+        Limited::TooLarge(message) => error(StatusCode::BAD_REQUEST, message),
     }
 }
 

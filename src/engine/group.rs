@@ -50,9 +50,9 @@ pub(super) struct Counts {
 
 impl Counts {
     /// Counts one tracked event's outcome.
-    pub(super) fn track<T>(&mut self, result: &Result<T, Error>, duplicate: impl FnOnce(&T) -> bool) {
+    pub(super) fn track(&mut self, result: &Result<super::track::Tracked, Error>) {
         match result {
-            Ok(t) if duplicate(t) => self.duplicate += 1,
+            Ok(t) if t.duplicate => self.duplicate += 1,
             Ok(_) => self.stored += 1,
             Err(e) => {
                 *self

@@ -96,7 +96,7 @@ impl Ingest {
                     let mut it = rest.into_iter();
                     for e in it.by_ref() {
                         let result = e.and_then(|e| writer.track_one(e, group));
-                        group.counts.track(&result, |t| t.duplicate);
+                        group.counts.track(&result);
                         done.push(result);
                         if group.reads.group_spent(&writer.limits) {
                             break;
@@ -113,13 +113,15 @@ impl Ingest {
                     }
                     rest = left;
                 }
-                // Nothing of this call committed yet: the call fails as a whole.
-                Err(e) if results.is_empty() => return Err(e),
                 Err(e) => {
-                    crate::telemetry::rejected(
-                        crate::telemetry::Rejection::of(&e),
-                        (total - results.len()) as u64,
-                    );
+                    // The events of this slice and after it were not stored: counted here (the
+                    // group's own counts are recorded only once its flush succeeds).
+                    let left = total - results.len();
+                    crate::telemetry::rejected(crate::telemetry::Rejection::of(&e), left as u64);
+                    // Nothing of this call committed yet: the call fails as a whole.
+                    if results.is_empty() {
+                        return Err(e);
+                    }
                     results.resize_with(total, || Err(e.clone()));
                     return Ok(results);
                 }
