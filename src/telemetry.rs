@@ -74,12 +74,18 @@ fn names_a_limit(message: &str) -> bool {
 
 /// Counts `n` events refused for `why`.
 pub(crate) fn rejected(why: Rejection, n: u64) {
-    if n > 0 {
+    if n > 0 && enabled() {
         metrics::counter!(EVENTS_REJECTED, "reason" => why.label()).increment(n);
     }
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Whether a recorder is installed (`--metrics-listen`): without one, the per-call paths skip
+/// building labels and wrapping answers (the facade would discard them anyway).
+pub(crate) fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
 
 /// Installs the process's recorder (once: servers started again in one process share it) and
 /// answers its handle.

@@ -889,17 +889,19 @@ async fn an_erasure_a_stop_left_between_slices_is_finished_before_serving() {
         .is_none());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
-    let server = TestServer::start_with(|a| a.max_history_events = 50).await;
+/// `visits` visits of user "heavy", then a trigger on visit counting the user's visits within a
+/// year: every later visit reads the whole window.
+async fn heavy_user_with_a_windowed_trigger(
+    server: &TestServer,
+    visits: usize,
+) -> engage::proto::event_service_client::EventServiceClient<tonic::transport::Channel> {
     let mut c = server.events().await;
-    let events = (0..60).map(|_| event("heavy", "visit", &[])).collect();
+    let events = (0..visits).map(|_| event("heavy", "visit", &[])).collect();
     c.track_events(proto::TrackEventsRequest { events })
         .await
         .unwrap();
-    let mut t = server.triggers().await;
     create_trigger(
-        &mut t,
+        &mut server.triggers().await,
         proto::Trigger {
             condition: Some(history_cond(proto::HistoryCondition {
                 within: Some(prost_types::Duration {
@@ -913,6 +915,13 @@ async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
     )
     .await
     .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
+    let server = TestServer::start_with(|a| a.max_history_events = 50).await;
+    let mut c = heavy_user_with_a_windowed_trigger(&server, 60).await;
     let err = track(&mut c, event("heavy", "visit", &[])).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(
@@ -932,27 +941,7 @@ async fn an_event_whose_history_would_cost_too_much_is_shed_and_others_go_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_heavy_with_history_is_stored_in_slices_and_other_writes_go_through() {
     let server = TestServer::start_with(|a| a.max_group_history_reads = 50).await;
-    let mut c = server.events().await;
-    let events = (0..100).map(|_| event("heavy", "visit", &[])).collect();
-    c.track_events(proto::TrackEventsRequest { events })
-        .await
-        .unwrap();
-    let mut t = server.triggers().await;
-    create_trigger(
-        &mut t,
-        proto::Trigger {
-            condition: Some(history_cond(proto::HistoryCondition {
-                within: Some(prost_types::Duration {
-                    seconds: 365 * 86_400,
-                    nanos: 0,
-                }),
-                ..history("visit", proto::Aggregate::Count, "", proto::Operator::Gte, 1.0)
-            })),
-            ..trigger("visit", "x", "")
-        },
-    )
-    .await
-    .unwrap();
+    let mut c = heavy_user_with_a_windowed_trigger(&server, 100).await;
     // Every event of this batch reads over 100 stored events: each goes in a group of its own.
     let mut batcher = server.events().await;
     let batch = tokio::spawn(async move {

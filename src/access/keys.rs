@@ -244,7 +244,7 @@ mod tests {
             "the secret is kept"
         );
         let keys = load(&path).unwrap();
-        assert_eq!(keys.lookup(&secret).unwrap().name, "web");
+        assert_eq!(&*keys.lookup(&secret).unwrap().name, "web");
         assert_eq!(keys.lookup(&other).unwrap().role, Role::Admin);
         assert!(keys.lookup("engage_00").is_none());
         assert!(create(&path, "web", Role::Read)

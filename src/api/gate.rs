@@ -194,6 +194,9 @@ where
             Route::OpenHttp(path) => {
                 let mut inner = self.inner.clone();
                 std::mem::swap(&mut inner, &mut self.inner);
+                if !telemetry::enabled() {
+                    return Box::pin(inner.call(request));
+                }
                 return Box::pin(async move {
                     let response = inner.call(request).await?;
                     record_http(path, response.status());
@@ -233,6 +236,10 @@ where
         }
         let mut inner = self.inner.clone();
         std::mem::swap(&mut inner, &mut self.inner);
+        if !telemetry::enabled() {
+            // No recorder: nothing to observe, no wrapper around the answer's body.
+            return Box::pin(inner.call(request));
+        }
         if !is_grpc {
             return Box::pin(async move {
                 let response = inner.call(request).await?;
@@ -285,6 +292,9 @@ fn peer<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
 }
 
 fn record_http(path: &'static str, status: http::StatusCode) {
+    if !telemetry::enabled() {
+        return;
+    }
     metrics::counter!(telemetry::HTTP_REQUESTS, "path" => path, "status" => status.as_u16().to_string())
         .increment(1);
 }
@@ -297,6 +307,9 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 }
 
 fn record(method: &'static str, code: i32, started: Instant) {
+    if !telemetry::enabled() {
+        return;
+    }
     metrics::counter!(telemetry::GRPC_REQUESTS, "method" => method, "code" => telemetry::code_name(code))
         .increment(1);
     metrics::histogram!(telemetry::GRPC_DURATION, "method" => method).record(started.elapsed().as_secs_f64());

@@ -92,13 +92,19 @@ pub(crate) fn limited_status(limited: crate::access::Limited) -> Status {
 
 /// Refuses a call of more than `max_batch_events` events (counted as a limit); `field` names
 /// the list (`events`, `batch`).
-pub(crate) fn check_batch_size(field: &str, n: usize, limits: &crate::domain::rules::Limits) -> Result<(), Error> {
+pub(crate) fn check_batch_size(
+    field: &str,
+    n: usize,
+    limits: &crate::domain::rules::Limits,
+) -> Result<(), Error> {
     let limit = limits.max_batch_events;
     if n <= limit {
         return Ok(());
     }
     crate::telemetry::rejected(crate::telemetry::Rejection::Limit, n as u64);
-    Err(invalid(format!("{field}: {n} events, limit is {limit} (max_batch_events)")))
+    Err(invalid(format!(
+        "{field}: {n} events, limit is {limit} (max_batch_events)"
+    )))
 }
 
 /// Logs one `audit` line: the key's name and role (when known), the peer, the method, what it
@@ -127,7 +133,14 @@ pub(crate) fn audit<T>(
         Ok(_) => "OK",
         Err(s) => crate::telemetry::code_name(s.code() as i32),
     };
-    audit_line(&caller.name, Some(caller.role), caller.peer, method, target, outcome);
+    audit_line(
+        &caller.name,
+        Some(caller.role),
+        caller.peer,
+        method,
+        target,
+        outcome,
+    );
 }
 
 /// Runs blocking storage reads off the async runtime.

@@ -174,7 +174,8 @@ fn refused(limited: Limited) -> Response {
         Limited::RetryAfter { wait, message } => {
             let mut r = error(StatusCode::TOO_MANY_REQUESTS, message);
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
             r
         }
         Limited::TooLarge(message) => error(StatusCode::BAD_REQUEST, message),

@@ -66,6 +66,9 @@ impl Counts {
     /// Records the counts (the group was applied).
     pub(super) fn record(self) {
         use crate::telemetry as t;
+        if !t::enabled() {
+            return;
+        }
         if self.stored > 0 {
             metrics::counter!(t::EVENTS_STORED).increment(self.stored);
         }
