@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use engage::proto;
-use engage::proto::event_service_client::EventServiceClient;
 use serde_json::{json, Value as Json};
 
 /// An HTTP/1.1 answer: status, headers, body.
@@ -78,65 +77,10 @@ async fn post(server: &TestServer, path: &str, key: Option<&str>, body: Json) ->
     http(server.addr, "POST", path, &headers, body.to_string().into_bytes()).await
 }
 
-async fn keyed_server(
-    edit: impl FnOnce(&mut engage::config::ServeArgs),
-) -> (TestServer, tempfile::TempDir, String, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("keys.json");
-    let ingest = create_key(&file, "site", "ingest");
-    let read = create_key(&file, "worker", "read");
-    let admin = create_key(&file, "ops", "admin");
-    let server = TestServer::start_with(|a| {
-        a.api_keys_file = Some(file.clone());
-        edit(a);
-    })
-    .await;
-    (server, dir, ingest, read, admin)
-}
-
-async fn events_of(server: &TestServer, key: &str, user: &str) -> Vec<proto::Event> {
-    let mut c = EventServiceClient::with_interceptor(server.channel().await, Bearer(key.to_string()));
-    c.get_user_timeline(proto::GetUserTimelineRequest {
-        user_id: user.into(),
-        page_size: 1000,
-        oldest_first: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .events
-}
-
-fn number(e: &proto::Event, name: &str) -> Option<f64> {
-    match e.attributes.get(name)?.value.as_ref()? {
-        proto::attribute_value::Value::NumberValue(n) => Some(*n),
-        _ => None,
-    }
-}
-
-fn string(e: &proto::Event, name: &str) -> Option<String> {
-    match e.attributes.get(name)?.value.as_ref()? {
-        proto::attribute_value::Value::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn segment_messages_become_typed_events_and_bad_ones_are_listed() {
     let (server, _dir, ingest, read, admin) = keyed_server(|_| {}).await;
-    let mut schema = engage::proto::schema_service_client::SchemaServiceClient::with_interceptor(
-        server.channel().await,
-        Bearer(admin.clone()),
-    );
-    schema
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "price".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
-        .await
-        .unwrap();
+    define_keyed(&server, &admin, "price", proto::AttributeType::Number).await;
     let a = post(
         &server,
         "/v1/track",

@@ -117,6 +117,66 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// A server with a keys file of three keys: (server, the keys' directory, ingest, read, admin).
+pub async fn keyed_server(
+    edit: impl FnOnce(&mut engage::config::ServeArgs),
+) -> (TestServer, tempfile::TempDir, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.json");
+    let ingest = create_key(&file, "site", "ingest");
+    let read = create_key(&file, "worker", "read");
+    let admin = create_key(&file, "ops", "admin");
+    let server = TestServer::start_with(|a| {
+        a.api_keys_file = Some(file.clone());
+        edit(a);
+    })
+    .await;
+    (server, dir, ingest, read, admin)
+}
+
+/// A user's timeline, oldest first, read with `key`.
+pub async fn events_of(server: &TestServer, key: &str, user: &str) -> Vec<proto::Event> {
+    let mut c = EventServiceClient::with_interceptor(server.channel().await, Bearer(key.to_string()));
+    c.get_user_timeline(proto::GetUserTimelineRequest {
+        user_id: user.into(),
+        page_size: 1000,
+        oldest_first: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .events
+}
+
+/// DefineAttribute with `key`.
+pub async fn define_keyed(server: &TestServer, key: &str, name: &str, t: proto::AttributeType) {
+    SchemaServiceClient::with_interceptor(server.channel().await, Bearer(key.to_string()))
+        .define_attribute(proto::DefineAttributeRequest {
+            name: name.into(),
+            r#type: t as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("define");
+}
+
+/// A NUMBER attribute of an event.
+pub fn number(e: &proto::Event, name: &str) -> Option<f64> {
+    match e.attributes.get(name)?.value.as_ref()? {
+        V::NumberValue(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A STRING attribute of an event.
+pub fn string(e: &proto::Event, name: &str) -> Option<String> {
+    match e.attributes.get(name)?.value.as_ref()? {
+        V::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// `engage keys ARGS` through the binary: (exit success, stdout, stderr).
 pub fn engage_keys(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_engage"))
@@ -186,6 +246,12 @@ impl TestServer {
     async fn launch(dir: TempDir, args: ServeArgs) -> Self {
         // Bound before the server starts: clients can connect at once, no port race.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener, dir, args)
+    }
+
+    /// Starts a server on `listener` (for example the address of a server stopped before, so
+    /// that clients that knew it find the new one) with `args` on `dir`.
+    pub fn start_on(listener: TcpListener, dir: TempDir, args: ServeArgs) -> Self {
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(engage::server::serve(listener, args, async {
