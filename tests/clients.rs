@@ -517,3 +517,25 @@ async fn snippet_keeps_an_event_while_the_server_is_down_and_sends_it_once() {
     let events = events_of(&server, &read, "visitor-2").await;
     assert_eq!(events.len(), 1, "exactly once: {events:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snippet_sends_a_burst_in_batches_of_twenty() {
+    let shop = shop().await;
+    let b = &shop.browser;
+    tokio::task::block_in_place(|| {
+        b.goto(&shop.url);
+        b.run("engage.identify('visitor-3'); for (let i = 0; i < 100; i++) engage('event.burst', {n: String(i)});");
+    });
+    let events = wait_for_events(&shop.server, &shop.read, "visitor-3", 100).await;
+    assert_eq!(events.len(), 100);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::task::block_in_place(|| b.queued()) != 0 {
+        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every request the page made to /v1/batch (resource timing; CORS preflights are not in it).
+    let posts = tokio::task::block_in_place(|| {
+        b.run("return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/batch')).length")
+    });
+    assert_eq!(posts, json!(5), "100 events in 5 batches of 20");
+}

@@ -8,6 +8,8 @@
 //! Scenarios, each for `--secs` seconds against its own fresh process and data directory:
 //! - `engage batch`: TrackEvents with `--batch-size` events, `--batch-in-flight` calls at once;
 //! - `engage unary`: TrackEvent with `--unary-in-flight` calls at once;
+//! - `http batch`: the same batches as Segment `track` messages to `/v1/batch` (JSON over
+//!   HTTP/1.1 keep-alive connections, one per call in flight);
 //! - `echo batch` / `echo unary`: the same calls against a bare tonic server that answers
 //!   without storing (this binary's `echo-server`), the transport's ceiling;
 //! - `sled batch` / `sled unary`: the same records inserted straight into sled with the same
@@ -20,6 +22,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod history;
+mod http;
 mod segments;
 mod timers;
 
@@ -711,6 +714,23 @@ async fn run(args: RunArgs) {
         r.print();
         reports.insert(name, r);
     }
+    // The Segment API's /v1/batch with the same events, batch size and calls in flight.
+    if wanted("http batch") {
+        let proc = start_engage(&args.engage_bin);
+        let r = http::http_batch_load(
+            "http batch",
+            proc.addr,
+            args.secs,
+            args.batch_size,
+            args.batch_in_flight,
+            args.users,
+        )
+        .await;
+        r.print();
+        reports.insert("http batch", r);
+        drop(proc);
+        settle().await;
+    }
     for name in ["sled batch", "sled unary"] {
         if !wanted(name) {
             continue;
@@ -789,6 +809,7 @@ async fn run(args: RunArgs) {
     for (a, b) in [
         ("engage batch", "sled batch"),
         ("engage batch", "echo batch"),
+        ("http batch", "engage batch"),
         ("engage unary", "echo unary"),
         ("engage unary", "sled unary"),
         ("10 matching triggers", "no triggers"),

@@ -13,7 +13,7 @@
   "use strict";
   var QUEUE = "engage_queue", ANON = "engage_anonymous_id", USER = "engage_user_id";
   var BATCH = 20, EVERY = 1000, MAX_BACKOFF = 30000, MAX_QUEUE = 1000;
-  var cfg = null, queue = [], timer = null, inFlight = false, backoff = EVERY, mem = {};
+  var cfg = null, queue = [], timer = null, due = 0, inFlight = false, backoff = EVERY, mem = {};
 
   function load(k) { try { return w.localStorage.getItem(k); } catch (e) { return mem[k] || null; } }
   function save(k, v) { try { w.localStorage.setItem(k, v); } catch (e) { mem[k] = v; } }
@@ -28,8 +28,12 @@
   function persist() { save(QUEUE, JSON.stringify(queue)); }
   try { queue = JSON.parse(load(QUEUE) || "[]") || []; } catch (e) { queue = []; }
 
+  // One timer, due at the earliest time asked for (a full batch goes at once, not at the tick).
   function schedule(ms) {
-    if (timer) return;
+    var at = Date.now() + ms;
+    if (timer && due <= at) return;
+    if (timer) clearTimeout(timer);
+    due = at;
     timer = setTimeout(function () { timer = null; flush(false); }, ms);
   }
 
