@@ -97,6 +97,7 @@ pub async fn serve(
         )
         .map_err(|e| format!("--api-keys-file: {e}"))?,
     );
+    let cors = cors(&args.cors_allowed_origins)?;
     warn_about_rate_limits(&args);
     if !access.has_keys() && !addr.ip().is_loopback() && !args.insecure {
         return Err(format!(
@@ -195,7 +196,7 @@ pub async fn serve(
     // Outermost first: CORS answers preflights, grpc-web becomes gRPC, then the gate.
     let mut builder = Server::builder()
         .accept_http1(true)
-        .layer(cors(&args.cors_allowed_origins))
+        .layer(cors)
         .layer(crate::api::http::GrpcWebOnlyLayer)
         .layer(GateLayer {
             access: access.clone(),
@@ -249,32 +250,63 @@ pub async fn serve(
 }
 
 /// The CORS policy of `--cors-allowed-origins`: none, a list, or `*` for any origin. Requests
-/// carry keys in `authorization`, never cookies, so no credentials mode is needed.
-fn cors(origins: &str) -> tower_http::cors::CorsLayer {
-    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
-    let list: Vec<http::HeaderValue> = origins
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty() && *o != "*")
-        .filter_map(|o| http::HeaderValue::from_str(o).ok())
-        .collect();
-    let any = origins.split(',').any(|o| o.trim() == "*");
+/// carry keys in `authorization`, never cookies, so no credentials mode is needed. An entry that
+/// is not an origin (`scheme://host[:port]`, as browsers send it: no path, no trailing `/`)
+/// would never match, so it refuses the start.
+fn cors(origins: &str) -> Result<tower_http::cors::CorsLayer, String> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let mut list = Vec::new();
+    let mut any = false;
+    for o in origins.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if o == "*" {
+            any = true;
+            continue;
+        }
+        let uri: http::Uri = o
+            .parse()
+            .map_err(|_| format!("--cors-allowed-origins: {o:?} is not an origin"))?;
+        let origin_only = matches!(uri.scheme_str(), Some("http" | "https"))
+            && uri.authority().is_some()
+            && uri
+                .path_and_query()
+                .is_none_or(|p| matches!(p.as_str(), "" | "/"))
+            && !o.ends_with('/');
+        if !origin_only {
+            return Err(format!(
+                "--cors-allowed-origins: {o:?} is not an origin (scheme://host[:port], no path)"
+            ));
+        }
+        list.push(
+            http::HeaderValue::from_str(o)
+                .map_err(|_| format!("--cors-allowed-origins: {o:?} is not an origin"))?,
+        );
+    }
     let allow = if any {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(list)
     };
-    CorsLayer::new()
+    // Named, not `*`: the Fetch standard does not let a wildcard cover `authorization`.
+    let headers = [
+        "authorization",
+        "content-type",
+        "content-encoding",
+        "x-grpc-web",
+        "x-user-agent",
+        "grpc-timeout",
+    ]
+    .map(http::HeaderName::from_static);
+    Ok(CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([http::Method::GET, http::Method::POST, http::Method::OPTIONS])
-        .allow_headers(Any)
+        .allow_headers(headers)
         .expose_headers([
             http::HeaderName::from_static("grpc-status"),
             http::HeaderName::from_static("grpc-message"),
             http::HeaderName::from_static("grpc-status-details-bin"),
             http::header::RETRY_AFTER,
         ])
-        .max_age(Duration::from_secs(3600))
+        .max_age(Duration::from_secs(3600)))
 }
 
 /// Adds engage's own services to `router`, each limited to messages of `max` bytes.
@@ -648,7 +680,7 @@ fn warn_about_rate_limits(args: &ServeArgs) {
         tracing::warn!(
             burst,
             max_batch_events = args.max_batch_events,
-            "a TrackEvents batch larger than the ingest burst is never admitted (INVALID_ARGUMENT); raise --ingest-burst or lower --max-batch-events"
+            "a TrackEvents batch or /v1/batch body larger than the ingest burst is never admitted (INVALID_ARGUMENT, HTTP 400): Segment SDKs send up to 100 messages a batch by default, the snippet 20 (it splits refused batches); raise --ingest-burst or lower --max-batch-events"
         );
     }
 }
@@ -785,5 +817,27 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        assert!(cors("").is_ok());
+        assert!(cors("*").is_ok());
+        assert!(cors("https://shop.example, http://127.0.0.1:8080").is_ok());
+        for bad in [
+            "https://shop.example/",
+            "https://shop.example/app",
+            "shop.example",
+            "ftp://x",
+            "https://",
+        ] {
+            let e = cors(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("--cors-allowed-origins") && e.contains(bad), "{e}");
+        }
     }
 }

@@ -330,6 +330,18 @@ impl Browser {
         self.session_call("POST", "/execute/sync", json!({"script": body, "args": []}))
     }
 
+    /// Opens a tab and switches to it.
+    fn new_tab(&self) {
+        let tab = self.session_call("POST", "/window/new", json!({"type": "tab"}));
+        self.session_call("POST", "/window", json!({"handle": tab["handle"]}));
+    }
+
+    /// Closes the current tab and switches to the one left.
+    fn close_tab(&self) {
+        let left = self.session_call("DELETE", "/window", json!({}));
+        self.session_call("POST", "/window", json!({"handle": left[0]}));
+    }
+
     /// Events the snippet still holds (sent ones leave its localStorage queue).
     fn queued(&self) -> u64 {
         self.run("return JSON.parse(localStorage.getItem('engage_queue') || '[]').length")
@@ -397,6 +409,10 @@ struct Shop {
 }
 
 async fn shop() -> Shop {
+    shop_with(|_| {}).await
+}
+
+async fn shop_with(edit: impl FnOnce(&mut engage::config::ServeArgs)) -> Shop {
     let site = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let origin = format!("http://{}", site.local_addr().unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -408,6 +424,7 @@ async fn shop() -> Shop {
     let mut args = common::args(data.path());
     args.api_keys_file = Some(keys);
     args.cors_allowed_origins = origin.clone();
+    edit(&mut args);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = TestServer::start_on(listener, data, args.clone());
     define_keyed(&server, &admin, "price", proto::AttributeType::Number).await;
@@ -469,6 +486,51 @@ async fn snippet_click_becomes_a_typed_event_and_identify_switches_the_user() {
     );
 }
 
+/// A server stopped, its port held by a listener that closes every connection at once (so a
+/// browser's requests fail as against a dead host) and counts them.
+struct Outage {
+    addr: SocketAddr,
+    data: tempfile::TempDir,
+    attempts: tokio::sync::mpsc::UnboundedReceiver<()>,
+    holder: tokio::task::JoinHandle<()>,
+}
+
+impl Outage {
+    async fn begin(server: TestServer) -> Self {
+        let addr = server.addr;
+        let data = server.stop().await;
+        let down = TcpListener::bind(addr).await.expect("hold the port");
+        let (tried, attempts) = tokio::sync::mpsc::unbounded_channel();
+        let holder = tokio::spawn(async move {
+            loop {
+                if let Ok((socket, _)) = down.accept().await {
+                    drop(socket);
+                    let _ = tried.send(());
+                }
+            }
+        });
+        Outage {
+            addr,
+            data,
+            attempts,
+            holder,
+        }
+    }
+
+    /// Waits for a request that failed against the dead port.
+    async fn attempted(&mut self) {
+        self.attempts.recv().await.expect("the snippet tried to send");
+    }
+
+    /// Starts the server again on the same port and data.
+    async fn end(self, args: engage::config::ServeArgs) -> TestServer {
+        self.holder.abort();
+        let _ = self.holder.await;
+        let listener = TcpListener::bind(self.addr).await.expect("rebind");
+        TestServer::start_on(listener, self.data, args)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn snippet_keeps_an_event_while_the_server_is_down_and_sends_it_once() {
     let Shop {
@@ -483,26 +545,11 @@ async fn snippet_keeps_an_event_while_the_server_is_down_and_sends_it_once() {
         b.goto(&url);
         b.run("engage.identify('visitor-2')");
     });
-    let addr = server.addr;
-    let data = server.stop().await;
-    // The port answers nothing: every connection is closed at once, and counted.
-    let down = TcpListener::bind(addr).await.expect("hold the port");
-    let (tried, mut attempts) = tokio::sync::mpsc::unbounded_channel();
-    let holder = tokio::spawn(async move {
-        loop {
-            if let Ok((socket, _)) = down.accept().await {
-                drop(socket);
-                let _ = tried.send(());
-            }
-        }
-    });
+    let mut outage = Outage::begin(server).await;
     tokio::task::block_in_place(|| b.click("#buy"));
-    attempts.recv().await.expect("the snippet tried to send");
+    outage.attempted().await;
     assert_eq!(tokio::task::block_in_place(|| b.queued()), 1, "kept while down");
-    holder.abort();
-    let _ = holder.await;
-
-    let server = TestServer::start_on(TcpListener::bind(addr).await.expect("rebind"), data, args);
+    let server = outage.end(args).await;
     let events = wait_for_events(&server, &read, "visitor-2", 1).await;
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(number(&events[0], "price"), Some(10.0));
@@ -533,9 +580,78 @@ async fn snippet_sends_a_burst_in_batches_of_twenty() {
         assert!(Instant::now() < deadline, "the snippet never emptied its queue");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Every request the page made to /v1/batch (resource timing; CORS preflights are not in it).
-    let posts = tokio::task::block_in_place(|| {
-        b.run("return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/batch')).length")
+    // Every request the page made to /v1/batch (resource timing, whose entry comes once a body
+    // is read to its end, a moment after the snippet saw the answer; preflights are not in it).
+    let posts = || {
+        tokio::task::block_in_place(|| {
+            b.run("return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/batch')).length")
+        })
+        .as_u64()
+        .unwrap()
+    };
+    while posts() < 5 {
+        assert!(Instant::now() < deadline, "fewer than 5 requests");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(posts(), 5, "100 events in 5 batches of 20");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_tabs_queue_apart_and_a_closed_tab_loses_nothing() {
+    let Shop {
+        browser: b,
+        url,
+        args,
+        server,
+        read,
+        _keys,
+    } = shop().await;
+    tokio::task::block_in_place(|| {
+        b.goto(&url);
+        b.run("engage.identify('visitor-4')");
+        b.new_tab();
+        b.goto(&url);
     });
-    assert_eq!(posts, json!(5), "100 events in 5 batches of 20");
+    let mut outage = Outage::begin(server).await;
+    // Both tabs queue an event while the server is down; the second tab's write to the shared
+    // queue must not drop the first one's.
+    tokio::task::block_in_place(|| b.click("#look"));
+    outage.attempted().await;
+    tokio::task::block_in_place(|| {
+        b.close_tab();
+        b.click("#buy");
+    });
+    let server = outage.end(args).await;
+    let events = wait_for_events(&server, &read, "visitor-4", 1).await;
+    assert_eq!(events.len(), 1, "the open tab's event: {events:#?}");
+    // The closed tab's event waits in storage for the next page of the site.
+    tokio::task::block_in_place(|| b.goto(&url));
+    let events = wait_for_events(&server, &read, "visitor-4", 2).await;
+    let mut names: Vec<_> = events.iter().map(|e| e.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["name_your_event_here", "page_opened"], "{events:#?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::task::block_in_place(|| b.queued()) != 0 {
+        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(events_of(&server, &read, "visitor-4").await.len(), 2, "each once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn snippet_splits_batches_the_server_finds_too_large() {
+    // Each call may carry at most 6 events: the snippet's batches of 20 are refused (400) until
+    // it sends smaller ones.
+    let shop = shop_with(|a| {
+        a.ingest_rate_per_key = 10_000;
+        a.ingest_burst = 6;
+    })
+    .await;
+    let b = &shop.browser;
+    tokio::task::block_in_place(|| {
+        b.goto(&shop.url);
+        b.run("engage.identify('visitor-5'); for (let i = 0; i < 20; i++) engage('event.burst', {n: String(i)});");
+    });
+    let events = wait_for_events(&shop.server, &shop.read, "visitor-5", 20).await;
+    assert_eq!(events.len(), 20, "none dropped: {events:#?}");
 }

@@ -104,7 +104,15 @@ async fn segment_messages_become_typed_events_and_bad_ones_are_listed() {
         {"type": "track", "userId": "ann", "event": "paid", "properties": {"price": "many"}},
         {"type": "screen", "userId": "ann", "name": "Cart"},
         {"type": "group", "userId": "ann", "groupId": "g"},
-        {"type": "alias", "userId": "ann", "previousId": "anon-1"}
+        {"type": "alias", "userId": "ann", "previousId": "anon-1"},
+        7,
+        {"userId": "ann", "event": "no_type"},
+        {"type": "track", "userId": "ann", "event": "twice", "properties": {"Product ID": "a", "product_id": "b"}},
+        {"type": "track", "userId": "ann", "event": "Order Completed", "messageId": "m1"},
+        {"type": "track", "userId": "ann", "event": "order_id", "messageId": "m2", "properties": null,
+         "timestamp": "2026-11-30T11:00:00"},
+        {"type": "track", "userId": "ann", "event": "order_id", "messageId": "m2"},
+        {"type": "track", "userId": "ann", "event": "big", "properties": {"id": 12345678901234567891u64, "small": 7}}
     ]});
     let a = post(&server, "/v1/batch", Some(&ingest), batch).await;
     assert_eq!(a.status, 200, "{}", a.body);
@@ -116,22 +124,38 @@ async fn segment_messages_become_typed_events_and_bad_ones_are_listed() {
         .iter()
         .map(|r| r["index"].as_u64().unwrap())
         .collect();
-    assert_eq!(rejected, vec![2, 3, 4], "{answer}");
+    // A message that is not one (no object, no type) or whose properties collide is rejected
+    // alone; the repeated messageIds (m1 of the earlier call, m2 twice here) are not.
+    assert_eq!(rejected, vec![2, 3, 4, 8, 9, 10], "{answer}");
+    let error_of = |k: usize| answer["rejected"][k]["error"].as_str().unwrap().to_string();
+    assert!(error_of(2).contains("price"), "{answer}");
+    assert!(error_of(3).contains("batch[8]"), "{answer}");
+    assert!(error_of(4).contains("batch[9].type"), "{answer}");
     assert!(
-        answer["rejected"][2]["error"].as_str().unwrap().contains("price"),
+        error_of(5).contains("\"Product ID\" and \"product_id\""),
         "{answer}"
     );
 
     let ann = events_of(&server, &read, "ann").await;
     let names: Vec<&str> = ann.iter().map(|e| e.name.as_str()).collect();
-    assert_eq!(names, vec!["order_completed", "screen_viewed"], "{ann:?}");
+    assert_eq!(
+        names,
+        vec!["order_completed", "order_id", "screen_viewed", "big"],
+        "{ann:?}"
+    );
+    // A timestamp without an offset is UTC; null properties are none.
+    assert_eq!(ann[1].occurred_at.as_ref().unwrap().seconds, 1_796_032_800 + 3600);
+    assert!(ann[1].attributes.is_empty());
+    // An integer a double cannot hold keeps its digits (as text: `id` is undefined, so STRING).
+    assert_eq!(string(&ann[3], "id").as_deref(), Some("12345678901234567891"));
+    assert_eq!(string(&ann[3], "small").as_deref(), Some("7"));
     let order = &ann[0];
     assert_eq!(order.event_id, "m1");
     assert_eq!(order.occurred_at.as_ref().unwrap().seconds, 1_796_032_800);
     assert_eq!(number(order, "price"), Some(39.0), "typed by the schema");
     assert_eq!(string(order, "product_id").as_deref(), Some("SKU-1"));
     assert!(!order.attributes.contains_key("none"), "null is skipped");
-    assert_eq!(string(&ann[1], "name").as_deref(), Some("Cart"));
+    assert_eq!(string(&ann[2], "name").as_deref(), Some("Cart"));
     let anon = events_of(&server, &read, "anon-1").await;
     assert_eq!(anon.len(), 1);
     assert_eq!(anon[0].name, "page_viewed");
@@ -147,7 +171,7 @@ async fn segment_messages_become_typed_events_and_bad_ones_are_listed() {
     )
     .await;
     assert_eq!(again.status, 200);
-    assert_eq!(events_of(&server, &read, "ann").await.len(), 2);
+    assert_eq!(events_of(&server, &read, "ann").await.len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,8 +240,18 @@ async fn bad_http_input_gets_a_clear_answer_and_changes_nothing() {
     let cases: Vec<Case> = vec![
         ("malformed JSON", vec![], b"{not json".to_vec(), 400, "not JSON"),
         ("a wrong shape", vec![], br#"{"batch": {"a": 1}}"#.to_vec(), 400, "batch"),
-        ("a message that is no object", vec![], br#"{"batch": [1]}"#.to_vec(), 400, "batch[0]"),
+        ("a body that is no batch", vec![], br#"[1]"#.to_vec(), 400, "batch"),
         ("a body over the limit", vec![], vec![b' '; 70 * 1024], 413, "max_message_bytes"),
+        // 1 MiB of spaces in ~1 KiB of gzip: refused past the limit, never inflated whole.
+        ("a gzip bomb", vec![("content-encoding", "gzip".into())], gzip(&vec![b' '; 1 << 20]), 413, "max_message_bytes"),
+        // Many messages in a small body: refused at the sixth, before the rest is built.
+        (
+            "a batch of many empty messages",
+            vec![("content-encoding", "gzip".into())],
+            gzip(format!("{{\"batch\": [{}{{}}]}}", "{},".repeat(20_000)).as_bytes()),
+            400,
+            "max_batch_events",
+        ),
         (
             "a batch over max_batch_events",
             vec![],
@@ -233,12 +267,11 @@ async fn bad_http_input_gets_a_clear_answer_and_changes_nothing() {
         ("a key without ingest", vec![("authorization", format!("Bearer {read}"))], track.to_string().into_bytes(), 403, "ingest role"),
     ];
     for (what, extra, body, status, says) in cases {
-        let path =
-            if status == 413 || what.contains("batch") || what.contains("shape") || what.contains("object") {
-                "/v1/batch"
-            } else {
-                "/v1/track"
-            };
+        let path = if status == 413 || what.contains("batch") || what.contains("shape") {
+            "/v1/batch"
+        } else {
+            "/v1/track"
+        };
         let bearer = format!("Bearer {ingest}");
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         if !extra.iter().any(|(k, _)| *k == "authorization") {
@@ -276,6 +309,13 @@ async fn bad_http_input_gets_a_clear_answer_and_changes_nothing() {
         .header("retry-after")
         .is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
     assert_eq!(events_of(&server, &read, "rita").await.len(), 5);
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap()
 }
 
 /// A grpc-web frame: flag, length, message.
@@ -380,7 +420,11 @@ async fn grpc_web_serves_unary_and_streaming_calls_with_cors() {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("web") {
-        let n = tcp.read(&mut buf).await.unwrap();
+        // A stream that sends nothing is a failure, not a hang.
+        let n = tokio::time::timeout(std::time::Duration::from_secs(60), tcp.read(&mut buf))
+            .await
+            .expect("the stream sent nothing for a minute")
+            .unwrap();
         assert!(n > 0, "the stream ended: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }

@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Map, Value as Json};
 
 use crate::access::{Access, Caller, Limited};
-use crate::api::{caller_of, check_batch_size};
+use crate::api::caller_of;
 use crate::domain::model::{NewEvent, Timestamp, Value};
 use crate::domain::rules;
 use crate::engine::Ingest;
@@ -73,22 +73,32 @@ impl SegmentApi {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let messages = match parse(kind, &bytes) {
+        let limits = self.ingest.limits();
+        let messages = match parse(kind, &bytes, limits.max_batch_events) {
             Ok(m) => m,
-            Err(why) => return error(StatusCode::BAD_REQUEST, why),
+            Err(Refusal::Shape(why)) => return error(StatusCode::BAD_REQUEST, why),
+            Err(Refusal::TooMany) => {
+                let limit = limits.max_batch_events;
+                // Counted like check_batch_size's refusal (the rest of the batch is not read).
+                crate::telemetry::rejected(crate::telemetry::Rejection::Limit, limit as u64 + 1);
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("batch: more than {limit} events, limit is {limit} (max_batch_events)"),
+                );
+            }
         };
-        if let Err(e) = check_batch_size("batch", messages.len(), self.ingest.limits()) {
-            return error(StatusCode::BAD_REQUEST, e.to_string());
-        }
         let now = Timestamp::now();
         // Positions kept: index i of the answer is message i of the batch.
         let mut stored = Vec::new();
         let mut rejected = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            match to_event(m) {
-                Ok(Some(e)) => stored.push((i, e.and_then(|e| rules::prepare(e, self.ingest.limits(), now)))),
-                Ok(None) => {}
-                Err(e) => stored.push((i, Err(e))),
+            match m {
+                Ok(m) => {
+                    if let Some(e) = to_event(m) {
+                        stored.push((i, e.and_then(|e| rules::prepare(e, limits, now))));
+                    }
+                }
+                Err(why) => rejected.push(json!({ "index": i, "error": why })),
             }
         }
         if let Err(limited) = self.access.admit(&caller, "batch", stored.len()) {
@@ -105,6 +115,19 @@ impl SegmentApi {
                 return error(status, tonic::Status::from(e).message().to_string());
             }
         };
+        // A message that failed for the storage, not for itself, fails the call: 503 (or 500),
+        // which every SDK retries; the messages stored already answer "duplicate" by messageId.
+        if let Some(e) = results.iter().find_map(|r| {
+            r.as_ref()
+                .err()
+                .filter(|e| matches!(e, Error::Unavailable(_) | Error::Internal(_)))
+        }) {
+            let status = match e {
+                Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return error(status, tonic::Status::from(e.clone()).message().to_string());
+        }
         for (i, r) in indexes.into_iter().zip(results) {
             if let Err(e) = r {
                 let message = tonic::Status::from(e.within(&format!("batch[{i}]")))
@@ -113,6 +136,7 @@ impl SegmentApi {
                 rejected.push(json!({ "index": i, "error": message }));
             }
         }
+        rejected.sort_by_key(|r| r["index"].as_u64());
         if rejected.is_empty() {
             answer(StatusCode::OK, json!({ "success": true }))
         } else {
@@ -182,38 +206,121 @@ fn refused(limited: Limited) -> Response {
     }
 }
 
-/// The messages of a body: one for a single call, the `batch` of `/v1/batch` (each with its
-/// `type`). A body that is not JSON of that shape is the whole call's error.
-/// One message: its type and its fields.
-type Message = (String, Map<String, Json>);
+/// One message: its type and its fields, or why it is not a message (rejected alone).
+type Message = Result<(String, Map<String, Json>), String>;
 
-fn parse(kind: &str, bytes: &[u8]) -> Result<Vec<Message>, String> {
-    let body: Json = serde_json::from_slice(bytes).map_err(|e| format!("body: not JSON ({e})"))?;
-    let Json::Object(mut body) = body else {
-        return Err("body: must be a JSON object".into());
-    };
+/// The messages of a body: one for a single call, the `batch` of `/v1/batch` (each with its
+/// `type`). A body that is not JSON of that shape, or a batch of more than `max` messages, is
+/// the whole call's error; a batch is refused at its `max + 1`th message, before the rest is
+/// built (a small gzip body of empty messages must not cost its inflated size many times over).
+fn parse(kind: &str, bytes: &[u8], max: usize) -> Result<Vec<Message>, Refusal> {
     if kind != "batch" {
-        return Ok(vec![(kind.to_string(), body)]);
+        let body: Json =
+            serde_json::from_slice(bytes).map_err(|e| Refusal::Shape(format!("body: not JSON ({e})")))?;
+        let Json::Object(body) = body else {
+            return Err(Refusal::Shape("body: must be a JSON object".into()));
+        };
+        return Ok(vec![Ok((kind.to_string(), body))]);
     }
-    let Some(Json::Array(batch)) = body.remove("batch") else {
-        return Err("batch: must be an array of messages".into());
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let batch = serde::de::DeserializeSeed::deserialize(BatchBody { max, over: &over }, &mut de)
+        .and_then(|b| de.end().map(|()| b));
+    let batch = match batch {
+        Ok(Some(b)) => b,
+        Ok(None) => return Err(Refusal::Shape("batch: must be an array of messages".into())),
+        Err(_) if over.get() => return Err(Refusal::TooMany),
+        Err(e) if e.is_data() => return Err(Refusal::Shape(format!("body: not a batch ({e})"))),
+        Err(e) => return Err(Refusal::Shape(format!("body: not JSON ({e})"))),
     };
-    let mut out = Vec::with_capacity(batch.len());
-    for (i, m) in batch.into_iter().enumerate() {
-        let Json::Object(m) = m else {
-            return Err(format!("batch[{i}]: must be an object"));
-        };
-        let kind = match m.get("type") {
-            Some(Json::String(t)) => t.to_ascii_lowercase(),
-            _ => {
-                return Err(format!(
+    Ok(batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let Json::Object(m) = m else {
+                return Err(format!("batch[{i}]: must be an object"));
+            };
+            match m.get("type") {
+                Some(Json::String(t)) => Ok((t.to_ascii_lowercase(), m)),
+                _ => Err(format!(
                     "batch[{i}].type: required (track, page, screen, identify, group or alias)"
-                ))
+                )),
             }
-        };
-        out.push((kind, m));
+        })
+        .collect())
+}
+
+/// Why a body is refused whole.
+enum Refusal {
+    /// Not JSON of the right shape (400).
+    Shape(String),
+    /// More messages than `max_batch_events` (400).
+    TooMany,
+}
+
+/// `{"batch": [...], ...}`: the batch's elements, at most `max` of them (`over` says it was the
+/// count that failed); other top-level fields (`sentAt`, `writeKey`, `context`) are skipped.
+struct BatchBody<'a> {
+    max: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchBody<'_> {
+    type Value = Option<Vec<Json>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
     }
-    Ok(out)
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchBody<'_> {
+    type Value = Option<Vec<Json>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object with a batch array")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut batch = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "batch" && batch.is_none() {
+                batch = Some(map.next_value_seed(Elements {
+                    max: self.max,
+                    over: self.over,
+                })?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(batch)
+    }
+}
+
+struct Elements<'a> {
+    max: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Elements<'_> {
+    type Value = Vec<Json>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+    type Value = Vec<Json>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of messages")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(m) = seq.next_element::<Json>()? {
+            if out.len() == self.max {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many messages"));
+            }
+            out.push(m);
+        }
+        Ok(out)
+    }
 }
 
 /// An event or property name made valid the way SPEC §7 says, when it is not already: lower
@@ -254,56 +361,55 @@ fn text(m: &Map<String, Json>, field: &str) -> Option<String> {
 }
 
 /// The event a message stores (`None` for identify, group and alias: answered, not stored).
-fn to_event((kind, m): &Message) -> Result<Option<Result<NewEvent, Error>>, Error> {
+fn to_event((kind, m): &(String, Map<String, Json>)) -> Option<Result<NewEvent, Error>> {
+    let invalid = |m: String| Some(Err(crate::error::invalid(m)));
     let name = match kind.as_str() {
         "track" => match m.get("event") {
             Some(Json::String(e)) => normalized(e, event_name_char),
-            _ => {
-                return Ok(Some(Err(crate::error::invalid(
-                    "event: required for a track message",
-                ))))
-            }
+            _ => return invalid("event: required for a track message".into()),
         },
         "page" => "page_viewed".to_string(),
         "screen" => "screen_viewed".to_string(),
-        "identify" | "group" | "alias" => return Ok(None),
+        "identify" | "group" | "alias" => return None,
         other => {
-            return Ok(Some(Err(crate::error::invalid(format!(
+            return invalid(format!(
                 "type: {other:?} is not a message type (track, page, screen, identify, group or alias)"
-            )))))
+            ))
         }
     };
     let Some(user_id) = text(m, "userId").or_else(|| text(m, "anonymousId")) else {
-        return Ok(Some(Err(crate::error::invalid(
-            "userId: required (or anonymousId)",
-        ))));
+        return invalid("userId: required (or anonymousId)".into());
     };
     let occurred_at = match m.get("timestamp") {
         None | Some(Json::Null) => None,
-        Some(Json::String(t)) => match Timestamp::parse(t) {
-            Some(ts) => Some(ts),
-            None => {
-                return Ok(Some(Err(crate::error::invalid(format!(
-                    "timestamp: {t:?} is not an ISO 8601 time"
-                )))))
+        // ISO 8601 without an offset is read as UTC (what Segment does with it).
+        Some(Json::String(t)) => {
+            match Timestamp::parse(t).or_else(|| Timestamp::parse(&format!("{}Z", t.trim()))) {
+                Some(ts) => Some(ts),
+                None => return invalid(format!("timestamp: {t:?} is not an ISO 8601 time")),
             }
-        },
-        Some(_) => {
-            return Ok(Some(Err(crate::error::invalid(
-                "timestamp: must be an ISO 8601 string",
-            ))))
         }
+        Some(_) => return invalid("timestamp: must be an ISO 8601 string".into()),
     };
-    let mut attributes = Vec::new();
-    if let Some(props) = m.get("properties") {
-        let Json::Object(props) = props else {
-            return Ok(Some(Err(crate::error::invalid("properties: must be an object"))));
-        };
-        for (k, v) in props {
-            if let Some(value) = value(v) {
-                attributes.push((normalized(k, attribute_char), value));
+    let mut attributes: Vec<(String, Value)> = Vec::new();
+    match m.get("properties") {
+        None | Some(Json::Null) => {}
+        Some(Json::Object(props)) => {
+            // Two properties that normalize to one name would silently lose one of them.
+            let mut raw_names: std::collections::HashMap<String, &str> = Default::default();
+            for (k, v) in props {
+                let name = normalized(k, attribute_char);
+                if let Some(first) = raw_names.insert(name.clone(), k) {
+                    return invalid(format!(
+                        "properties: {first:?} and {k:?} are both the attribute {name:?}"
+                    ));
+                }
+                if let Some(value) = value(v) {
+                    attributes.push((name, value));
+                }
             }
         }
+        Some(_) => return invalid("properties: must be an object".into()),
     }
     if kind != "track" {
         for field in ["name", "category"] {
@@ -313,22 +419,35 @@ fn to_event((kind, m): &Message) -> Result<Option<Result<NewEvent, Error>>, Erro
             }
         }
     }
-    Ok(Some(Ok(NewEvent {
+    Some(Ok(NewEvent {
         event_id: text(m, "messageId").unwrap_or_default(),
         user_id,
         name,
         occurred_at,
         attributes,
-    })))
+    }))
 }
 
 /// A property as a value: strings, numbers and booleans as such, objects and arrays as JSON,
-/// null skipped.
+/// null skipped. An integer a double cannot hold exactly (an order id of 20 digits) keeps its
+/// digits as text, which a NUMBER attribute still accepts.
 fn value(v: &Json) -> Option<Value> {
+    const EXACT: u64 = 1 << 53;
     match v {
         Json::Null => None,
         Json::String(s) => Some(Value::String(s.clone())),
-        Json::Number(n) => n.as_f64().map(Value::Number),
+        Json::Number(n) => {
+            let exact = match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u <= EXACT,
+                (None, Some(i)) => i.unsigned_abs() <= EXACT,
+                _ => true,
+            };
+            if exact {
+                n.as_f64().map(Value::Number)
+            } else {
+                Some(Value::String(n.to_string()))
+            }
+        }
         Json::Bool(b) => Some(Value::Bool(*b)),
         other => Some(Value::Json(other.to_string())),
     }
