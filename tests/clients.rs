@@ -342,6 +342,15 @@ impl Browser {
         self.session_call("POST", "/window", json!({"handle": left[0]}));
     }
 
+    /// The requests this page made to `/v1/batch` (resource timing, whose entry comes once a
+    /// body is read to its end, a moment after the snippet saw the answer; preflights are not
+    /// in it).
+    fn batch_requests(&self) -> u64 {
+        self.run("return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/batch')).length")
+            .as_u64()
+            .expect("a count")
+    }
+
     /// Events the snippet still holds (sent ones leave its localStorage queue).
     fn queued(&self) -> u64 {
         self.run("return JSON.parse(localStorage.getItem('engage_queue') || '[]').length")
@@ -484,6 +493,19 @@ async fn snippet_click_becomes_a_typed_event_and_identify_switches_the_user() {
         before[0].name, "page_opened",
         "before identify the anonymous id is the user"
     );
+    // The page that sent them at pagehide never saw the answer, so they were still queued: this
+    // page sent them again, and the messageIds made that store nothing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::task::block_in_place(|| b.queued()) != 0 {
+        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while tokio::task::block_in_place(|| b.batch_requests()) == 0 {
+        assert!(Instant::now() < deadline, "the queued events were not sent again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(events_of(&shop.server, &shop.read, "visitor-1").await.len(), 1);
+    assert_eq!(events_of(&shop.server, &shop.read, &anonymous).await.len(), 1);
 }
 
 /// A server stopped, its port held by a listener that closes every connection at once (so a
@@ -580,15 +602,7 @@ async fn snippet_sends_a_burst_in_batches_of_twenty() {
         assert!(Instant::now() < deadline, "the snippet never emptied its queue");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Every request the page made to /v1/batch (resource timing, whose entry comes once a body
-    // is read to its end, a moment after the snippet saw the answer; preflights are not in it).
-    let posts = || {
-        tokio::task::block_in_place(|| {
-            b.run("return performance.getEntriesByType('resource').filter(e => e.name.endsWith('/v1/batch')).length")
-        })
-        .as_u64()
-        .unwrap()
-    };
+    let posts = || tokio::task::block_in_place(|| b.batch_requests());
     while posts() < 5 {
         assert!(Instant::now() < deadline, "fewer than 5 requests");
         tokio::time::sleep(Duration::from_millis(50)).await;
