@@ -444,3 +444,59 @@ async fn the_snippet_is_served_without_a_key() {
     let missing = http(server.addr, "GET", "/nothing", &[], Vec::new()).await;
     assert_eq!(missing.status, 401, "unknown paths need admin: {}", missing.body);
 }
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory (root, as on CI), unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs (the tests run as root)");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_answers_503_and_the_server_says_why_at_stop() {
+    let disk = SmallDisk::mount(8);
+    let data = disk.0.path().join("data");
+    let mut a = args(&data);
+    a.max_message_bytes = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_on(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        dir,
+        a,
+    );
+    let big = "x".repeat(8000);
+    let mut answers = Vec::new();
+    for round in 0..400 {
+        let batch = json!({"batch": (0..16).map(|i| json!({"type": "track", "userId": "filler", "event": "fill",
+            "messageId": format!("f{round}-{i}"), "properties": {"blob": big}})).collect::<Vec<_>>()});
+        let a = post(&server, "/v1/batch", None, batch).await;
+        let status = a.status;
+        answers.push((status, a.body));
+        if status != 200 || answers.last().unwrap().1.contains("rejected") {
+            break;
+        }
+    }
+    let (status, body) = answers.last().unwrap();
+    assert_eq!(*status, 503, "{body}");
+    assert!(body.contains("error"), "{body}");
+    // A server whose storage failed still stops, and says why.
+    let end = tokio::time::timeout(std::time::Duration::from_secs(60), server.finish())
+        .await
+        .expect("the server stops within its grace period");
+    assert!(end.is_err_and(|e| e.contains("No space left")));
+}
