@@ -449,6 +449,15 @@ async fn shop_with(edit: impl FnOnce(&mut engage::config::ServeArgs)) -> Shop {
     }
 }
 
+/// Waits until the snippet has sent everything it queued (a minute at most).
+async fn wait_until_sent(b: &Browser) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::task::block_in_place(|| b.queued()) != 0 {
+        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `user` has `n` events (a minute at most).
 async fn wait_for_events(server: &TestServer, key: &str, user: &str, n: usize) -> Vec<proto::Event> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -495,11 +504,8 @@ async fn snippet_click_becomes_a_typed_event_and_identify_switches_the_user() {
     );
     // The page that sent them at pagehide never saw the answer, so they were still queued: this
     // page sent them again, and the messageIds made that store nothing.
+    wait_until_sent(b).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::task::block_in_place(|| b.queued()) != 0 {
-        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     while tokio::task::block_in_place(|| b.batch_requests()) == 0 {
         assert!(Instant::now() < deadline, "the queued events were not sent again");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -576,11 +582,7 @@ async fn snippet_keeps_an_event_while_the_server_is_down_and_sends_it_once() {
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(number(&events[0], "price"), Some(10.0));
     // Sent: the snippet's queue empties; nothing is left to send twice.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::task::block_in_place(|| b.queued()) != 0 {
-        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_sent(&b).await;
     // One more flush of anything left must not store the event again.
     tokio::task::block_in_place(|| b.run("engage.flush()"));
     let events = events_of(&server, &read, "visitor-2").await;
@@ -597,12 +599,9 @@ async fn snippet_sends_a_burst_in_batches_of_twenty() {
     });
     let events = wait_for_events(&shop.server, &shop.read, "visitor-3", 100).await;
     assert_eq!(events.len(), 100);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::task::block_in_place(|| b.queued()) != 0 {
-        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_sent(b).await;
     let posts = || tokio::task::block_in_place(|| b.batch_requests());
+    let deadline = Instant::now() + Duration::from_secs(60);
     while posts() < 5 {
         assert!(Instant::now() < deadline, "fewer than 5 requests");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -644,11 +643,7 @@ async fn two_tabs_queue_apart_and_a_closed_tab_loses_nothing() {
     let mut names: Vec<_> = events.iter().map(|e| e.name.as_str()).collect();
     names.sort();
     assert_eq!(names, ["name_your_event_here", "page_opened"], "{events:#?}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while tokio::task::block_in_place(|| b.queued()) != 0 {
-        assert!(Instant::now() < deadline, "the snippet never emptied its queue");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_sent(&b).await;
     assert_eq!(events_of(&server, &read, "visitor-4").await.len(), 2, "each once");
 }
 

@@ -86,17 +86,5 @@ pub(crate) async fn http_batch_load(
             (events, hist)
         }));
     }
-    let mut total = 0;
-    let mut hist = histogram();
-    for t in tasks {
-        let (events, h) = t.await.expect("load task");
-        total += events;
-        hist.add(h).expect("merge histograms");
-    }
-    Report {
-        name: name.into(),
-        events: total,
-        elapsed: start.elapsed(),
-        latency_us: hist,
-    }
+    Report::gather(name, start, tasks).await
 }

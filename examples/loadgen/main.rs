@@ -167,6 +167,29 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The report of load tasks that each answer (events, latency histogram), timed from `start`.
+    async fn gather(
+        name: &str,
+        start: Instant,
+        tasks: Vec<tokio::task::JoinHandle<(u64, Histogram<u64>)>>,
+    ) -> Report {
+        let mut total = 0;
+        let mut hist = histogram();
+        for t in tasks {
+            let (events, h) = t.await.expect("load task");
+            total += events;
+            hist.add(h).expect("merge histograms");
+        }
+        Report {
+            name: name.into(),
+            events: total,
+            elapsed: start.elapsed(),
+            latency_us: hist,
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
 }
@@ -294,19 +317,7 @@ async fn grpc_load(
             (events, hist)
         }));
     }
-    let mut total = 0;
-    let mut hist = histogram();
-    for t in tasks {
-        let (events, h) = t.await.expect("load task");
-        total += events;
-        hist.add(h).expect("merge histograms");
-    }
-    Report {
-        name: name.into(),
-        events: total,
-        elapsed: start.elapsed(),
-        latency_us: hist,
-    }
+    Report::gather(name, start, tasks).await
 }
 
 /// Raw sled: `writers` threads insert `batch` records each (1 for unary) and wait for one
