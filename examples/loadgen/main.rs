@@ -69,6 +69,9 @@ enum Cmd {
     Timers(timers::TimerArgs),
     /// Another user's write latency while batches with costly history conditions run.
     History(history::HistoryArgs),
+    /// Open-loop TrackEvent and event -> subscriber latency at a fixed rate, against the echo
+    /// server at the same rate in the same run.
+    OpenLoop(OpenLoopArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -447,15 +450,34 @@ async fn create_triggers(addr: SocketAddr, matching: usize, other: usize) {
     }
 }
 
-/// Open-loop unary TrackEvent at `rate` per second with one subscriber; latency is from sending
-/// an event to receiving its action on the stream.
-/// Without `subscribe` (the echo server has no actions) only the TrackEvent latency is measured:
-/// the floor this open-loop client and the transport put under every figure.
-async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe: bool) -> Report {
+/// What an open-loop run measured: TrackEvent answers and, with a subscriber, actions
+/// received, each from the moment its call was *scheduled* (so a stall counts for every call it
+/// delays, not only for the one it hit).
+struct OpenLoop {
+    answered: Report,
+    delivered: Option<Report>,
+}
+
+fn quantiles(h: &Histogram<u64>) -> String {
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        h.value_at_quantile(0.5) as f64 / 1000.0,
+        h.value_at_quantile(0.99) as f64 / 1000.0,
+        h.value_at_quantile(0.999) as f64 / 1000.0,
+        h.max() as f64 / 1000.0
+    )
+}
+
+/// Open-loop unary TrackEvent: call `i` is due at `start + i / rate` whatever the calls before
+/// it are doing (a late sender sends at once, with the latency counted from the due time). With
+/// `subscribe`, a subscriber receives each event's action (one matching trigger must exist) and
+/// that latency is measured too, from the same due time. The echo server has no actions: without
+/// `subscribe` only the answers are measured, the floor this client and the transport put under
+/// every figure.
+async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe: bool) -> OpenLoop {
     use proto::action_service_client::ActionServiceClient;
-    use proto::event_service_client::EventServiceClient;
     use std::sync::{Arc, Mutex};
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let due_of: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let mut stream = if subscribe {
         Some(
             ActionServiceClient::new(channel(addr).await)
@@ -472,7 +494,7 @@ async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64, subs
     };
     let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
     let receiver = {
-        let sent = sent.clone();
+        let due_of = due_of.clone();
         tokio::spawn(async move {
             let mut hist = histogram();
             loop {
@@ -484,9 +506,9 @@ async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64, subs
                     _ = &mut done => return hist,
                     msg = stream.message() => match msg {
                         Ok(Some(action)) => {
-                            let at = sent.lock().expect("sent map").remove(&action.event_id);
-                            if let Some(at) = at {
-                                let _ = hist.record(at.elapsed().as_micros().max(1) as u64);
+                            let due = due_of.lock().expect("due map").remove(&action.event_id);
+                            if let Some(due) = due {
+                                let _ = hist.record(due.elapsed().as_micros().max(1) as u64);
                             }
                         }
                         _ => return hist,
@@ -495,54 +517,121 @@ async fn action_latency(addr: SocketAddr, secs: u64, rate: f64, users: u64, subs
             }
         })
     };
-    let client = EventServiceClient::new(channel(addr).await);
-    let start = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut calls = Vec::new();
-    let mut i = 0u64;
-    while start.elapsed() < Duration::from_secs(secs) {
-        tick.tick().await;
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(channel(addr).await);
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let total = (rate * secs as f64) as u64;
+    let mut calls = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(due.into()).await;
         let mut e = wire_event(i, users);
         e.event_id = format!("lat-{i}");
-        i += 1;
         if subscribe {
-            sent.lock()
-                .expect("sent map")
-                .insert(e.event_id.clone(), Instant::now());
+            due_of.lock().expect("due map").insert(e.event_id.clone(), due);
         }
-        let mut client = client.clone();
+        let body = Bytes::from(proto::TrackEventRequest { event: Some(e) }.encode_to_vec());
+        let mut grpc = tonic::client::Grpc::new(channels[i as usize % channels.len()].clone());
         calls.push(tokio::spawn(async move {
-            let t = Instant::now();
-            client
-                .track_event(proto::TrackEventRequest { event: Some(e) })
+            grpc.ready().await.expect("ready");
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/engage.v1.EventService/TrackEvent",
+            );
+            grpc.unary(Request::new(body), path, RawCodec)
                 .await
                 .expect("TrackEvent");
-            t.elapsed()
+            due.elapsed()
         }));
     }
-    let mut acked = histogram();
+    let mut answered = histogram();
     for c in calls {
-        let _ = acked.record(c.await.expect("call").as_micros().max(1) as u64);
+        let _ = answered.record(c.await.expect("call").as_micros().max(1) as u64);
     }
-    println!(
-        "  TrackEvent answered: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
-        acked.value_at_quantile(0.5) as f64 / 1000.0,
-        acked.value_at_quantile(0.99) as f64 / 1000.0,
-        acked.value_at_quantile(0.999) as f64 / 1000.0
-    );
     let elapsed = start.elapsed();
     // Every action arrives; then stop the receiver.
-    while !sent.lock().expect("sent map").is_empty() {
+    while subscribe && !due_of.lock().expect("due map").is_empty() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = done_tx.send(());
-    let hist = receiver.await.expect("receiver");
-    Report {
-        name: "action latency".into(),
-        events: i,
-        elapsed,
-        latency_us: hist,
+    let delivered = receiver.await.expect("receiver");
+    OpenLoop {
+        answered: Report {
+            name: "answered".into(),
+            events: total,
+            elapsed,
+            latency_us: answered,
+        },
+        delivered: subscribe.then(|| Report {
+            name: "delivered".into(),
+            events: total,
+            elapsed,
+            latency_us: delivered,
+        }),
+    }
+}
+
+#[derive(clap::Args)]
+struct OpenLoopArgs {
+    /// Calls per second.
+    #[arg(long, default_value_t = 6000.0)]
+    rate: f64,
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Distinct users the events are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// Rounds of the four scenarios, one after the other (the spread shows the noise).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    #[arg(long, default_value = "target/release/engage")]
+    engage_bin: PathBuf,
+}
+
+/// The open-loop scenarios at one rate: TrackEvent against engage and against the echo server,
+/// then event → subscriber through one trigger (against the echo server's answers: no server
+/// answers faster than the transport, and an action is durable one flush after its event).
+async fn open_loop_run(a: OpenLoopArgs) {
+    println!(
+        "open loop: {} calls/s for {} s per scenario, {} users",
+        a.rate, a.secs, a.users
+    );
+    for round in 1..=a.rounds {
+        let echo = {
+            let proc = start_echo();
+            let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
+            println!("round {round} echo TrackEvent:       {}", quantiles(&r.answered.latency_us));
+            r
+        };
+        settle().await;
+        let plain = {
+            let proc = start_engage(&a.engage_bin);
+            let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
+            println!("round {round} engage TrackEvent:     {}", quantiles(&r.answered.latency_us));
+            r
+        };
+        settle().await;
+        let fired = {
+            let proc = start_engage(&a.engage_bin);
+            create_triggers(proc.addr, 1, 0).await;
+            settle().await;
+            let r = open_loop(proc.addr, a.secs, a.rate, a.users, true).await;
+            println!("round {round} engage, 1 trigger:     {}", quantiles(&r.answered.latency_us));
+            if let Some(d) = &r.delivered {
+                println!("round {round} event -> subscriber:   {}", quantiles(&d.latency_us));
+            }
+            r
+        };
+        settle().await;
+        let p99 = |r: &Report| r.latency_us.value_at_quantile(0.99) as f64;
+        println!(
+            "round {round} p99 ratios to echo: TrackEvent {:.1}x, event -> subscriber {:.1}x",
+            p99(&plain.answered) / p99(&echo.answered),
+            fired.delivered.as_ref().map(|d| p99(d) / p99(&echo.answered)).unwrap_or(0.0),
+        );
     }
 }
 
@@ -807,14 +896,17 @@ async fn run(args: RunArgs) {
         };
         let proc = start_engage(&args.engage_bin);
         create_triggers(proc.addr, 1, 0).await;
-        let r = action_latency(proc.addr, args.secs, rate, args.users, true).await;
-        r.print();
-        println!("  (event sent -> its action received by a subscriber, at {rate:.0} events/s)");
+        let r = open_loop(proc.addr, args.secs, rate, args.users, true).await;
+        println!("  TrackEvent answered: {}", quantiles(&r.answered.latency_us));
+        let mut delivered = r.delivered.expect("subscribed");
+        delivered.name = "action latency".into();
+        delivered.print();
+        println!("  (an event's due time -> its action received by a subscriber, at {rate:.0} events/s)");
         drop(proc);
         settle().await;
         let echo = start_echo();
-        println!("echo, same rate:");
-        action_latency(echo.addr, args.secs, rate, args.users, false).await;
+        let r = open_loop(echo.addr, args.secs, rate, args.users, false).await;
+        println!("echo, same rate: {}", quantiles(&r.answered.latency_us));
     }
     println!();
     for (a, b) in [
@@ -844,5 +936,6 @@ fn main() {
         Cmd::Segments(args) => rt.block_on(segments::run(args)),
         Cmd::Timers(args) => rt.block_on(timers::run(args)),
         Cmd::History(args) => rt.block_on(history::run(args)),
+        Cmd::OpenLoop(args) => rt.block_on(open_loop_run(args)),
     }
 }

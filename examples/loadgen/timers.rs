@@ -186,7 +186,7 @@ pub async fn run(a: TimerArgs) {
         .await
         .expect("subscribe")
         .into_inner();
-    let background = tokio::spawn(super::action_latency(
+    let background = tokio::spawn(super::open_loop(
         engage.addr,
         12,
         a.background_rate,
