@@ -551,8 +551,14 @@ async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe
         let _ = answered.record(c.await.expect("call").as_micros().max(1) as u64);
     }
     let elapsed = start.elapsed();
-    // Every action arrives; then stop the receiver.
+    // Every action arrives (a minute at most: a missing one is reported, not waited for).
+    let waiting = Instant::now();
     while subscribe && !due_of.lock().expect("due map").is_empty() {
+        if waiting.elapsed() > Duration::from_secs(60) {
+            let missing = due_of.lock().expect("due map").len();
+            println!("  {missing} actions never reached the subscriber");
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = done_tx.send(());
@@ -589,6 +595,10 @@ struct OpenLoopArgs {
     rounds: usize,
     #[arg(long, default_value = "target/release/engage")]
     engage_bin: PathBuf,
+    /// Drive a server already running at this address instead (one scenario; for profiling it
+    /// with its metrics or perf), creating one matching trigger and a subscriber first.
+    #[arg(long)]
+    against: Option<SocketAddr>,
 }
 
 /// The open-loop scenarios at one rate: TrackEvent against engage and against the echo server,
@@ -599,6 +609,15 @@ async fn open_loop_run(a: OpenLoopArgs) {
         "open loop: {} calls/s for {} s per scenario, {} users",
         a.rate, a.secs, a.users
     );
+    if let Some(addr) = a.against {
+        create_triggers(addr, 1, 0).await;
+        let r = open_loop(addr, a.secs, a.rate, a.users, true).await;
+        println!("TrackEvent:           {}", quantiles(&r.answered.latency_us));
+        if let Some(d) = &r.delivered {
+            println!("event -> subscriber:  {}", quantiles(&d.latency_us));
+        }
+        return;
+    }
     for round in 1..=a.rounds {
         let echo = {
             let proc = start_echo();
