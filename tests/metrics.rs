@@ -246,6 +246,13 @@ async fn a_scrape_after_a_scripted_workload_shows_exact_values() {
     );
     assert!(v("engage_flush_duration_seconds_count", &[]) >= 1.0);
     assert!(v("engage_write_group_size_count", &[]) >= 1.0);
+    // Where writes spend their time: every stage of the write path has its histogram.
+    for stage in ["queued", "build", "apply", "handoff", "answered"] {
+        assert!(
+            v("engage_write_stage_seconds_count", &[("stage", stage)]) >= 1.0,
+            "{stage}"
+        );
+    }
     assert!(v("engage_storage_bytes", &[]) > 0.0);
     drop(stream);
 }

@@ -537,9 +537,8 @@ async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe
         let mut grpc = tonic::client::Grpc::new(channels[i as usize % channels.len()].clone());
         calls.push(tokio::spawn(async move {
             grpc.ready().await.expect("ready");
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-                "/engage.v1.EventService/TrackEvent",
-            );
+            let path =
+                tonic::codegen::http::uri::PathAndQuery::from_static("/engage.v1.EventService/TrackEvent");
             grpc.unary(Request::new(body), path, RawCodec)
                 .await
                 .expect("TrackEvent");
@@ -622,14 +621,20 @@ async fn open_loop_run(a: OpenLoopArgs) {
         let echo = {
             let proc = start_echo();
             let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
-            println!("round {round} echo TrackEvent:       {}", quantiles(&r.answered.latency_us));
+            println!(
+                "round {round} echo TrackEvent:       {}",
+                quantiles(&r.answered.latency_us)
+            );
             r
         };
         settle().await;
         let plain = {
             let proc = start_engage(&a.engage_bin);
             let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
-            println!("round {round} engage TrackEvent:     {}", quantiles(&r.answered.latency_us));
+            println!(
+                "round {round} engage TrackEvent:     {}",
+                quantiles(&r.answered.latency_us)
+            );
             r
         };
         settle().await;
@@ -638,9 +643,15 @@ async fn open_loop_run(a: OpenLoopArgs) {
             create_triggers(proc.addr, 1, 0).await;
             settle().await;
             let r = open_loop(proc.addr, a.secs, a.rate, a.users, true).await;
-            println!("round {round} engage, 1 trigger:     {}", quantiles(&r.answered.latency_us));
+            println!(
+                "round {round} engage, 1 trigger:     {}",
+                quantiles(&r.answered.latency_us)
+            );
             if let Some(d) = &r.delivered {
-                println!("round {round} event -> subscriber:   {}", quantiles(&d.latency_us));
+                println!(
+                    "round {round} event -> subscriber:   {}",
+                    quantiles(&d.latency_us)
+                );
             }
             r
         };
@@ -649,7 +660,11 @@ async fn open_loop_run(a: OpenLoopArgs) {
         println!(
             "round {round} p99 ratios to echo: TrackEvent {:.1}x, event -> subscriber {:.1}x",
             p99(&plain.answered) / p99(&echo.answered),
-            fired.delivered.as_ref().map(|d| p99(d) / p99(&echo.answered)).unwrap_or(0.0),
+            fired
+                .delivered
+                .as_ref()
+                .map(|d| p99(d) / p99(&echo.answered))
+                .unwrap_or(0.0),
         );
     }
 }

@@ -46,6 +46,7 @@ pub(super) fn run_committer(
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        crate::telemetry::write_stage("handoff", first.applied_at.elapsed());
         let mut replies = first.replies;
         let mut counts = vec![first.counts];
         let mut now = Acknowledged {
@@ -53,6 +54,7 @@ pub(super) fn run_committer(
             action_seq: first.last_action_seq,
         };
         while let Ok(more) = rx.try_recv() {
+            crate::telemetry::write_stage("handoff", more.applied_at.elapsed());
             replies.extend(more.replies);
             counts.push(more.counts);
             now.event_seq = now.event_seq.max(more.last_event_seq);

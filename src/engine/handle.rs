@@ -66,12 +66,16 @@ impl Ingest {
                 }));
             }),
             barrier,
+            submitted: std::time::Instant::now(),
         };
+        let submitted = job.submitted;
         self.tx
             .send(job)
             .await
             .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
-        rx.await.map_err(|_| unavailable())?
+        let answer = rx.await.map_err(|_| unavailable())?;
+        crate::telemetry::write_stage("answered", submitted.elapsed());
+        answer
     }
 
     /// Tracks events: one result per input, in order. `events` hold the outcome of [`prepare`],

@@ -85,6 +85,7 @@ impl Ingest {
                             }
                         }),
                         barrier: true,
+                        submitted: std::time::Instant::now(),
                     };
                     tx.blocking_send(job).is_ok()
                 })

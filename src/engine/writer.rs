@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -25,6 +26,8 @@ pub(super) type Reply = Box<dyn FnOnce(Option<&Error>) + Send>;
 pub(super) struct Job {
     pub(super) run: JobFn,
     pub(super) barrier: bool,
+    /// When the caller submitted it (the `queued` stage).
+    pub(super) submitted: Instant,
 }
 
 pub(super) type JobFn = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
@@ -41,6 +44,8 @@ pub(super) struct Applied {
     pub(super) counts: super::group::Counts,
     pub(super) last_event_seq: u64,
     pub(super) last_action_seq: u64,
+    /// When the writer handed it over (the `handoff` stage).
+    pub(super) applied_at: Instant,
 }
 
 /// The writer thread's state (see the module documentation of `engine`). It owns the state it
@@ -86,6 +91,8 @@ impl Writer {
             let start_seq = self.last_seq;
             let start_action_seq = self.last_action_seq;
             let alone = first.barrier;
+            let built = Instant::now();
+            crate::telemetry::write_stage("queued", built.duration_since(first.submitted));
             (first.run)(&mut self, &mut group);
             // A group that read much history ends early too (see `Group::reads`).
             while !alone && group.batch.len() < MAX_GROUP_WRITES && !group.reads.group_spent(&self.limits) {
@@ -94,23 +101,31 @@ impl Writer {
                         held = Some(job);
                         break;
                     }
-                    Ok(job) => (job.run)(&mut self, &mut group),
+                    Ok(job) => {
+                        crate::telemetry::write_stage("queued", job.submitted.elapsed());
+                        (job.run)(&mut self, &mut group)
+                    }
                     Err(_) => break,
                 }
             }
             let replies = std::mem::take(&mut group.replies);
             let counts = std::mem::take(&mut group.counts);
+            let applying = Instant::now();
+            crate::telemetry::write_stage("build", applying.duration_since(built));
             if let Some(fault) = self.apply(group, start_seq, start_action_seq) {
                 for r in replies {
                     r(Some(&fault));
                 }
                 continue;
             }
+            let applied_at = Instant::now();
+            crate::telemetry::write_stage("apply", applied_at.duration_since(applying));
             let applied = Applied {
                 replies,
                 counts,
                 last_event_seq: self.last_seq,
                 last_action_seq: self.last_action_seq,
+                applied_at,
             };
             if commit.send(applied).is_err() {
                 break;
