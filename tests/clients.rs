@@ -664,3 +664,30 @@ async fn snippet_splits_batches_the_server_finds_too_large() {
     let events = wait_for_events(&shop.server, &shop.read, "visitor-5", 20).await;
     assert_eq!(events.len(), 20, "none dropped: {events:#?}");
 }
+
+/// Every command of README's walkthrough, as written, with the real grpcurl 1.8.6 (reflection
+/// v1alpha) and curl, against the engage binary (scripts/check-readme).
+#[test]
+fn readme_walkthrough_runs_with_the_real_grpcurl() {
+    let tools = tools();
+    // A free port for the script's server (it binds the port itself).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new("bash")
+        .arg(script("../../scripts/check-readme"))
+        .env("ENGAGE_BIN", env!("CARGO_BIN_EXE_engage"))
+        .env("ENGAGE_README_PORT", port.to_string())
+        .env("ENGAGE_CLIENTS_DIR", tools)
+        .output()
+        .expect("run scripts/check-readme");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("every README command succeeded"),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
