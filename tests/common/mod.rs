@@ -302,17 +302,6 @@ impl TestServer {
         std::mem::replace(&mut self.dir, dir)
     }
 
-    /// Shuts down gracefully and answers what `serve` returned.
-    pub async fn finish(mut self) -> Result<(), String> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.task.take() {
-            Some(task) => task.await.expect("server task").map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
-    }
-
     /// Stops and starts again on the same data directory.
     pub async fn restart(self) -> Self {
         let dir = self.stop().await;
