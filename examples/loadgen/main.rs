@@ -13,7 +13,8 @@
 //! - `echo batch` / `echo unary`: the same calls against a bare tonic server that answers
 //!   without storing (this binary's `echo-server`), the transport's ceiling;
 //! - `sled batch` / `sled unary`: the same records inserted straight into sled with the same
-//!   group commit (one committer thread, one `flush()` per drained set), storage's ceiling.
+//!   group commit (one committer thread, one `flush()` per drained set), storage's ceiling;
+//!   `sled atomic unary` puts each call's record in through `apply_batch` instead.
 //!
 //! Latency is per call (microseconds, HDR histogram). Ratios are printed at the end; only ratios
 //! are meaningful across machines.
@@ -325,7 +326,12 @@ async fn grpc_load(
 
 /// Raw sled: `writers` threads insert `batch` records each (1 for unary) and wait for one
 /// committer thread that drains every waiting writer and runs one `flush()` for all of them.
-fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64) -> Report {
+///
+/// With `atomic`, each call's records go in through one `apply_batch` (as engage applies a
+/// write group) instead of plain inserts. sled 0.34 runs `apply_batch` under the write side of a
+/// process-wide lock whose read side every `flush()` holds until its fsync is done, so atomic
+/// writes cannot overlap the committer's flush; plain inserts can.
+fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64, atomic: bool) -> Report {
     let dir = tempfile::TempDir::new().expect("temp dir");
     let db = sled::Config::new()
         .path(dir.path())
@@ -361,12 +367,20 @@ fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64) ->
                 let mut events = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
+                    let mut atomic_batch = sled::Batch::default();
                     for _ in 0..per_call {
                         let e = stored_event(i, users);
                         // engage's own key and value encodings.
-                        tree.insert(engage::layout::event_key(&e), engage::layout::encode_event(&e))
-                            .expect("insert");
+                        let (k, v) = (engage::layout::event_key(&e), engage::layout::encode_event(&e));
+                        if atomic {
+                            atomic_batch.insert(k, v);
+                        } else {
+                            tree.insert(k, v).expect("insert");
+                        }
                         i += 1;
+                    }
+                    if atomic {
+                        tree.apply_batch(atomic_batch).expect("apply_batch");
                     }
                     let (done_tx, done_rx) = std_mpsc::sync_channel(1);
                     tx.send(done_tx).expect("committer");
@@ -865,7 +879,7 @@ async fn run(args: RunArgs) {
         drop(proc);
         settle().await;
     }
-    for name in ["sled batch", "sled unary"] {
+    for name in ["sled batch", "sled unary", "sled atomic unary"] {
         if !wanted(name) {
             continue;
         }
@@ -875,7 +889,8 @@ async fn run(args: RunArgs) {
             (1, args.unary_in_flight)
         };
         let (secs, users) = (args.secs, args.users);
-        let r = tokio::task::spawn_blocking(move || sled_load(name, secs, batch, writers, users))
+        let atomic = name.contains("atomic");
+        let r = tokio::task::spawn_blocking(move || sled_load(name, secs, batch, writers, users, atomic))
             .await
             .expect("sled load");
         r.print();
@@ -949,6 +964,7 @@ async fn run(args: RunArgs) {
         ("http batch", "engage batch"),
         ("engage unary", "echo unary"),
         ("engage unary", "sled unary"),
+        ("sled atomic unary", "sled unary"),
         ("10 matching triggers", "no triggers"),
         ("10k other triggers", "no triggers (2)"),
     ] {
