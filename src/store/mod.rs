@@ -1,15 +1,17 @@
 //! Storage: the only code that knows sled and the key layouts.
 //!
-//! Everything that must change atomically with an event lives in **one** sled tree (`engage`),
-//! because `apply_batch` is atomic (and crash-atomic) for one tree only. The engine turns a
-//! whole group of requests into one [`WriteBatch`], applies it, and answers after one shared
-//! [`Store::flush`] (group commit). Nothing outside this module names sled: reads answer domain
+//! Everything that must change atomically with an event lives in **one** sled tree (`engage`).
+//! The engine turns a whole group of requests into one [`WriteBatch`], applies it atomically
+//! through a record of the `redo` tree (not sled's `apply_batch`, whose process-wide lock waits
+//! for every flush: see [`redo`]), and answers after one shared [`Store::flush`] (group
+//! commit). Nothing outside this module names sled: reads answer domain
 //! types or this module's own ([`TimelineIter`], [`columns::Block`], ...), never raw keys.
 //!
 //! Rooms: [`keys`] (every key layout), [`codec`] (value encodings), [`batch`] (the write
 //! batch), [`events`] (timelines and per-user reads), [`actions`] (the action log, consumers,
 //! firing state), [`columns`] (the by-name index, statistics buckets, rollups), [`timers`]
-//! (pending timers), [`migrate`] (older on-disk layouts, brought up to date at start).
+//! (pending timers), [`migrate`] (older on-disk layouts, brought up to date at start), [`redo`]
+//! (atomic groups, completed at start after a crash).
 //!
 //! Key layouts of the `engage` tree (built in [`keys`]; integers big-endian so byte order is
 //! numeric order; signed integers and timestamps order-preserving):
@@ -65,6 +67,7 @@ mod events;
 mod integrity;
 mod keys;
 mod migrate;
+mod redo;
 pub(crate) mod timers;
 
 use std::path::Path;
@@ -151,6 +154,9 @@ impl Default for StoreOptions {
 pub(crate) struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// The records of write groups being applied (see `redo`).
+    redo: sled::Tree,
+    next_redo: Arc<std::sync::atomic::AtomicU64>,
     /// Held for writing while a batch that rewrites or removes index blocks is applied, and for
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
@@ -202,6 +208,13 @@ impl Store {
             }
         };
         let tree = db.open_tree("engage")?;
+        // Groups a crash interrupted are completed before anything is read.
+        let redo = db.open_tree(redo::TREE)?;
+        let recovered = redo::recover(&tree, &redo)?;
+        if recovered > 0 {
+            db.flush()?;
+            tracing::info!(groups = recovered, "completed write groups a stop interrupted");
+        }
         let (mut high_water, acked) = match HighWater::open(dir) {
             Err(IntegrityError::Damaged { .. }) if opts.accept_data_loss => {
                 let _ = std::fs::remove_file(dir.join(integrity::FILE_NAME));
@@ -227,6 +240,8 @@ impl Store {
         Ok(Self {
             db,
             tree,
+            redo,
+            next_redo: Default::default(),
             index: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
             high_water: Arc::new(Mutex::new(high_water)),
@@ -270,7 +285,8 @@ impl Store {
         Ok(state)
     }
 
-    /// Applies a batch atomically. Visible at once; durable after the next [`Store::flush`].
+    /// Applies a batch atomically across crashes (see [`redo`]); visible at once (a reader may
+    /// see it half applied for the moment it takes), durable after the next [`Store::flush`].
     pub(crate) fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -279,18 +295,11 @@ impl Store {
         // A backup in progress gets the writes to keys it has already copied (see `backup`).
         let mut mirror = self.backup.lock();
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));
-        let mut batch = sled::Batch::default();
-        for (key, value) in ops {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
         if moves_index {
             let _moving = self.index.write();
-            self.tree.apply_batch(batch)?;
+            redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
         } else {
-            self.tree.apply_batch(batch)?;
+            redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
         }
         if let (Some(m), Some(mirrored)) = (mirror.as_mut(), mirrored) {
             // The live write is applied: a failing backup must not turn it into an error.
