@@ -491,4 +491,64 @@ mod tests {
         }
         writer.join().expect("writer");
     }
+
+    #[test]
+    fn statistics_never_lose_other_users_while_one_is_erased() {
+        use crate::store::columns::Level;
+        let (_dir, store) = temp_store();
+        let mut columns = Columns::default();
+        let secs = 1_000_000 * 3600 + 120;
+        let ev = move |i: u64, user: &str| Event {
+            event_id: format!("e{i}"),
+            user_id: user.into(),
+            name: "n".into(),
+            occurred_at: Timestamp { secs, nanos: 0 },
+            received_at: Timestamp { secs: 0, nanos: 0 },
+            sequence: i,
+            attributes: BTreeMap::new(),
+        };
+        let mut writes = ColumnWrites::default();
+        writes.add(&ev(1, "b"));
+        let mut batch = WriteBatch::default();
+        columns.write(&store, &mut batch, writes).expect("index");
+        store.apply(batch).expect("apply");
+        let minute = secs / 60;
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let hours: std::collections::BTreeSet<(String, i64)> =
+                    [("n".to_string(), secs / 3600)].into_iter().collect();
+                for i in 2..1000u64 {
+                    let mut writes = ColumnWrites::default();
+                    writes.add(&ev(i, "a"));
+                    let mut batch = WriteBatch::default();
+                    columns.write(&store, &mut batch, writes).expect("index");
+                    store.apply(batch).expect("apply");
+                    let mut batch = WriteBatch::default();
+                    columns.erase(&store, &mut batch, "a", &hours).expect("erase");
+                    store.apply(batch).expect("apply");
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let (mut reads, mut zero) = (0u64, 0u64);
+        while !done.load(Ordering::SeqCst) {
+            let n: u64 = store
+                .buckets(Level::Minute, "n", minute, minute + 1)
+                .expect("buckets")
+                .iter()
+                .map(|(_, s)| s.events)
+                .sum();
+            reads += 1;
+            if n == 0 {
+                zero += 1;
+            }
+        }
+        writer.join().expect("writer");
+        assert_eq!(
+            zero, 0,
+            "user b's event vanished from the minute bucket in {zero} of {reads} reads"
+        );
+    }
 }

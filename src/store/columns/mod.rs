@@ -352,6 +352,8 @@ impl Columns {
             ) {
                 let (key, _) = kv?;
                 batch.remove_raw(key.to_vec());
+                // Applied while no query reads buckets (see `buckets`).
+                batch.moves_index();
             }
             for (minute, summary) in &minutes {
                 batch.put_raw(bucket_key(MINUTE_BUCKET, name, *minute), encode(summary));
@@ -401,6 +403,9 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, BucketSummary)>, StoreError> {
+        // Erasure removes an hour's buckets and puts the recomputed ones back in one group,
+        // which readers could otherwise see half applied (a minute of other users read as 0).
+        let _reading = self.index.read();
         let prefix_len = name.len() + 2;
         let mut out = Vec::new();
         for kv in self
