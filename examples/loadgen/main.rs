@@ -631,45 +631,30 @@ async fn open_loop_run(a: OpenLoopArgs) {
         }
         return;
     }
-    for round in 1..=a.rounds {
-        let echo = {
-            let proc = start_echo();
-            let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
-            println!(
-                "round {round} echo TrackEvent:       {}",
-                quantiles(&r.answered.latency_us)
-            );
-            r
-        };
-        settle().await;
-        let plain = {
-            let proc = start_engage(&a.engage_bin);
-            let r = open_loop(proc.addr, a.secs, a.rate, a.users, false).await;
-            println!(
-                "round {round} engage TrackEvent:     {}",
-                quantiles(&r.answered.latency_us)
-            );
-            r
-        };
-        settle().await;
-        let fired = {
-            let proc = start_engage(&a.engage_bin);
-            create_triggers(proc.addr, 1, 0).await;
-            settle().await;
-            let r = open_loop(proc.addr, a.secs, a.rate, a.users, true).await;
-            println!(
-                "round {round} engage, 1 trigger:     {}",
-                quantiles(&r.answered.latency_us)
-            );
-            if let Some(d) = &r.delivered {
-                println!(
-                    "round {round} event -> subscriber:   {}",
-                    quantiles(&d.latency_us)
-                );
+    // One scenario against a fresh process: its answers (and deliveries) printed as `label`.
+    let scenario = |label: String, engage: bool, triggers: usize| {
+        let bin = a.engage_bin.clone();
+        let (secs, rate, users) = (a.secs, a.rate, a.users);
+        async move {
+            let proc = if engage { start_engage(&bin) } else { start_echo() };
+            if triggers > 0 {
+                create_triggers(proc.addr, triggers, 0).await;
+                settle().await;
             }
+            let r = open_loop(proc.addr, secs, rate, users, triggers > 0).await;
+            println!("{label:<36} {}", quantiles(&r.answered.latency_us));
+            if let Some(d) = &r.delivered {
+                println!("{:<36} {}", "  event -> subscriber:", quantiles(&d.latency_us));
+            }
+            drop(proc);
+            settle().await;
             r
-        };
-        settle().await;
+        }
+    };
+    for round in 1..=a.rounds {
+        let echo = scenario(format!("round {round} echo TrackEvent:"), false, 0).await;
+        let plain = scenario(format!("round {round} engage TrackEvent:"), true, 0).await;
+        let fired = scenario(format!("round {round} engage, 1 trigger:"), true, 1).await;
         let p99 = |r: &Report| r.latency_us.value_at_quantile(0.99) as f64;
         println!(
             "round {round} p99 ratios to echo: TrackEvent {:.1}x, event -> subscriber {:.1}x",
