@@ -92,10 +92,16 @@ pub(crate) fn enabled() -> bool {
     HANDLE.get().is_some()
 }
 
-/// Records how long a write stage took (see [`WRITE_STAGE`]); nothing without a recorder.
-pub(crate) fn write_stage(stage: &'static str, took: std::time::Duration) {
-    if enabled() {
-        metrics::histogram!(WRITE_STAGE, "stage" => stage).record(took.as_secs_f64());
+/// A moment to time a write stage from; `None` without a recorder, so the write path reads no
+/// clock for metrics nobody collects.
+pub(crate) fn stamp() -> Option<std::time::Instant> {
+    enabled().then(std::time::Instant::now)
+}
+
+/// Records the time since `from` (a [`stamp`]) as the write stage `stage` (see [`WRITE_STAGE`]).
+pub(crate) fn write_stage(stage: &'static str, from: Option<std::time::Instant>) {
+    if let Some(from) = from {
+        metrics::histogram!(WRITE_STAGE, "stage" => stage).record(from.elapsed().as_secs_f64());
     }
 }
 

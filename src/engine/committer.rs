@@ -46,7 +46,7 @@ pub(super) fn run_committer(
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        crate::telemetry::write_stage("handoff", first.applied_at.elapsed());
+        crate::telemetry::write_stage("handoff", first.applied_at);
         let mut replies = first.replies;
         let mut counts = vec![first.counts];
         let mut now = Acknowledged {
@@ -54,7 +54,7 @@ pub(super) fn run_committer(
             action_seq: first.last_action_seq,
         };
         while let Ok(more) = rx.try_recv() {
-            crate::telemetry::write_stage("handoff", more.applied_at.elapsed());
+            crate::telemetry::write_stage("handoff", more.applied_at);
             replies.extend(more.replies);
             counts.push(more.counts);
             now.event_seq = now.event_seq.max(more.last_event_seq);

@@ -66,7 +66,7 @@ impl Ingest {
                 }));
             }),
             barrier,
-            submitted: std::time::Instant::now(),
+            submitted: crate::telemetry::stamp(),
         };
         let submitted = job.submitted;
         self.tx
@@ -74,7 +74,7 @@ impl Ingest {
             .await
             .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
         let answer = rx.await.map_err(|_| unavailable())?;
-        crate::telemetry::write_stage("answered", submitted.elapsed());
+        crate::telemetry::write_stage("answered", submitted);
         answer
     }
 

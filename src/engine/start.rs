@@ -85,7 +85,7 @@ impl Ingest {
                             }
                         }),
                         barrier: true,
-                        submitted: std::time::Instant::now(),
+                        submitted: crate::telemetry::stamp(),
                     };
                     tx.blocking_send(job).is_ok()
                 })

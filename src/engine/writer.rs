@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
+use crate::telemetry::{stamp, write_stage};
+
 use tokio::sync::mpsc;
 
 use super::clock::TimerClock;
@@ -26,8 +28,8 @@ pub(super) type Reply = Box<dyn FnOnce(Option<&Error>) + Send>;
 pub(super) struct Job {
     pub(super) run: JobFn,
     pub(super) barrier: bool,
-    /// When the caller submitted it (the `queued` stage).
-    pub(super) submitted: Instant,
+    /// When the caller submitted it (the `queued` stage; `None` without metrics).
+    pub(super) submitted: Option<Instant>,
 }
 
 pub(super) type JobFn = Box<dyn FnOnce(&mut Writer, &mut Group) + Send>;
@@ -44,8 +46,8 @@ pub(super) struct Applied {
     pub(super) counts: super::group::Counts,
     pub(super) last_event_seq: u64,
     pub(super) last_action_seq: u64,
-    /// When the writer handed it over (the `handoff` stage).
-    pub(super) applied_at: Instant,
+    /// When the writer handed it over (the `handoff` stage; `None` without metrics).
+    pub(super) applied_at: Option<Instant>,
 }
 
 /// The writer thread's state (see the module documentation of `engine`). It owns the state it
@@ -91,8 +93,8 @@ impl Writer {
             let start_seq = self.last_seq;
             let start_action_seq = self.last_action_seq;
             let alone = first.barrier;
-            let built = Instant::now();
-            crate::telemetry::write_stage("queued", built.duration_since(first.submitted));
+            write_stage("queued", first.submitted);
+            let built = stamp();
             (first.run)(&mut self, &mut group);
             // A group that read much history ends early too (see `Group::reads`).
             while !alone && group.batch.len() < MAX_GROUP_WRITES && !group.reads.group_spent(&self.limits) {
@@ -102,7 +104,7 @@ impl Writer {
                         break;
                     }
                     Ok(job) => {
-                        crate::telemetry::write_stage("queued", job.submitted.elapsed());
+                        write_stage("queued", job.submitted);
                         (job.run)(&mut self, &mut group)
                     }
                     Err(_) => break,
@@ -110,16 +112,16 @@ impl Writer {
             }
             let replies = std::mem::take(&mut group.replies);
             let counts = std::mem::take(&mut group.counts);
-            let applying = Instant::now();
-            crate::telemetry::write_stage("build", applying.duration_since(built));
+            write_stage("build", built);
+            let applying = stamp();
             if let Some(fault) = self.apply(group, start_seq, start_action_seq) {
                 for r in replies {
                     r(Some(&fault));
                 }
                 continue;
             }
-            let applied_at = Instant::now();
-            crate::telemetry::write_stage("apply", applied_at.duration_since(applying));
+            write_stage("apply", applying);
+            let applied_at = stamp();
             let applied = Applied {
                 replies,
                 counts,
