@@ -220,7 +220,8 @@ proptest! {
             let mut attributes = BTreeMap::new();
             attributes.insert("name".to_string(), Value::String("x".repeat(1000)));
             attributes.insert("price".to_string(), Value::Number(39.5));
-            let out = t.render("t", "n", &stored_event(attributes), 4096);
+            let event = template::EventContext::new(&stored_event(attributes));
+            let out = t.render("t", "n", &event, 4096);
             prop_assert!(out.len() <= 4096);
         }
     }

@@ -201,22 +201,38 @@ fn attribute(v: &Value) -> J {
     }
 }
 
-/// The variables a payload template sees.
-fn context(event: &Event, trigger_id: &str, trigger_name: &str) -> J {
-    let attributes: BTreeMap<&str, J> = event
-        .attributes
-        .iter()
-        .map(|(k, v)| (k.as_str(), attribute(v)))
-        .collect();
-    minijinja::context! {
-        user_id => event.user_id.as_str(),
-        event => minijinja::context! {
-            name => event.name.as_str(),
-            event_id => event.event_id.as_str(),
-            occurred_at => event.occurred_at.to_string(),
-            attributes => attributes,
-        },
-        trigger => minijinja::context! { id => trigger_id, name => trigger_name },
+/// The variables of a payload template that come from the event: built once per event, for
+/// every trigger firing on it (values are shared, not copied, per render).
+pub(crate) struct EventContext {
+    user_id: J,
+    event: J,
+}
+
+impl EventContext {
+    pub(crate) fn new(event: &Event) -> Self {
+        let attributes: BTreeMap<&str, J> = event
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), attribute(v)))
+            .collect();
+        Self {
+            user_id: J::from(event.user_id.as_str()),
+            event: minijinja::context! {
+                name => event.name.as_str(),
+                event_id => event.event_id.as_str(),
+                occurred_at => event.occurred_at.to_string(),
+                attributes => attributes,
+            },
+        }
+    }
+
+    /// The variables a payload template sees.
+    fn with_trigger(&self, trigger_id: &str, trigger_name: &str) -> J {
+        minijinja::context! {
+            user_id => self.user_id.clone(),
+            event => self.event.clone(),
+            trigger => minijinja::context! { id => trigger_id, name => trigger_name },
+        }
     }
 }
 
@@ -298,11 +314,22 @@ impl Templates {
         self.env.remove_template(trigger_id);
     }
 
-    /// Renders a trigger's payload for `event` into at most `limit` bytes; never fails (see
-    /// the module documentation).
-    pub(crate) fn render(&self, trigger_id: &str, trigger_name: &str, event: &Event, limit: usize) -> String {
+    /// Renders a trigger's payload for an event (its [`EventContext`]) into at most `limit`
+    /// bytes; never fails (see the module documentation).
+    pub(crate) fn render(
+        &self,
+        trigger_id: &str,
+        trigger_name: &str,
+        event: &EventContext,
+        limit: usize,
+    ) -> String {
         match self.env.get_template(trigger_id) {
-            Ok(t) => render_bounded(&t, context(event, trigger_id, trigger_name), limit, trigger_id),
+            Ok(t) => render_bounded(
+                &t,
+                event.with_trigger(trigger_id, trigger_name),
+                limit,
+                trigger_id,
+            ),
             Err(_) => String::new(),
         }
     }
@@ -316,7 +343,10 @@ pub(crate) fn render(source: &str, event: &Event, trigger_id: &str, trigger_name
         return String::new();
     }
     rendered(
-        environment().render_str(source, context(event, trigger_id, trigger_name)),
+        environment().render_str(
+            source,
+            EventContext::new(event).with_trigger(trigger_id, trigger_name),
+        ),
         trigger_id,
     )
 }
@@ -389,11 +419,11 @@ mod tests {
         let source = "{{ trigger.name }}: {{ event.attributes.price }} for {{ user_id }}";
         t.set("t1", source);
         assert_eq!(
-            t.render("t1", "n", &event(), 1 << 20),
+            t.render("t1", "n", &EventContext::new(&event()), 1 << 20),
             render(source, &event(), "t1", "n")
         );
         t.remove("t1");
-        assert_eq!(t.render("t1", "n", &event(), 1 << 20), "");
+        assert_eq!(t.render("t1", "n", &EventContext::new(&event()), 1 << 20), "");
     }
 
     #[test]
@@ -403,10 +433,13 @@ mod tests {
             "big",
             "{% for i in range(1000) %}{{ event.attributes.name }}{% endfor %}",
         );
-        assert_eq!(t.render("big", "n", &event(), 100), "");
-        assert_eq!(t.render("big", "n", &event(), 1 << 20).len(), 10_000);
+        assert_eq!(t.render("big", "n", &EventContext::new(&event()), 100), "");
+        assert_eq!(
+            t.render("big", "n", &EventContext::new(&event()), 1 << 20).len(),
+            10_000
+        );
         t.set("dbg", "[{{ debug() }}]");
-        assert_eq!(t.render("dbg", "n", &event(), 1 << 20), "");
+        assert_eq!(t.render("dbg", "n", &EventContext::new(&event()), 1 << 20), "");
     }
 
     #[test]
@@ -419,8 +452,11 @@ mod tests {
         );
         t.set("old", "{{ user_id ~ '!' }}");
         t.set("ok", "{{ user_id }}");
-        assert_eq!(t.render("old", "n", &event(), 1 << 20), "");
-        assert_eq!(t.render("ok", "n", &event(), 1 << 20), event().user_id);
+        assert_eq!(t.render("old", "n", &EventContext::new(&event()), 1 << 20), "");
+        assert_eq!(
+            t.render("ok", "n", &EventContext::new(&event()), 1 << 20),
+            event().user_id
+        );
     }
 
     #[test]
@@ -452,7 +488,7 @@ mod tests {
         let mut t = Templates::default();
         t.set("r", "{% for i in range(100000) %}x{% endfor %}");
         assert_eq!(
-            t.render("r", "n", &event(), 1 << 20).len(),
+            t.render("r", "n", &EventContext::new(&event()), 1 << 20).len(),
             1000,
             "range() yields 1000 at most"
         );

@@ -61,14 +61,7 @@ impl Writer {
         // Every pending timer of the user, whatever the trigger (deleted ones included).
         group.timers.load(&self.store, user_bucket(user))?;
         group.timers.remove_user(user);
-        for action in self.store.user_actions(user) {
-            let mut action = action?;
-            group.batch.remove_user_action(user, action.sequence);
-            action.user_id.clear();
-            action.payload.clear();
-            action.event = None;
-            group.batch.put_action_record(&action);
-        }
+        self.store.strip_user_actions(&mut group.batch, user)?;
         Ok((erased, true))
     }
 }

@@ -144,6 +144,12 @@ impl Writer {
                 "dropped timer keys of a pre-release layout"
             );
         }
+        if migrated.chunked_actions > 0 {
+            tracing::info!(
+                actions = migrated.chunked_actions,
+                "rewrote the action log of the layout before chunks"
+            );
+        }
         if let Some(events) = migrated.indexed_events.filter(|n| *n > 0) {
             tracing::info!(events, "built the by-name index of existing events");
         }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{Group, Writer};
 use crate::domain::condition::{self, Accumulator, Condition, HistoryCondition};
 use crate::domain::model::{Event, FiredAction, FiringState, Timestamp, Trigger, UserNameAggregate};
+use crate::domain::template::EventContext;
 use crate::error::Error;
 use crate::store::WriteBatch;
 
@@ -293,7 +294,12 @@ impl Writer {
         group: &mut Group,
         now: Timestamp,
     ) -> u32 {
+        if firing.is_empty() {
+            return 0;
+        }
         let mut fired = 0;
+        // The event's template variables, shared by every trigger firing on it.
+        let context = EventContext::new(event);
         for Firing { trigger, state } in firing {
             self.last_action_seq += 1;
             let action = FiredAction {
@@ -308,12 +314,13 @@ impl Writer {
                 payload: self.templates.render(
                     &trigger.id,
                     &trigger.name,
-                    event,
+                    &context,
                     self.limits.max_payload_bytes(),
                 ),
-                event: Some(event.clone()),
+                // Stored once per event by the log, not once per action.
+                event: None,
             };
-            group.batch.put_action(&action);
+            group.batch.put_action(action, Some(event));
             *group.counts.fired.entry(trigger.id.clone()).or_default() += 1;
             if let Some(mut state) = state {
                 state.firings += 1;

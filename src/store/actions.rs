@@ -1,30 +1,228 @@
-//! The action log (`F`, with the by-user `U` and by-trigger `V` indexes), named consumers'
-//! positions (`C`) and per-(trigger, user) firing state (`L`).
+//! The action log (`N` chunks, with the by-user `U` and by-trigger `V` indexes), named
+//! consumers' positions (`C`) and per-(trigger, user) firing state (`L`).
+//!
+//! The log is a sequence of *chunks*: one record holds consecutive actions of one write group
+//! (up to [`CHUNK_ACTIONS`] of them and about [`CHUNK_BYTES`]), keyed by the sequence of its
+//! first, with each event that fired them stored once. Ten triggers firing on one event cost one
+//! record and one copy of the event, not ten of each. The indexes have one key per owner and
+//! chunk, `U` user 0x00 seq or `V` trigger 0x00 seq, where seq is the owner's first action in
+//! the chunk; the value lists the owner's actions there as one byte each, their distance from
+//! seq. An empty value stands for seq alone (the layout before chunks, one key per action).
+//!
+//! Sequences stay one per action and gap-free; a chunk of `n` actions keyed `first` holds
+//! `first..first + n`. Retention removes whole chunks (their actions share one firing time) with
+//! the index keys computed from the chunk; erasure rewrites the user's chunks without the
+//! user's data and removes the user's index keys.
 
-use super::codec::{decode, decode_u64};
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::{decode, decode_u64, encode};
 use super::keys::*;
 use super::{Store, StoreError, WriteBatch};
-use crate::domain::model::{FiredAction, FiringState, Timestamp};
+use crate::domain::model::{Event, FiredAction, FiringState, Timestamp};
+
+/// At most this many actions in one chunk (an index value names one by a byte).
+pub(super) const CHUNK_ACTIONS: usize = 256;
+/// A chunk is closed once its actions reach about this many bytes (far below the size at which
+/// sled stores a value outside its log).
+pub(super) const CHUNK_BYTES: usize = 48 * 1024;
+
+/// One record of the action log: consecutive actions from the sequence in its key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct Chunk {
+    /// The events that fired the actions, each once.
+    events: Vec<Event>,
+    actions: Vec<Entry>,
+}
+
+/// An action as a chunk stores it: its event by position in [`Chunk::events`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    action_id: String,
+    trigger_id: String,
+    trigger_name: String,
+    action_type: String,
+    user_id: String,
+    event_id: String,
+    fired_at: Timestamp,
+    payload: String,
+    event: Option<u32>,
+}
+
+impl Chunk {
+    /// Actions held.
+    pub(super) fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// Adds `action` (its own `event` ignored) fired by `event`; answers its approximate size.
+    pub(super) fn push(&mut self, action: FiredAction, event: Option<&Event>) -> usize {
+        let mut size = action.approx_size();
+        let event = event.map(|e| {
+            match self.events.last() {
+                Some(last) if last.sequence == e.sequence && last.user_id == e.user_id => {}
+                _ => {
+                    size += e.approx_size();
+                    self.events.push(e.clone());
+                }
+            }
+            (self.events.len() - 1) as u32
+        });
+        self.actions.push(Entry {
+            action_id: action.action_id,
+            trigger_id: action.trigger_id,
+            trigger_name: action.trigger_name,
+            action_type: action.action_type,
+            user_id: action.user_id,
+            event_id: action.event_id,
+            fired_at: action.fired_at,
+            payload: action.payload,
+            event,
+        });
+        size
+    }
+
+    /// The action at `offset` as the API sees it (sequence `first + offset`).
+    fn action(&self, key: &[u8], first: u64, offset: usize) -> Result<Option<FiredAction>, StoreError> {
+        let Some(e) = self.actions.get(offset) else {
+            return Ok(None);
+        };
+        let event = match e.event {
+            None => None,
+            Some(i) => Some(
+                self.events
+                    .get(i as usize)
+                    .cloned()
+                    .ok_or_else(|| StoreError::corrupt(key, "an action names an event the chunk lacks"))?,
+            ),
+        };
+        Ok(Some(FiredAction {
+            sequence: first + offset as u64,
+            action_id: e.action_id.clone(),
+            trigger_id: e.trigger_id.clone(),
+            trigger_name: e.trigger_name.clone(),
+            action_type: e.action_type.clone(),
+            user_id: e.user_id.clone(),
+            event_id: e.event_id.clone(),
+            fired_at: e.fired_at,
+            payload: e.payload.clone(),
+            event,
+        }))
+    }
+
+    /// Every action, in order.
+    fn all(&self, key: &[u8], first: u64) -> Result<Vec<FiredAction>, StoreError> {
+        (0..self.len())
+            .filter_map(|i| self.action(key, first, i).transpose())
+            .collect()
+    }
+
+    /// The index keys of the chunk keyed `first`, each with its value: per user (erased ones,
+    /// with an empty id, have none) and per trigger, the first action's sequence and every
+    /// action's distance from it.
+    pub(super) fn index_entries(&self, first: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut users: BTreeMap<&str, (u64, Vec<u8>)> = BTreeMap::new();
+        let mut triggers: BTreeMap<&str, (u64, Vec<u8>)> = BTreeMap::new();
+        for (i, e) in self.actions.iter().enumerate() {
+            let seq = first + i as u64;
+            for (map, owner) in [
+                (&mut users, e.user_id.as_str()),
+                (&mut triggers, e.trigger_id.as_str()),
+            ] {
+                if owner.is_empty() {
+                    continue;
+                }
+                let (start, offsets) = map.entry(owner).or_insert((seq, Vec::new()));
+                // Below CHUNK_ACTIONS, so a byte.
+                offsets.push((seq - *start) as u8);
+            }
+        }
+        let mut out = Vec::with_capacity(users.len() + triggers.len());
+        for (tag, map) in [(USER_ACTION, users), (TRIGGER_ACTION, triggers)] {
+            for (owner, (start, offsets)) in map {
+                out.push((seq_index_key(tag, owner, start), offsets));
+            }
+        }
+        out
+    }
+
+    /// Strips `user`'s data from the chunk (id, payload, event); answers whether it held any.
+    fn strip_user(&mut self, user: &str) -> bool {
+        let mut stripped = false;
+        for e in self.actions.iter_mut().filter(|e| e.user_id == user) {
+            e.user_id.clear();
+            e.payload.clear();
+            e.event = None;
+            stripped = true;
+        }
+        if stripped {
+            // Keep only the events still referred to, renumbered.
+            let mut kept = Vec::new();
+            let mut renumber = BTreeMap::new();
+            for e in self.actions.iter_mut() {
+                if let Some(i) = e.event {
+                    let new = *renumber.entry(i).or_insert_with(|| {
+                        kept.push(i);
+                        (kept.len() - 1) as u32
+                    });
+                    e.event = Some(new);
+                }
+            }
+            let events = std::mem::take(&mut self.events);
+            let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
+            self.events = kept
+                .into_iter()
+                .filter_map(|i| events.get_mut(i as usize).and_then(Option::take))
+                .collect();
+        }
+        stripped
+    }
+}
+
+/// The sequences an index entry names: its key's, plus each distance in its value.
+fn index_sequences(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
+    let start = seq_of_index_key(key)?;
+    if value.is_empty() {
+        return Ok(vec![start]);
+    }
+    Ok(value.iter().map(|d| start + u64::from(*d)).collect())
+}
 
 impl Store {
-    /// A user's fired actions (those still in the log).
-    pub(crate) fn user_actions(
-        &self,
-        user_id: &str,
-    ) -> impl Iterator<Item = Result<FiredAction, StoreError>> + '_ {
-        self.tree
-            .scan_prefix(under(USER_ACTION, user_id))
-            .filter_map(move |kv| {
-                let step = || -> Result<Option<FiredAction>, StoreError> {
-                    let (k, _) = kv?;
-                    let seq = seq_of_index_key(&k)?;
-                    match self.tree.get(action_key(seq))? {
-                        Some(v) => Ok(Some(decode(&action_key(seq), &v)?)),
-                        None => Ok(None),
+    /// The chunk holding sequence `seq`, with its first sequence and key, if kept.
+    fn chunk_holding(&self, seq: u64) -> Result<Option<(u64, Vec<u8>, Chunk)>, StoreError> {
+        let Some(kv) = self.tree.range(chunk_key(0)..=chunk_key(seq)).next_back() else {
+            return Ok(None);
+        };
+        let (k, v) = kv?;
+        let first = seq_of_chunk_key(&k)?;
+        let chunk: Chunk = decode(&k, &v)?;
+        if seq - first >= chunk.len() as u64 {
+            return Ok(None);
+        }
+        Ok(Some((first, k.to_vec(), chunk)))
+    }
+
+    /// The actions of `seqs` (ascending; absent ones skipped), reading each chunk once per run.
+    fn actions_at(&self, seqs: &[u64]) -> Result<Vec<FiredAction>, StoreError> {
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut held: Option<(u64, Vec<u8>, Chunk)> = None;
+        for &seq in seqs {
+            let hit = matches!(&held, Some((first, _, c)) if seq >= *first && seq - first < c.len() as u64);
+            if !hit {
+                held = self.chunk_holding(seq)?;
+            }
+            if let Some((first, key, chunk)) = &held {
+                if seq >= *first {
+                    if let Some(a) = chunk.action(key, *first, (seq - first) as usize)? {
+                        out.push(a);
                     }
-                };
-                step().transpose()
-            })
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// A trigger's firing state for one user.
@@ -67,7 +265,7 @@ impl Store {
     }
 
     /// Up to `limit` actions with sequences from `from` to `to` inclusive, in order.
-    /// (At least one, and no more than `max_bytes` of stored records after the first.)
+    /// (At least one, and no more than about `max_bytes` after the first.)
     pub(crate) fn actions(
         &self,
         from: u64,
@@ -76,27 +274,47 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<FiredAction>, StoreError> {
         let mut out = Vec::new();
-        if from > to {
+        if from > to || limit == 0 {
             return Ok(out);
         }
+        // The chunk holding `from` may start before it.
+        let start = match self.tree.range(chunk_key(0)..=chunk_key(from)).next_back() {
+            Some(kv) => seq_of_chunk_key(&kv?.0)?,
+            None => from,
+        };
         let mut bytes = 0;
-        for kv in self.tree.range(action_key(from)..=action_key(to)).take(limit) {
+        for kv in self.tree.range(chunk_key(start)..=chunk_key(to)) {
             let (k, v) = kv?;
-            bytes += v.len();
-            if bytes > max_bytes && !out.is_empty() {
-                break;
+            let first = seq_of_chunk_key(&k)?;
+            let chunk: Chunk = decode(&k, &v)?;
+            let skip = from.saturating_sub(first);
+            for offset in skip..chunk.len() as u64 {
+                if first + offset > to {
+                    return Ok(out);
+                }
+                let Some(a) = chunk.action(&k, first, offset as usize)? else {
+                    break;
+                };
+                bytes += a.approx_size();
+                if bytes > max_bytes && !out.is_empty() {
+                    return Ok(out);
+                }
+                out.push(a);
+                if out.len() == limit {
+                    return Ok(out);
+                }
             }
-            out.push(decode(&k, &v)?);
         }
         Ok(out)
     }
 
     /// The oldest action kept, if any.
     pub(crate) fn first_action(&self) -> Result<Option<FiredAction>, StoreError> {
-        match self.tree.scan_prefix([ACTION]).next() {
+        match self.tree.scan_prefix([ACTION_CHUNK]).next() {
             Some(kv) => {
                 let (k, v) = kv?;
-                Ok(Some(decode(&k, &v)?))
+                let chunk: Chunk = decode(&k, &v)?;
+                chunk.action(&k, seq_of_chunk_key(&k)?, 0)
             }
             None => Ok(None),
         }
@@ -109,40 +327,50 @@ impl Store {
         before: u64,
         limit: usize,
     ) -> Result<Vec<FiredAction>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 || before == 0 {
+            return Ok(out);
+        }
         let (prefix, tag) = match owner {
             ActionOwner::All => {
-                return self
-                    .tree
-                    .range(action_key(0)..action_key(before))
-                    .rev()
-                    .take(limit)
-                    .map(|kv| {
-                        let (k, v) = kv?;
-                        decode(&k, &v)
-                    })
-                    .collect();
+                for kv in self.tree.range(chunk_key(0)..chunk_key(before)).rev() {
+                    let (k, v) = kv?;
+                    let first = seq_of_chunk_key(&k)?;
+                    let chunk: Chunk = decode(&k, &v)?;
+                    for a in chunk.all(&k, first)?.into_iter().rev() {
+                        if a.sequence < before {
+                            out.push(a);
+                            if out.len() == limit {
+                                return Ok(out);
+                            }
+                        }
+                    }
+                }
+                return Ok(out);
             }
             ActionOwner::User(u) => (u, USER_ACTION),
             ActionOwner::Trigger(t) => (t, TRIGGER_ACTION),
         };
         let lo = seq_index_key(tag, prefix, 0);
         let hi = seq_index_key(tag, prefix, before);
-        let mut out = Vec::new();
         for kv in self.tree.range(lo..hi).rev() {
-            let (k, _) = kv?;
-            let seq = seq_of_index_key(&k)?;
-            if let Some(v) = self.tree.get(action_key(seq))? {
-                out.push(decode(&k, &v)?);
+            let (k, v) = kv?;
+            let seqs: Vec<u64> = index_sequences(&k, &v)?
+                .into_iter()
+                .filter(|s| *s < before)
+                .collect();
+            for a in self.actions_at(&seqs)?.into_iter().rev() {
+                out.push(a);
                 if out.len() == limit {
-                    break;
+                    return Ok(out);
                 }
             }
         }
         Ok(out)
     }
 
-    /// Adds to `batch` the deletion of up to `max` actions from the start of the log fired
-    /// before `cutoff`, with their index entries. Returns how many.
+    /// Adds to `batch` the deletion of the chunks at the start of the log fired before
+    /// `cutoff`, with their index keys, until at least `max` actions. Returns how many actions.
     pub(crate) fn expire_actions(
         &self,
         batch: &mut WriteBatch,
@@ -150,15 +378,72 @@ impl Store {
         max: usize,
     ) -> Result<usize, StoreError> {
         let mut n = 0;
-        for kv in self.tree.scan_prefix([ACTION]).take(max) {
-            let (k, v) = kv?;
-            let action: FiredAction = decode(&k, &v)?;
-            if action.fired_at >= cutoff {
+        for kv in self.tree.scan_prefix([ACTION_CHUNK]) {
+            if n >= max {
                 break;
             }
-            batch.remove_action(&action);
+            let (k, v) = kv?;
+            let first = seq_of_chunk_key(&k)?;
+            let chunk: Chunk = decode(&k, &v)?;
+            // Retention keeps a chunk while any of its actions is young enough.
+            if chunk.actions.iter().any(|a| a.fired_at >= cutoff) {
+                break;
+            }
+            for (key, _) in chunk.index_entries(first) {
+                batch.remove_raw(key);
+            }
+            batch.remove_raw(k.to_vec());
+            n += chunk.len();
+        }
+        Ok(n)
+    }
+
+    /// Adds to `batch` the removal of `user`'s data from the action log: the user's index keys,
+    /// and the user's id, payloads and events from every chunk holding the user's actions
+    /// (sequences, action ids and triggers stay, so the log keeps no gap). Answers how many
+    /// actions were stripped.
+    pub(crate) fn strip_user_actions(&self, batch: &mut WriteBatch, user: &str) -> Result<usize, StoreError> {
+        let mut chunks = BTreeSet::new();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(under(USER_ACTION, user)) {
+            let (k, v) = kv?;
+            let seqs = index_sequences(&k, &v)?;
+            n += seqs.len();
+            chunks.extend(seqs);
+            batch.remove_raw(k.to_vec());
+        }
+        let mut done: Option<(u64, u64)> = None;
+        for seq in chunks {
+            if matches!(done, Some((first, len)) if seq >= first && seq < first + len) {
+                continue;
+            }
+            if let Some((first, key, mut chunk)) = self.chunk_holding(seq)? {
+                done = Some((first, chunk.len() as u64));
+                if chunk.strip_user(user) {
+                    batch.put_raw(key, encode(&chunk));
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Rewrites up to `max` action records of the layout before chunks (`F` sequence, one
+    /// action each) as chunks of one; their index keys already read as such. Answers how many.
+    pub(super) fn chunk_unchunked_actions(&self, max: usize) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut n = 0;
+        for kv in self.tree.scan_prefix([UNCHUNKED_ACTION]).take(max) {
+            let (k, v) = kv?;
+            let mut action: FiredAction = decode(&k, &v)?;
+            let seq = seq_of_chunk_key(&k)?;
+            let event = action.event.take();
+            let mut chunk = Chunk::default();
+            chunk.push(action, event.as_ref());
+            batch.remove_raw(k.to_vec());
+            batch.put_raw(chunk_key(seq).to_vec(), encode(&chunk));
             n += 1;
         }
+        self.apply(batch)?;
         Ok(n)
     }
 }
@@ -169,4 +454,195 @@ pub(crate) enum ActionOwner<'a> {
     All,
     User(&'a str),
     Trigger(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: &str, seq: u64) -> Event {
+        Event {
+            event_id: format!("e{seq}"),
+            user_id: user.into(),
+            name: "n".into(),
+            occurred_at: Timestamp { secs: 1, nanos: 0 },
+            received_at: Timestamp { secs: 1, nanos: 0 },
+            sequence: seq,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    fn action(user: &str, trigger: &str) -> FiredAction {
+        FiredAction {
+            sequence: 0,
+            action_id: format!("a-{user}-{trigger}"),
+            trigger_id: trigger.into(),
+            trigger_name: trigger.into(),
+            action_type: "t".into(),
+            user_id: user.into(),
+            event_id: String::new(),
+            fired_at: Timestamp { secs: 2, nanos: 0 },
+            payload: format!("p-{user}"),
+            event: None,
+        }
+    }
+
+    #[test]
+    fn index_entries_name_each_owner_once_with_distances() {
+        let mut c = Chunk::default();
+        let (ea, eb) = (event("a", 1), event("b", 2));
+        c.push(action("a", "t1"), Some(&ea));
+        c.push(action("a", "t2"), Some(&ea));
+        c.push(action("b", "t1"), Some(&eb));
+        assert_eq!(c.events.len(), 2, "one copy per event");
+        let entries = c.index_entries(10);
+        assert_eq!(
+            entries,
+            vec![
+                (seq_index_key(USER_ACTION, "a", 10), vec![0, 1]),
+                (seq_index_key(USER_ACTION, "b", 12), vec![0]),
+                (seq_index_key(TRIGGER_ACTION, "t1", 10), vec![0, 2]),
+                (seq_index_key(TRIGGER_ACTION, "t2", 11), vec![0]),
+            ]
+        );
+        for (k, v) in &entries {
+            let seqs = index_sequences(k, v).expect("seqs");
+            assert!(seqs.iter().all(|s| (10..13).contains(s)));
+        }
+        assert_eq!(
+            index_sequences(&seq_index_key(USER_ACTION, "a", 7), &[]).expect("old"),
+            vec![7]
+        );
+    }
+
+    #[test]
+    fn stripping_a_user_keeps_the_others_events_and_renumbers_them() {
+        let mut c = Chunk::default();
+        let (ea, eb) = (event("a", 1), event("b", 2));
+        c.push(action("a", "t1"), Some(&ea));
+        c.push(action("b", "t1"), Some(&eb));
+        assert!(c.strip_user("a"));
+        assert!(!c.strip_user("zed"));
+        let all = c.all(b"N", 5).expect("all");
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            (
+                all[0].user_id.as_str(),
+                all[0].payload.as_str(),
+                all[0].event.is_none()
+            ),
+            ("", "", true)
+        );
+        assert_eq!(all[1].event.as_ref().map(|e| e.user_id.as_str()), Some("b"));
+        assert_eq!(all[1].sequence, 6);
+        assert_eq!(c.events.len(), 1);
+    }
+
+    #[test]
+    fn an_action_naming_a_missing_event_is_an_error_not_a_panic() {
+        let mut c = Chunk::default();
+        c.push(action("a", "t1"), Some(&event("a", 1)));
+        c.events.clear();
+        assert!(c.action(b"N", 1, 0).is_err());
+        assert!(c.action(b"N", 1, 5).expect("past the end").is_none());
+    }
+
+    #[test]
+    fn a_batch_of_many_actions_is_cut_into_chunks_that_read_from_any_sequence() {
+        let (_dir, store) = crate::store::temp_store();
+        let mut batch = WriteBatch::default();
+        // 300 events of users u0..u9, two triggers each: 600 actions from sequence 5.
+        let mut seq = 4;
+        for e in 0..300u64 {
+            let ev = event(&format!("u{}", e % 10), e + 1);
+            for t in ["t1", "t2"] {
+                seq += 1;
+                let mut a = action(&ev.user_id, t);
+                a.sequence = seq;
+                a.action_id = format!("a{seq}");
+                batch.put_action(a, Some(&ev));
+            }
+        }
+        store.apply(batch).expect("apply");
+        // Cut at CHUNK_BYTES before CHUNK_ACTIONS here; index keys: per chunk, one per user and
+        // one per trigger.
+        let chunks = store.tree.scan_prefix([ACTION_CHUNK]).count();
+        assert!((3..10).contains(&chunks), "{chunks} chunks");
+        assert_eq!(store.tree.scan_prefix([USER_ACTION]).count(), 10 * chunks);
+        assert_eq!(store.tree.scan_prefix([TRIGGER_ACTION]).count(), 2 * chunks);
+        let from_mid = store.actions(255, 262, usize::MAX, usize::MAX).expect("range");
+        assert_eq!(
+            from_mid.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+            (255..=262).collect::<Vec<_>>()
+        );
+        for a in &from_mid {
+            assert_eq!(a.action_id, format!("a{}", a.sequence));
+            assert_eq!(
+                a.event.as_ref().map(|e| e.user_id.as_str()),
+                Some(a.user_id.as_str())
+            );
+        }
+        assert_eq!(
+            store.actions(1, 4, 10, usize::MAX).expect("before the log").len(),
+            0
+        );
+        assert_eq!(store.actions(604, 700, 10, usize::MAX).expect("tail").len(), 1);
+        assert_eq!(store.first_action().expect("first").map(|a| a.sequence), Some(5));
+        let all = store.actions_newest_first(ActionOwner::All, 262, 4).expect("all");
+        assert_eq!(
+            all.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+            vec![261, 260, 259, 258]
+        );
+        // u3's events are 4, 14, ...: its actions are two per event, newest first across chunks.
+        let u3 = store
+            .actions_newest_first(ActionOwner::User("u3"), 0xffff, 600)
+            .expect("user");
+        assert_eq!(u3.len(), 60);
+        assert!(u3.windows(2).all(|w| w[0].sequence > w[1].sequence));
+        assert!(u3.iter().all(|a| a.user_id == "u3"));
+        let t2 = store
+            .actions_newest_first(ActionOwner::Trigger("t2"), 262, 3)
+            .expect("trigger");
+        assert_eq!(
+            t2.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+            vec![260, 258, 256]
+        );
+        // Erasing u3 strips its actions in every chunk and keeps the others' events.
+        let mut batch = WriteBatch::default();
+        assert_eq!(store.strip_user_actions(&mut batch, "u3").expect("strip"), 60);
+        store.apply(batch).expect("apply");
+        let after = store.actions(5, 604, usize::MAX, usize::MAX).expect("all");
+        assert_eq!(after.len(), 600);
+        assert_eq!(after.iter().filter(|a| a.user_id.is_empty()).count(), 60);
+        assert!(after
+            .iter()
+            .filter(|a| !a.user_id.is_empty())
+            .all(|a| a.event.is_some()));
+        // Retention removes whole chunks and every index key they had.
+        let mut batch = WriteBatch::default();
+        let cutoff = Timestamp { secs: 3, nanos: 0 };
+        let expired = store.expire_actions(&mut batch, cutoff, 300).expect("expire");
+        assert!((300..600).contains(&expired), "whole chunks: {expired}");
+        store.apply(batch).expect("apply");
+        let first = 5 + expired as u64;
+        assert_eq!(
+            store.first_action().expect("first").map(|a| a.sequence),
+            Some(first)
+        );
+        let mut named = 0;
+        for tag in [USER_ACTION, TRIGGER_ACTION] {
+            for kv in store.tree.scan_prefix([tag]) {
+                let (k, v) = kv.expect("kv");
+                for s in index_sequences(&k, &v).expect("seqs") {
+                    assert!(s >= first, "an index key of an expired chunk was left: {s}");
+                    named += 1;
+                }
+            }
+        }
+        // Each kept action is named by its trigger's key, and by its user's unless u3's.
+        assert_eq!(
+            named,
+            2 * (600 - expired) - after[expired..].iter().filter(|a| a.user_id.is_empty()).count()
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! [`WriteBatch`]: the writes of one write group, applied atomically by `Store::apply`.
 
+use super::actions::{Chunk, CHUNK_ACTIONS, CHUNK_BYTES};
 use super::codec::encode;
 use super::keys::*;
 use crate::domain::model::{
@@ -17,6 +18,8 @@ pub(crate) struct WriteBatch {
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
     moves_index: bool,
+    /// The action chunk being filled: its first sequence, the chunk, about its bytes.
+    open_chunk: Option<(u64, Chunk, usize)>,
 }
 
 impl WriteBatch {
@@ -37,18 +40,19 @@ impl WriteBatch {
     }
 
     /// Takes the writes out, in order, with whether they move index records.
-    pub(super) fn into_parts(self) -> (Vec<Op>, bool) {
+    pub(super) fn into_parts(mut self) -> (Vec<Op>, bool) {
+        self.close_chunk();
         (self.ops, self.moves_index)
     }
 
     /// True when nothing was added.
     pub(crate) fn is_empty(&self) -> bool {
-        self.writes == 0
+        self.writes == 0 && self.open_chunk.is_none()
     }
 
-    /// How many writes were added.
+    /// How many keys are written (an action chunk still open counts as one).
     pub(crate) fn len(&self) -> usize {
-        self.writes
+        self.writes + usize::from(self.open_chunk.is_some())
     }
 
     /// Stores an event on its user's timeline.
@@ -81,34 +85,28 @@ impl WriteBatch {
         self.remove_raw(prefixed(TRIGGER, id));
     }
 
-    /// Appends an action to the log, with its by-user and by-trigger index entries.
-    pub(crate) fn put_action(&mut self, action: &FiredAction) {
-        self.put_raw(action_key(action.sequence).to_vec(), encode(action));
-        self.put_raw(
-            seq_index_key(USER_ACTION, &action.user_id, action.sequence),
-            Vec::new(),
-        );
-        self.put_raw(
-            seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence),
-            Vec::new(),
-        );
+    /// Appends an action fired by `event` to the log (`action.event` is not read: the chunk
+    /// stores each event once). Consecutive actions of a batch share a chunk (see
+    /// [`super::actions`]); its record and index keys are written when it is closed.
+    pub(crate) fn put_action(&mut self, action: FiredAction, event: Option<&Event>) {
+        let seq = action.sequence;
+        if let Some((first, chunk, bytes)) = &self.open_chunk {
+            if first + chunk.len() as u64 != seq || chunk.len() >= CHUNK_ACTIONS || *bytes >= CHUNK_BYTES {
+                self.close_chunk();
+            }
+        }
+        let (_, chunk, bytes) = self.open_chunk.get_or_insert_with(|| (seq, Chunk::default(), 0));
+        *bytes += chunk.push(action, event);
     }
 
-    /// Rewrites an action's log record (its index entries are left as they are).
-    pub(crate) fn put_action_record(&mut self, action: &FiredAction) {
-        self.put_raw(action_key(action.sequence).to_vec(), encode(action));
-    }
-
-    /// Removes an action from the log with its index entries (`action` as it is stored).
-    pub(crate) fn remove_action(&mut self, action: &FiredAction) {
-        self.remove_raw(action_key(action.sequence).to_vec());
-        self.remove_user_action(&action.user_id, action.sequence);
-        self.remove_raw(seq_index_key(TRIGGER_ACTION, &action.trigger_id, action.sequence));
-    }
-
-    /// Removes an action from a user's index (the log keeps it).
-    pub(crate) fn remove_user_action(&mut self, user_id: &str, sequence: u64) {
-        self.remove_raw(seq_index_key(USER_ACTION, user_id, sequence));
+    /// Writes the open action chunk, if any, with its index keys.
+    fn close_chunk(&mut self) {
+        if let Some((first, chunk, _)) = self.open_chunk.take() {
+            for (key, value) in chunk.index_entries(first) {
+                self.put_raw(key, value);
+            }
+            self.put_raw(chunk_key(first).to_vec(), encode(&chunk));
+        }
     }
 
     /// Stores a trigger's firing state for one user.

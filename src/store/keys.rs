@@ -15,7 +15,9 @@ pub(super) const ATTRIBUTE: u8 = b'A';
 pub(super) const NAME_STATS: u8 = b'S';
 pub(super) const AGGREGATE: u8 = b'G';
 pub(super) const TRIGGER: u8 = b'R';
-pub(super) const ACTION: u8 = b'F';
+/// The action log before chunks: one action per key (migrated at start).
+pub(super) const UNCHUNKED_ACTION: u8 = b'F';
+pub(super) const ACTION_CHUNK: u8 = b'N';
 pub(super) const USER_ACTION: u8 = b'U';
 pub(super) const TRIGGER_ACTION: u8 = b'V';
 pub(super) const FIRING: u8 = b'L';
@@ -103,11 +105,19 @@ pub(super) fn decode_pos(key: &[u8], bytes: &[u8]) -> Result<TimelinePos, StoreE
     Ok((Timestamp::from_sort_key(ts), u64::from_be_bytes(seq)))
 }
 
-/// `F` sequence: an action in the log.
-pub(super) fn action_key(seq: u64) -> [u8; 9] {
-    let mut k = [ACTION; 9];
+/// `N` sequence: the chunk of the action log whose first action has this sequence.
+pub(super) fn chunk_key(seq: u64) -> [u8; 9] {
+    let mut k = [ACTION_CHUNK; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// The sequence of an action log key (`N` chunk or `F` action).
+pub(super) fn seq_of_chunk_key(key: &[u8]) -> Result<u64, StoreError> {
+    match key {
+        [_, rest @ ..] if rest.len() == 8 => trailing_u64(key, "action log key"),
+        _ => Err(StoreError::corrupt(key, "expected a 9-byte action log key")),
+    }
 }
 
 /// `prefix` owner 0x00 sequence: an action in a user's or a trigger's index.

@@ -73,6 +73,8 @@ pub(crate) struct Migrated {
     pub dropped_timer_keys: usize,
     /// Events added to a by-name index built from scratch (`None`: it was already built).
     pub indexed_events: Option<u64>,
+    /// Actions of the layout before chunks rewritten as chunks.
+    pub chunked_actions: usize,
 }
 
 impl Store {
@@ -82,6 +84,7 @@ impl Store {
         Ok(Migrated {
             dropped_timer_keys: self.drop_unpacked_timers()?,
             indexed_events: self.backfill_columns(columns)?,
+            chunked_actions: self.chunk_action_log()?,
         })
     }
 
@@ -101,6 +104,25 @@ impl Store {
         let dropped = batch.len();
         self.apply(batch)?;
         Ok(dropped)
+    }
+
+    /// Rewrites the action log of the layout before chunks (one key per action) as chunks of
+    /// one action, 1 000 per atomic batch, then flushes. A crash in between leaves both kinds,
+    /// and the next start converts the rest (both are never read at once: the server serves
+    /// only after this). Answers how many.
+    fn chunk_action_log(&self) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.chunk_unchunked_actions(1_000)?;
+            total += n;
+            if n == 0 {
+                break;
+            }
+        }
+        if total > 0 {
+            self.flush()?;
+        }
+        Ok(total)
     }
 
     /// Builds the by-name index from the stored events when the data directory predates it
@@ -213,5 +235,113 @@ mod tests {
             ("t1", Some(7), None, None)
         );
         assert!(decode_trigger(b"Rt1", &bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// Writes `n` actions in the layout before chunks (a record and two empty index keys each),
+    /// alternating users a and b and triggers t1 and t2.
+    fn write_unchunked_actions(store: &Store, n: u64) {
+        use crate::domain::model::FiredAction;
+        let mut batch = WriteBatch::default();
+        for seq in 1..=n {
+            let user = if seq % 2 == 0 { "a" } else { "b" };
+            let trigger = if seq % 3 == 0 { "t1" } else { "t2" };
+            let event = Event {
+                event_id: format!("e{seq}"),
+                user_id: user.into(),
+                name: "n".into(),
+                occurred_at: Timestamp { secs: 1, nanos: 0 },
+                received_at: Timestamp { secs: 1, nanos: 0 },
+                sequence: seq,
+                attributes: Default::default(),
+            };
+            let action = FiredAction {
+                sequence: seq,
+                action_id: format!("a{seq}"),
+                trigger_id: trigger.into(),
+                trigger_name: trigger.into(),
+                action_type: "email".into(),
+                user_id: user.into(),
+                event_id: event.event_id.clone(),
+                fired_at: Timestamp {
+                    secs: seq as i64,
+                    nanos: 0,
+                },
+                payload: format!("p{seq}"),
+                event: Some(event),
+            };
+            let mut key = vec![UNCHUNKED_ACTION];
+            key.extend_from_slice(&seq.to_be_bytes());
+            batch.put_raw(key, super::super::codec::encode(&action));
+            batch.put_raw(seq_index_key(USER_ACTION, user, seq), Vec::new());
+            batch.put_raw(seq_index_key(TRIGGER_ACTION, trigger, seq), Vec::new());
+        }
+        store.apply(batch).expect("apply");
+    }
+
+    #[test]
+    fn the_action_log_before_chunks_is_rewritten_once_and_reads_as_it_did() {
+        use crate::store::ActionOwner;
+        let (_dir, store) = temp_store();
+        write_unchunked_actions(&store, 2_500);
+        let before: Vec<_> = (1..=2_500u64)
+            .map(|s| (s, format!("a{s}"), format!("p{s}"), format!("e{s}")))
+            .collect();
+        // Spread over three batches of 1 000.
+        assert_eq!(store.chunk_action_log().expect("migrate"), 2_500);
+        assert_eq!(store.chunk_action_log().expect("again"), 0, "once");
+        assert_eq!(store.tree.scan_prefix([UNCHUNKED_ACTION]).count(), 0);
+        let all = store.actions(1, u64::MAX, usize::MAX, usize::MAX).expect("read");
+        let got: Vec<_> = all
+            .iter()
+            .map(|a| {
+                let e = a.event.as_ref().map(|e| e.event_id.clone()).unwrap_or_default();
+                (a.sequence, a.action_id.clone(), a.payload.clone(), e)
+            })
+            .collect();
+        assert_eq!(got, before);
+        let a_newest = store
+            .actions_newest_first(ActionOwner::User("a"), 100, 3)
+            .expect("user");
+        assert_eq!(
+            a_newest.iter().map(|a| a.sequence).collect::<Vec<_>>(),
+            vec![98, 96, 94]
+        );
+        let t1 = store
+            .actions_newest_first(ActionOwner::Trigger("t1"), 10, 10)
+            .expect("trigger");
+        assert_eq!(t1.iter().map(|a| a.sequence).collect::<Vec<_>>(), vec![9, 6, 3]);
+        // Erasure and retention of converted actions leave no index key behind.
+        let mut batch = WriteBatch::default();
+        assert_eq!(store.strip_user_actions(&mut batch, "a").expect("strip"), 1_250);
+        store.apply(batch).expect("apply");
+        assert!(store
+            .actions_newest_first(ActionOwner::User("a"), 0, 1)
+            .expect("gone")
+            .is_empty());
+        assert_eq!(store.tree.scan_prefix(under(USER_ACTION, "a")).count(), 0);
+        let a2 = store.actions(2, 2, 1, usize::MAX).expect("stripped");
+        assert_eq!(
+            (
+                a2[0].user_id.as_str(),
+                a2[0].payload.as_str(),
+                a2[0].event.is_none()
+            ),
+            ("", "", true)
+        );
+        let mut batch = WriteBatch::default();
+        let cutoff = Timestamp {
+            secs: i64::MAX / 2,
+            nanos: 0,
+        };
+        assert_eq!(
+            store
+                .expire_actions(&mut batch, cutoff, usize::MAX)
+                .expect("expire"),
+            2_500
+        );
+        store.apply(batch).expect("apply");
+        assert_eq!(store.tree.scan_prefix([USER_ACTION]).count(), 0);
+        assert_eq!(store.tree.scan_prefix([TRIGGER_ACTION]).count(), 0);
+        assert_eq!(store.tree.scan_prefix([ACTION_CHUNK]).count(), 0);
     }
 }

@@ -24,9 +24,9 @@
 //! | `A`    | `A` attribute name                               | postcard [`AttributeDefinition`] |
 //! | `S`    | `S` event name                                   | postcard [`EventNameStats`] |
 //! | `R`    | `R` trigger_id                                   | postcard [`Trigger`]        |
-//! | `F`    | `F` action sequence(8)                           | postcard [`FiredAction`]: the action log |
-//! | `U`    | `U` user_id 0x00 action sequence(8)              | empty: a user's actions     |
-//! | `V`    | `V` trigger_id 0x00 action sequence(8)           | empty: a trigger's actions  |
+//! | `N`    | `N` first action sequence(8)                     | postcard chunk of consecutive actions and their events: the action log ([`actions`]) |
+//! | `U`    | `U` user_id 0x00 action sequence(8)              | the user's actions in that chunk, a byte each: distance from the key's sequence (empty: that one) |
+//! | `V`    | `V` trigger_id 0x00 action sequence(8)           | the same for a trigger      |
 //! | `L`    | `L` trigger_id 0x00 user_id                      | postcard [`FiringState`]    |
 //! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
 //! | `E`    | `E` event name                                   | aggregate maintenance epoch(8) |
@@ -43,7 +43,8 @@
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
 //! keeps each prefix's keys contiguous. The action log is keyed by sequence, so replay is a range
-//! scan and retention deletes a prefix.
+//! scan and retention deletes a prefix. (`F` sequence, one action per key, is the log's layout
+//! before chunks; [`migrate`] rewrites it at start.)
 //!
 //! An event is stored once, under its user, then its name, then time and sequence: one user's
 //! events of one name are one contiguous range in time order (history conditions and
