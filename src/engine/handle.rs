@@ -13,6 +13,10 @@ use super::{unavailable, Group, Ingest, Writer};
 use crate::domain::model::{AttributeDefinition, AttributeType, EventNameStats, Timestamp, Trigger};
 use crate::domain::rules::{Limits, PreparedEvent};
 use crate::error::Error;
+use crate::store::columns::RollupMeta;
+
+/// Rollup rebuilds computed away from the writer before the writer computes one itself.
+const ROLLUP_ATTEMPTS: u32 = 3;
 
 impl Ingest {
     /// Timers pending (as of the last applied write group).
@@ -263,7 +267,7 @@ impl Ingest {
     }
 
     /// Asks for `name`'s rollup to be rebuilt (see `store::columns`) unless a rebuild is already
-    /// queued; returns at once. The rebuild runs in the writer, alone in its write group.
+    /// queued; returns at once. See [`Ingest::rebuild_rollup`].
     pub(crate) fn request_rollup(&self, name: String) {
         let fresh = self.refreshing.lock().insert(name.clone());
         if !fresh {
@@ -272,26 +276,11 @@ impl Ingest {
         let ingest = self.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let done = ingest
-                .run_alone({
-                    let name = name.clone();
-                    move |writer, group| {
-                        let now = Timestamp::now();
-                        let refreshed = writer
-                            .columns
-                            .refresh_rollup(&writer.store, &mut group.batch, &name, writer.last_seq, now)
-                            .map_err(Error::from);
-                        if refreshed.is_err() {
-                            group.discard_writes();
-                        }
-                        refreshed
-                    }
-                })
-                .await;
-            match done {
-                Ok(meta) => tracing::info!(
+            match ingest.rebuild_rollup(&name).await {
+                Ok((meta, attempts)) => tracing::info!(
                     name,
                     users = meta.users,
+                    attempts,
                     ms = started.elapsed().as_millis() as u64,
                     "rollup rebuilt"
                 ),
@@ -299,6 +288,53 @@ impl Ingest {
             }
             ingest.refreshing.lock().remove(&name);
         });
+    }
+
+    /// Rebuilds `name`'s rollup. Computing it reads every block of the name (hundreds of
+    /// milliseconds at a million events), so that runs on a blocking thread, not the writer,
+    /// which would hold every write behind it; the writer only writes the result, alone in its
+    /// group. If index records moved in between (an erasure or a block merge), the result is
+    /// dropped and computed again; after [`ROLLUP_ATTEMPTS`] such tries the writer computes it
+    /// itself. Answers the rollup and the attempts it took.
+    async fn rebuild_rollup(&self, name: &str) -> Result<(RollupMeta, u32), Error> {
+        for attempt in 1..=ROLLUP_ATTEMPTS {
+            // Answered once every event before it is applied: they are all in the blocks read next.
+            let (store, last_seq) = self
+                .run(|writer, _group| Ok((writer.store.clone(), writer.last_seq)))
+                .await?;
+            let computed = {
+                let name = name.to_string();
+                tokio::task::spawn_blocking(move || store.compute_rollup(&name, last_seq, Timestamp::now()))
+                    .await
+                    .map_err(|e| Error::Internal(format!("rollup rebuild task: {e}")))??
+            };
+            let written = self
+                .run_alone(move |writer, group| Ok(computed.write(&writer.store, &mut group.batch)))
+                .await?;
+            if let Some(meta) = written {
+                return Ok((meta, attempt));
+            }
+        }
+        let name = name.to_string();
+        let meta = self
+            .run_alone(move |writer, group| {
+                let refreshed = writer
+                    .columns
+                    .refresh_rollup(
+                        &writer.store,
+                        &mut group.batch,
+                        &name,
+                        writer.last_seq,
+                        Timestamp::now(),
+                    )
+                    .map_err(Error::from);
+                if refreshed.is_err() {
+                    group.discard_writes();
+                }
+                refreshed
+            })
+            .await?;
+        Ok((meta, ROLLUP_ATTEMPTS + 1))
     }
 
     /// Copies the database into `target`, a slice at a time, each slice a barrier job, with the

@@ -162,6 +162,8 @@ pub(crate) struct Store {
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
     index: Arc<RwLock<()>>,
+    /// Batches applied under the write side of `index` so far (see [`Store::index_moves`]).
+    index_moves: Arc<std::sync::atomic::AtomicU64>,
     backup_slice_keys: usize,
     /// What was acknowledged as durable (see `integrity`).
     high_water: Arc<Mutex<HighWater>>,
@@ -244,6 +246,7 @@ impl Store {
             redo,
             next_redo: Default::default(),
             index: Default::default(),
+            index_moves: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
             high_water: Arc::new(Mutex::new(high_water)),
             backup: Default::default(),
@@ -286,6 +289,13 @@ impl Store {
         Ok(state)
     }
 
+    /// How many batches that move index records (rewrite or remove blocks, buckets or rollup
+    /// chunks) were applied so far: a read taken under the index lock is still current while
+    /// this has not changed.
+    pub(crate) fn index_moves(&self) -> u64 {
+        self.index_moves.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Applies a batch atomically across crashes (see [`redo`]); visible at once (a reader may
     /// see it half applied for the moment it takes), durable after the next [`Store::flush`].
     pub(crate) fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -298,6 +308,7 @@ impl Store {
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));
         if moves_index {
             let _moving = self.index.write();
+            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
         } else {
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 mod block;
 mod buckets;
 mod rollup;
+pub(crate) use rollup::RollupMeta;
 
 pub(crate) use block::{Block, Record, Row, ValueRef};
 pub(crate) use buckets::{period_of, BucketSummary, Level};

@@ -88,6 +88,11 @@ impl Store {
     /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
     pub(crate) fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
         let _reading = self.index.read();
+        self.rollup_view_unlocked(name)
+    }
+
+    /// [`Store::rollup_view`], for a caller that holds the index lock or is the writer.
+    fn rollup_view_unlocked(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
         let meta_key = prefixed(ROLLUP_META, name);
         let Some(meta) = self.tree.get(&meta_key)? else {
             return Ok(None);
@@ -101,41 +106,49 @@ impl Store {
         let blocks = self.all_blocks(name)?;
         Ok(Some(RollupView { meta, chunks, blocks }))
     }
-}
 
-impl Columns {
-    /// Rebuilds the rollup of `name` to cover every applied event (`last_sequence`) dated up to
-    /// `now`: the previous rollup plus the events it does not cover, written in chunks of
-    /// [`ROLLUP_CHUNK`] users that replace the old ones atomically.
-    pub(crate) fn refresh_rollup(
-        &mut self,
-        store: &Store,
-        batch: &mut WriteBatch,
+    /// Computes the rollup of `name` covering every applied event up to `last_sequence` dated
+    /// up to `now`: the previous rollup plus the events it does not cover. Reads only, so it
+    /// runs away from the writer; what it read is consistent (blocks and rollup are read under
+    /// the index lock, with the count of index moves at that moment), and the writer writes the
+    /// result only if no batch moved index records since ([`ComputedRollup::write`]).
+    pub(crate) fn compute_rollup(
+        &self,
         name: &str,
         last_sequence: u64,
         now: Timestamp,
-    ) -> Result<RollupMeta, StoreError> {
-        let old = store.rollup_view(name)?;
+    ) -> Result<ComputedRollup, StoreError> {
+        let (old, all_blocks, moves) = {
+            let _reading = self.index.read();
+            let old = self.rollup_view_unlocked(name)?;
+            let blocks = match old {
+                Some(_) => None,
+                None => Some(self.all_blocks(name)?),
+            };
+            (old, blocks, self.index_moves())
+        };
         let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
         // The latest date covered: a rollup answers any as_of from there on.
         let mut cutoff = old.as_ref().map(|v| v.meta.cutoff);
-        let blocks: Vec<Block> = match &old {
-            Some(view) => {
-                for chunk in &view.chunks {
-                    for e in chunk.entries()? {
-                        let entry = users.entry(e.user_id.to_string()).or_default();
-                        entry.count += e.count;
-                        for (attr, agg) in e.numbers {
-                            entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
-                        }
+        let mut old_chunks = Vec::new();
+        if let Some(view) = &old {
+            for chunk in &view.chunks {
+                for e in chunk.entries()? {
+                    let entry = users.entry(e.user_id.to_string()).or_default();
+                    entry.count += e.count;
+                    for (attr, agg) in e.numbers {
+                        entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
                     }
-                    batch.remove_raw(chunk.key.to_vec());
                 }
-                view.blocks.clone()
+                old_chunks.push(chunk.key.to_vec());
             }
-            None => store.all_blocks(name)?,
+        }
+        let blocks = match (&old, &all_blocks) {
+            (Some(view), _) => &view.blocks,
+            (None, Some(blocks)) => blocks,
+            (None, None) => return Err(StoreError::corrupt(name.as_bytes(), "no blocks read")),
         };
-        for block in &blocks {
+        for block in blocks {
             if let Some(view) = &old {
                 if !view.is_delta_block(block)? {
                     continue;
@@ -159,6 +172,7 @@ impl Columns {
             }
         }
         let all: Vec<(&String, &OwnedEntry)> = users.iter().collect();
+        let mut chunks = Vec::with_capacity(all.len().div_ceil(ROLLUP_CHUNK));
         for chunk in all.chunks(ROLLUP_CHUNK) {
             let entries: Vec<RollupEntry> = chunk
                 .iter()
@@ -169,7 +183,7 @@ impl Columns {
                 })
                 .collect();
             if let Some(first) = entries.first() {
-                batch.put_raw(rollup_chunk_key(name, first.user_id), encode(&entries));
+                chunks.push((rollup_chunk_key(name, first.user_id), encode(&entries)));
             }
         }
         let meta = RollupMeta {
@@ -178,9 +192,67 @@ impl Columns {
             cutoff: cutoff.unwrap_or(Timestamp::from_nanos(i128::MIN)),
             users: users.len() as u64,
         };
-        batch.put_raw(prefixed(ROLLUP_META, name), encode(&meta));
+        Ok(ComputedRollup {
+            name: name.to_string(),
+            old_chunks,
+            chunks,
+            meta,
+            moves,
+        })
+    }
+}
+
+/// A rollup computed by [`Store::compute_rollup`], waiting to be written by the writer.
+pub(crate) struct ComputedRollup {
+    name: String,
+    /// The chunk keys of the rollup it replaces.
+    old_chunks: Vec<Vec<u8>>,
+    chunks: Vec<(Vec<u8>, Vec<u8>)>,
+    meta: RollupMeta,
+    /// [`Store::index_moves`] when its blocks were read.
+    moves: u64,
+}
+
+impl ComputedRollup {
+    /// Adds the rollup to `batch`, replacing the old one, if nothing moved index records since
+    /// it was read (an erasure, a block merge, another rollup write); otherwise `None`, and it
+    /// must be computed again. Only the writer may call this (so nothing moves in between).
+    pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Option<RollupMeta> {
+        if store.index_moves() != self.moves {
+            return None;
+        }
+        for key in self.old_chunks {
+            batch.remove_raw(key);
+        }
+        for (key, value) in self.chunks {
+            batch.put_raw(key, value);
+        }
+        batch.put_raw(prefixed(ROLLUP_META, &self.name), encode(&self.meta));
         batch.moves_index();
-        Ok(meta)
+        Some(self.meta)
+    }
+}
+
+impl Columns {
+    /// Rebuilds the rollup of `name` on the writer (see [`Store::compute_rollup`]); the writer
+    /// is the only one that moves index records, so this always succeeds.
+    pub(crate) fn refresh_rollup(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        name: &str,
+        last_sequence: u64,
+        now: Timestamp,
+    ) -> Result<RollupMeta, StoreError> {
+        store
+            .compute_rollup(name, last_sequence, now)?
+            .write(store, batch)
+            .ok_or_else(|| {
+                StoreError::corrupt(
+                    name.as_bytes(),
+                    "index records moved during a rollup rebuild on the writer",
+                )
+            })
     }
 
     /// Removes `user` from the rollups of `names`.
