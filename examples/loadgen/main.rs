@@ -24,6 +24,7 @@
 
 mod history;
 mod http;
+mod rollup;
 mod segments;
 mod timers;
 
@@ -73,6 +74,9 @@ enum Cmd {
     /// Open-loop TrackEvent and event -> subscriber latency at a fixed rate, against the echo
     /// server at the same rate in the same run.
     OpenLoop(OpenLoopArgs),
+    /// TrackEvent latency at a fixed rate while all-history queries make the server build and
+    /// refresh a rollup over the stored events.
+    RollupStall(rollup::RollupArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -972,5 +976,6 @@ fn main() {
         Cmd::Timers(args) => rt.block_on(timers::run(args)),
         Cmd::History(args) => rt.block_on(history::run(args)),
         Cmd::OpenLoop(args) => rt.block_on(open_loop_run(args)),
+        Cmd::RollupStall(args) => rt.block_on(rollup::run(args)),
     }
 }

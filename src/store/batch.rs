@@ -18,6 +18,8 @@ pub(crate) struct WriteBatch {
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
     moves_index: bool,
+    /// Index records are removed or rollups replaced (see `Store::index_content_changes`).
+    changes_content: bool,
     /// The action chunk being filled: its first sequence, the chunk, about its bytes.
     open_chunk: Option<(u64, Chunk, usize)>,
 }
@@ -39,10 +41,25 @@ impl WriteBatch {
         self.moves_index = true;
     }
 
-    /// Takes the writes out, in order, with whether they move index records.
-    pub(super) fn into_parts(mut self) -> (Vec<Op>, bool) {
+    /// Whether the batch moves index records (for tests).
+    #[cfg(test)]
+    pub(crate) fn moves_index_records(&self) -> bool {
+        self.moves_index
+    }
+
+    /// Marks the batch as one that changes what the by-name index holds, not only where (an
+    /// erasure removing records, a rollup replaced): a rollup computed from what was there
+    /// before is no longer current.
+    pub(super) fn changes_index_content(&mut self) {
+        self.moves_index = true;
+        self.changes_content = true;
+    }
+
+    /// Takes the writes out, in order, with whether they move index records and whether they
+    /// change its content.
+    pub(super) fn into_parts(mut self) -> (Vec<Op>, bool, bool) {
         self.close_chunk();
-        (self.ops, self.moves_index)
+        (self.ops, self.moves_index, self.changes_content)
     }
 
     /// True when nothing was added.

@@ -162,8 +162,9 @@ pub(crate) struct Store {
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
     index: Arc<RwLock<()>>,
-    /// Batches applied under the write side of `index` so far (see [`Store::index_moves`]).
-    index_moves: Arc<std::sync::atomic::AtomicU64>,
+    /// Batches that changed the by-name index's content so far (see
+    /// [`Store::index_content_changes`]).
+    content_changes: Arc<std::sync::atomic::AtomicU64>,
     backup_slice_keys: usize,
     /// What was acknowledged as durable (see `integrity`).
     high_water: Arc<Mutex<HighWater>>,
@@ -246,7 +247,7 @@ impl Store {
             redo,
             next_redo: Default::default(),
             index: Default::default(),
-            index_moves: Default::default(),
+            content_changes: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
             high_water: Arc::new(Mutex::new(high_water)),
             backup: Default::default(),
@@ -289,11 +290,12 @@ impl Store {
         Ok(state)
     }
 
-    /// How many batches that move index records (rewrite or remove blocks, buckets or rollup
-    /// chunks) were applied so far: a read taken under the index lock is still current while
-    /// this has not changed.
-    pub(crate) fn index_moves(&self) -> u64 {
-        self.index_moves.load(std::sync::atomic::Ordering::SeqCst)
+    /// How many batches that change what the by-name index holds (an erasure's records, a
+    /// rollup replaced) were applied so far. Block merges only move records, and appends add
+    /// ones with higher sequences, so a consistent read of the index (taken under its lock)
+    /// stays true for the events it covered while this has not changed.
+    pub(crate) fn index_content_changes(&self) -> u64 {
+        self.content_changes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Applies a batch atomically across crashes (see [`redo`]); visible at once (a reader may
@@ -302,13 +304,16 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let (ops, moves_index) = batch.into_parts();
+        let (ops, moves_index, changes_content) = batch.into_parts();
         // A backup in progress gets the writes to keys it has already copied (see `backup`).
         let mut mirror = self.backup.lock();
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));
         if moves_index {
             let _moving = self.index.write();
-            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if changes_content {
+                self.content_changes
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
         } else {
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;

@@ -340,10 +340,10 @@ impl Columns {
                 }
                 if kept.is_empty() {
                     batch.remove_raw(key.to_vec());
-                    batch.moves_index();
+                    batch.changes_index_content();
                 } else if kept.len() != before {
                     batch.put_raw(key.to_vec(), build_block(&mut kept));
-                    batch.moves_index();
+                    batch.changes_index_content();
                 }
             }
             let first = hour * (HOUR / MINUTE);

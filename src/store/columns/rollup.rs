@@ -118,14 +118,14 @@ impl Store {
         last_sequence: u64,
         now: Timestamp,
     ) -> Result<ComputedRollup, StoreError> {
-        let (old, all_blocks, moves) = {
+        let (old, all_blocks, changes) = {
             let _reading = self.index.read();
             let old = self.rollup_view_unlocked(name)?;
             let blocks = match old {
                 Some(_) => None,
                 None => Some(self.all_blocks(name)?),
             };
-            (old, blocks, self.index_moves())
+            (old, blocks, self.index_content_changes())
         };
         let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
         // The latest date covered: a rollup answers any as_of from there on.
@@ -197,7 +197,7 @@ impl Store {
             old_chunks,
             chunks,
             meta,
-            moves,
+            changes,
         })
     }
 }
@@ -209,16 +209,16 @@ pub(crate) struct ComputedRollup {
     old_chunks: Vec<Vec<u8>>,
     chunks: Vec<(Vec<u8>, Vec<u8>)>,
     meta: RollupMeta,
-    /// [`Store::index_moves`] when its blocks were read.
-    moves: u64,
+    /// [`Store::index_content_changes`] when its blocks were read.
+    changes: u64,
 }
 
 impl ComputedRollup {
-    /// Adds the rollup to `batch`, replacing the old one, if nothing moved index records since
-    /// it was read (an erasure, a block merge, another rollup write); otherwise `None`, and it
-    /// must be computed again. Only the writer may call this (so nothing moves in between).
+    /// Adds the rollup to `batch`, replacing the old one, if nothing changed the index's
+    /// content since it was read (an erasure, another rollup written); otherwise `None`, and it
+    /// must be computed again. Only the writer may call this (so nothing changes in between).
     pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Option<RollupMeta> {
-        if store.index_moves() != self.moves {
+        if store.index_content_changes() != self.changes {
             return None;
         }
         for key in self.old_chunks {
@@ -228,7 +228,7 @@ impl ComputedRollup {
             batch.put_raw(key, value);
         }
         batch.put_raw(prefixed(ROLLUP_META, &self.name), encode(&self.meta));
-        batch.moves_index();
+        batch.changes_index_content();
         Some(self.meta)
     }
 }
@@ -292,7 +292,7 @@ impl Columns {
             }
             meta.users = meta.users.saturating_sub(1);
             batch.put_raw(meta_key, encode(&meta));
-            batch.moves_index();
+            batch.changes_index_content();
         }
         Ok(())
     }
