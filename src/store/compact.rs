@@ -84,7 +84,7 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
 /// full scans). Answers how many keys. `from` must not change meanwhile (the caller stops or
 /// pauses every writer).
 pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u64, StoreError> {
-    let fresh = open_without_panic(&sled::Config::new().path(to_dir))??;
+    let fresh = open_without_panic(&super::sled_config(to_dir))??;
     let mut keys = 0u64;
     for name in from.tree_names() {
         let source = from.open_tree(&name)?;
