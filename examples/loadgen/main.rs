@@ -341,6 +341,8 @@ fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64, at
         .path(dir.path())
         .cache_capacity(256 * 1024 * 1024)
         .flush_every_ms(Some(500))
+        // As engage creates its data directories (see `store::SEGMENT_SIZE`).
+        .segment_size(8 << 20)
         .open()
         .expect("open sled");
     let tree = db.open_tree("engage").expect("tree");
