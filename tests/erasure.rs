@@ -212,7 +212,7 @@ async fn after_erasure_no_key_or_value_on_disk_holds_the_user_id() {
         .user_ids;
     assert_eq!(users, vec!["someone-else"]);
     let dir = server.stop().await;
-    let db = sled::open(dir.path()).expect("open");
+    let db = open_sled(dir.path());
     let needle = who.as_bytes();
     let holds = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     for tree in db.tree_names() {

@@ -860,7 +860,7 @@ async fn an_erasure_a_stop_left_between_slices_is_finished_before_serving() {
     let dir = server.stop().await;
     // What a crash after the first slices leaves: some events gone, the mark set.
     {
-        let db = sled::open(dir.path()).expect("open");
+        let db = open_sled(dir.path());
         let tree = db.open_tree("engage").expect("tree");
         let mut removed = 0;
         for k in tree.scan_prefix(b"Thalf\0").keys().take(200) {
@@ -880,7 +880,7 @@ async fn an_erasure_a_stop_left_between_slices_is_finished_before_serving() {
     assert_eq!(timeline(&mut c, "kept").await.len(), 1);
     // The mark is gone: the next start has nothing to finish.
     let dir = server.stop().await;
-    let db = sled::open(dir.path()).expect("reopen");
+    let db = open_sled(dir.path());
     assert!(db
         .open_tree("engage")
         .expect("tree")

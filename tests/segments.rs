@@ -582,7 +582,7 @@ async fn filters_and_stats_match_the_oracle_across_restart_erasure_and_rebuild()
         // indexed at start and answers the same.
         let dir = server.stop().await;
         {
-            let db = sled::open(dir.path()).expect("open sled");
+            let db = open_sled(dir.path());
             let tree = db.open_tree("engage").expect("tree");
             let mut batch = sled::Batch::default();
             for prefix in [b"B", b"K", b"H", b"W"] {

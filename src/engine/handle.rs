@@ -293,8 +293,8 @@ impl Ingest {
     /// Rebuilds `name`'s rollup. Computing it reads every block of the name (hundreds of
     /// milliseconds at a million events), so that runs on a blocking thread, not the writer,
     /// which would hold every write behind it; the writer only writes the result, alone in its
-    /// group. If index records moved in between (an erasure or a block merge), the result is
-    /// dropped and computed again; after [`ROLLUP_ATTEMPTS`] such tries the writer computes it
+    /// group. If the index's content changed in between (an erasure, another rollup written),
+    /// the result is dropped and computed again; after [`ROLLUP_ATTEMPTS`] such tries the writer computes it
     /// itself. Answers the rollup and the attempts it took.
     async fn rebuild_rollup(&self, name: &str) -> Result<(RollupMeta, u32), Error> {
         for attempt in 1..=ROLLUP_ATTEMPTS {
@@ -309,7 +309,7 @@ impl Ingest {
                     .map_err(|e| Error::Internal(format!("rollup rebuild task: {e}")))??
             };
             let written = self
-                .run_alone(move |writer, group| Ok(computed.write(&writer.store, &mut group.batch)))
+                .run_alone(move |writer, group| Ok(computed.write(&writer.store, &mut group.batch)?))
                 .await?;
             if let Some(meta) = written {
                 return Ok((meta, attempt));

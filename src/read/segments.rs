@@ -361,12 +361,15 @@ mod tests {
         add(&mut columns, 61..=120);
         assert!(moves.get() > before, "the appends merged blocks");
         let mut batch = WriteBatch::default();
-        let meta = first.write(&store, &mut batch).expect("nothing changed since");
+        let meta = first
+            .write(&store, &mut batch)
+            .expect("read")
+            .expect("nothing changed since");
         assert_eq!((meta.sequence, meta.users), (60, 7));
         store.apply(batch).expect("apply");
         let mut batch = WriteBatch::default();
         assert!(
-            second.write(&store, &mut batch).is_none(),
+            second.write(&store, &mut batch).expect("read").is_none(),
             "the first rollup replaced the one it read"
         );
         assert!(batch.is_empty());
@@ -381,7 +384,10 @@ mod tests {
             .expect("erase from rollups");
         let mut kept = WriteBatch::default();
         store.apply(batch).expect("apply");
-        assert!(third.write(&store, &mut kept).is_none(), "u003 was erased since");
+        assert!(
+            third.write(&store, &mut kept).expect("read").is_none(),
+            "u003 was erased since"
+        );
         let h = HistoryCondition {
             event_name: "n".into(),
             filter: None,

@@ -149,7 +149,8 @@ impl Chunk {
     }
 
     /// Strips `user`'s data from the chunk (id, payload, event); answers whether it held any.
-    fn strip_user(&mut self, user: &str) -> bool {
+    /// An action naming an event the chunk lacks is damage (`key` names the chunk).
+    fn strip_user(&mut self, key: &[u8], user: &str) -> Result<bool, StoreError> {
         let mut stripped = false;
         for e in self.actions.iter_mut().filter(|e| e.user_id == user) {
             e.user_id.clear();
@@ -157,27 +158,30 @@ impl Chunk {
             e.event = None;
             stripped = true;
         }
-        if stripped {
-            // Keep only the events still referred to, renumbered.
-            let mut kept = Vec::new();
-            let mut renumber = BTreeMap::new();
-            for e in self.actions.iter_mut() {
-                if let Some(i) = e.event {
-                    let new = *renumber.entry(i).or_insert_with(|| {
-                        kept.push(i);
-                        (kept.len() - 1) as u32
-                    });
-                    e.event = Some(new);
-                }
-            }
-            let events = std::mem::take(&mut self.events);
-            let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
-            self.events = kept
-                .into_iter()
-                .filter_map(|i| events.get_mut(i as usize).and_then(Option::take))
-                .collect();
+        if !stripped {
+            return Ok(false);
         }
-        stripped
+        // Keep only the events still referred to, renumbered.
+        let mut events: Vec<Option<Event>> = std::mem::take(&mut self.events).into_iter().map(Some).collect();
+        let mut renumber: BTreeMap<u32, u32> = BTreeMap::new();
+        for e in self.actions.iter_mut() {
+            if let Some(i) = e.event {
+                let new = match renumber.get(&i) {
+                    Some(new) => *new,
+                    None => {
+                        let event = events.get_mut(i as usize).and_then(Option::take).ok_or_else(|| {
+                            StoreError::corrupt(key, "an action names an event the chunk lacks")
+                        })?;
+                        self.events.push(event);
+                        let new = (self.events.len() - 1) as u32;
+                        renumber.insert(i, new);
+                        new
+                    }
+                };
+                e.event = Some(new);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -419,7 +423,7 @@ impl Store {
             }
             if let Some((first, key, mut chunk)) = self.chunk_holding(seq)? {
                 done = Some((first, chunk.len() as u64));
-                if chunk.strip_user(user) {
+                if chunk.strip_user(&key, user)? {
                     batch.put_raw(key, encode(&chunk));
                 }
             }
@@ -521,8 +525,8 @@ mod tests {
         let (ea, eb) = (event("a", 1), event("b", 2));
         c.push(action("a", "t1"), Some(&ea));
         c.push(action("b", "t1"), Some(&eb));
-        assert!(c.strip_user("a"));
-        assert!(!c.strip_user("zed"));
+        assert!(c.strip_user(b"N", "a").expect("strip"));
+        assert!(!c.strip_user(b"N", "zed").expect("nothing"));
         let all = c.all(b"N", 5).expect("all");
         assert_eq!(all.len(), 2);
         assert_eq!(
@@ -545,6 +549,12 @@ mod tests {
         c.events.clear();
         assert!(c.action(b"N", 1, 0).is_err());
         assert!(c.action(b"N", 1, 5).expect("past the end").is_none());
+        c.push(action("b", "t1"), Some(&event("b", 2)));
+        c.actions[0].event = Some(5);
+        assert!(
+            c.strip_user(b"N", "b").is_err(),
+            "a's action names a missing event"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub(crate) struct WriteBatch {
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
     moves_index: bool,
-    /// Index records are removed or rollups replaced (see `Store::index_content_changes`).
+    /// Index records are removed (see `Store::index_content_changes`).
     changes_content: bool,
     /// The action chunk being filled: its first sequence, the chunk, about its bytes.
     open_chunk: Option<(u64, Chunk, usize)>,
@@ -48,8 +48,8 @@ impl WriteBatch {
     }
 
     /// Marks the batch as one that changes what the by-name index holds, not only where (an
-    /// erasure removing records, a rollup replaced): a rollup computed from what was there
-    /// before is no longer current.
+    /// erasure removing records): a rollup computed from what was there before is no longer
+    /// current. (A rollup replaced is caught by its own meta, see `ComputedRollup::write`.)
     pub(super) fn changes_index_content(&mut self) {
         self.moves_index = true;
         self.changes_content = true;
@@ -67,7 +67,8 @@ impl WriteBatch {
         self.writes == 0 && self.open_chunk.is_none()
     }
 
-    /// How many keys are written (an action chunk still open counts as one).
+    /// How many writes were added (an action chunk still open counts as one, though it is
+    /// written with an index key per user and trigger in it).
     pub(crate) fn len(&self) -> usize {
         self.writes + usize::from(self.open_chunk.is_some())
     }

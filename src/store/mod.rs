@@ -289,8 +289,8 @@ impl Store {
         Ok(state)
     }
 
-    /// How many batches that change what the by-name index holds (an erasure's records, a
-    /// rollup replaced) were applied so far. Block merges only move records, and appends add
+    /// How many batches that change what the by-name index holds (an erasure's records) were
+    /// applied so far. Block merges only move records, and appends add
     /// ones with higher sequences, so a consistent read of the index (taken under its lock)
     /// stays true for the events it covered while this has not changed.
     pub(crate) fn index_content_changes(&self) -> u64 {
@@ -348,8 +348,6 @@ thread_local! {
     static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Opens sled, turning a panic of its recovery (which some damaged files cause) into
-/// [`StoreError::Damaged`]. The panic hook is wrapped once, to stay silent for those panics only.
 /// sled's segment size for new data directories. sled writes any page whose image exceeds a
 /// quarter of a segment (128 KiB at its default 512 KiB) to a blob file of its own, which it
 /// never fsyncs; and a leaf of 17 index blocks or action chunks is several times that. Measured
@@ -357,8 +355,13 @@ thread_local! {
 /// 10 s. At 8 MiB a page of up to 2 MiB stays in the log, fsynced with every flush.
 const SEGMENT_SIZE: usize = 8 << 20;
 
+/// sled's own default, which every data directory made before [`SEGMENT_SIZE`] was written with.
+const SLED_DEFAULT_SEGMENT_SIZE: usize = 512 << 10;
+
 /// The sled configuration of the data directory `dir`: its recorded segment size when it has
-/// one (sled refuses to open a directory with another), [`SEGMENT_SIZE`] for a new one.
+/// one (sled refuses to open a directory with another), [`SEGMENT_SIZE`] for a new one (no data
+/// file yet). A directory with data but no readable record (sled never fsyncs its `conf`, and
+/// treats a cut one as absent) was made before engage chose its size: sled's default.
 pub(super) fn sled_config(dir: &Path) -> sled::Config {
     // The file ends in a binary checksum: read as text lossily.
     let recorded = std::fs::read(dir.join("conf")).ok().and_then(|conf| {
@@ -367,11 +370,17 @@ pub(super) fn sled_config(dir: &Path) -> sled::Config {
             .find_map(|l| l.strip_prefix("segment_size: "))
             .and_then(|v| v.trim().parse::<usize>().ok())
     });
-    sled::Config::new()
-        .path(dir)
-        .segment_size(recorded.unwrap_or(SEGMENT_SIZE))
+    let has_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
+    let size = match recorded {
+        Some(size) => size,
+        None if has_data => SLED_DEFAULT_SEGMENT_SIZE,
+        None => SEGMENT_SIZE,
+    };
+    sled::Config::new().path(dir).segment_size(size)
 }
 
+/// Opens sled, turning a panic of its recovery (which some damaged files cause) into
+/// [`StoreError::Damaged`]. The panic hook is wrapped once, to stay silent for those panics only.
 fn open_without_panic(config: &sled::Config) -> Result<sled::Result<sled::Db>, StoreError> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {

@@ -681,3 +681,19 @@ pub fn start_or_exit(dir: &Path, extra: &[&str]) -> Outcome {
     let status = child.wait().expect("wait");
     Outcome::Exited(status, text)
 }
+
+/// Opens a stopped server's data directory with sled directly, with the segment size recorded in
+/// it (engage creates directories with 8 MiB segments; sled refuses to open one with another).
+pub fn open_sled(dir: &std::path::Path) -> sled::Db {
+    let conf = std::fs::read(dir.join("conf")).expect("sled conf");
+    let segment_size = String::from_utf8_lossy(&conf)
+        .lines()
+        .find_map(|l| l.strip_prefix("segment_size: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .expect("segment_size in conf");
+    sled::Config::new()
+        .path(dir)
+        .segment_size(segment_size)
+        .open()
+        .expect("open sled")
+}

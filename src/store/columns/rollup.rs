@@ -110,8 +110,8 @@ impl Store {
     /// Computes the rollup of `name` covering every applied event up to `last_sequence` dated
     /// up to `now`: the previous rollup plus the events it does not cover. Reads only, so it
     /// runs away from the writer; what it read is consistent (blocks and rollup are read under
-    /// the index lock, with the count of index moves at that moment), and the writer writes the
-    /// result only if no batch moved index records since ([`ComputedRollup::write`]).
+    /// the index lock, with the count of index content changes at that moment), and the writer
+    /// writes the result only if nothing changed the content since ([`ComputedRollup::write`]).
     pub(crate) fn compute_rollup(
         &self,
         name: &str,
@@ -194,6 +194,7 @@ impl Store {
         };
         Ok(ComputedRollup {
             name: name.to_string(),
+            old_meta: old.as_ref().map(|v| v.meta),
             old_chunks,
             chunks,
             meta,
@@ -205,6 +206,8 @@ impl Store {
 /// A rollup computed by [`Store::compute_rollup`], waiting to be written by the writer.
 pub(crate) struct ComputedRollup {
     name: String,
+    /// What the rollup it replaces covered (`None`: there was none).
+    old_meta: Option<RollupMeta>,
     /// The chunk keys of the rollup it replaces.
     old_chunks: Vec<Vec<u8>>,
     chunks: Vec<(Vec<u8>, Vec<u8>)>,
@@ -215,11 +218,21 @@ pub(crate) struct ComputedRollup {
 
 impl ComputedRollup {
     /// Adds the rollup to `batch`, replacing the old one, if nothing changed the index's
-    /// content since it was read (an erasure, another rollup written); otherwise `None`, and it
-    /// must be computed again. Only the writer may call this (so nothing changes in between).
-    pub(crate) fn write(self, store: &Store, batch: &mut WriteBatch) -> Option<RollupMeta> {
-        if store.index_content_changes() != self.changes {
-            return None;
+    /// content since it was read (an erasure anywhere, or this name's rollup replaced: its stored
+    /// meta is no longer the one read); otherwise `None`, and it must be computed again. Only
+    /// the writer may call this (so nothing changes in between).
+    pub(crate) fn write(
+        self,
+        store: &Store,
+        batch: &mut WriteBatch,
+    ) -> Result<Option<RollupMeta>, StoreError> {
+        let meta_key = prefixed(ROLLUP_META, &self.name);
+        let current: Option<RollupMeta> = match store.tree.get(&meta_key)? {
+            Some(v) => Some(decode(&meta_key, &v)?),
+            None => None,
+        };
+        if store.index_content_changes() != self.changes || current != self.old_meta {
+            return Ok(None);
         }
         for key in self.old_chunks {
             batch.remove_raw(key);
@@ -227,15 +240,16 @@ impl ComputedRollup {
         for (key, value) in self.chunks {
             batch.put_raw(key, value);
         }
-        batch.put_raw(prefixed(ROLLUP_META, &self.name), encode(&self.meta));
-        batch.changes_index_content();
-        Some(self.meta)
+        batch.put_raw(meta_key, encode(&self.meta));
+        // Moves records between chunk keys; another name's rollup being computed stays true.
+        batch.moves_index();
+        Ok(Some(self.meta))
     }
 }
 
 impl Columns {
     /// Rebuilds the rollup of `name` on the writer (see [`Store::compute_rollup`]); the writer
-    /// is the only one that moves index records, so this always succeeds.
+    /// is the only one that changes the index, so this always succeeds.
     pub(crate) fn refresh_rollup(
         &mut self,
         store: &Store,
@@ -246,7 +260,7 @@ impl Columns {
     ) -> Result<RollupMeta, StoreError> {
         store
             .compute_rollup(name, last_sequence, now)?
-            .write(store, batch)
+            .write(store, batch)?
             .ok_or_else(|| {
                 StoreError::corrupt(
                     name.as_bytes(),
