@@ -461,10 +461,11 @@ pub(crate) enum ActionOwner<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn event(user: &str, seq: u64) -> Event {
+    /// An event of `user` with sequence `seq` (also used by the migration tests).
+    pub(in crate::store) fn event(user: &str, seq: u64) -> Event {
         Event {
             event_id: format!("e{seq}"),
             user_id: user.into(),
@@ -476,7 +477,8 @@ mod tests {
         }
     }
 
-    fn action(user: &str, trigger: &str) -> FiredAction {
+    /// An action of `user` fired by `trigger`, sequence 0 (also used by the migration tests).
+    pub(in crate::store) fn action(user: &str, trigger: &str) -> FiredAction {
         FiredAction {
             sequence: 0,
             action_id: format!("a-{user}-{trigger}"),

@@ -245,22 +245,10 @@ mod tests {
         for seq in 1..=n {
             let user = if seq % 2 == 0 { "a" } else { "b" };
             let trigger = if seq % 3 == 0 { "t1" } else { "t2" };
-            let event = Event {
-                event_id: format!("e{seq}"),
-                user_id: user.into(),
-                name: "n".into(),
-                occurred_at: Timestamp { secs: 1, nanos: 0 },
-                received_at: Timestamp { secs: 1, nanos: 0 },
-                sequence: seq,
-                attributes: Default::default(),
-            };
+            let event = super::super::actions::tests::event(user, seq);
             let action = FiredAction {
                 sequence: seq,
                 action_id: format!("a{seq}"),
-                trigger_id: trigger.into(),
-                trigger_name: trigger.into(),
-                action_type: "email".into(),
-                user_id: user.into(),
                 event_id: event.event_id.clone(),
                 fired_at: Timestamp {
                     secs: seq as i64,
@@ -268,6 +256,7 @@ mod tests {
                 },
                 payload: format!("p{seq}"),
                 event: Some(event),
+                ..super::super::actions::tests::action(user, trigger)
             };
             let mut key = vec![UNCHUNKED_ACTION];
             key.extend_from_slice(&seq.to_be_bytes());
