@@ -1,93 +1,100 @@
-//! The committer thread: one `flush()` for every applied group waiting, then the answers.
+//! Group commit: one `flush()` for every applied group waiting, then the answers.
+//!
+//! A round (flush, count, publish, answer) runs on whichever thread finds no round running:
+//! the writer runs it itself for the group it just applied when the committer thread is idle
+//! (one thread hand-off less per write), and hands the group to the committer thread when a
+//! flush is under way, so applying the next group still overlaps that flush. A flush covers
+//! every write applied before it started, so a round may answer for groups still queued for
+//! the other thread; those get a second, cheap flush, and every durable position only moves up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::unavailable;
 use super::writer::Applied;
 use crate::store::{Acknowledged, Store};
 
-/// Flushes once per drained set of applied groups, answers them all, then publishes the highest
-/// durable action sequence (subscribers deliver nothing above it).
+/// The state of group commit, shared by the writer and the committer thread; whoever holds
+/// the lock runs a round.
 ///
 /// The high-water mark (`store::integrity`) is written by a thread of its own while sled
 /// flushes, so its fsync adds no latency: during a round it records what the rounds before made
 /// durable, at most every [`MARK_EVERY`] while writes keep coming (one extra fsync per round
 /// cost unary ingest 10-15%), and the latest once no write came for [`MARK_EVERY`]. So the mark
 /// is never ahead of what is durable, and lags by about [`MARK_EVERY`] at most.
-pub(super) fn run_committer(
+pub(super) struct Commit {
     store: Store,
-    rx: std_mpsc::Receiver<Applied>,
     failed: Arc<AtomicBool>,
     durable: watch::Sender<u64>,
-) {
-    let marker = Marker::start(store.clone());
-    // What is durable; the mark itself skips a write that would change nothing.
-    let mut flushed = Acknowledged::default();
-    let mut last_mark = Instant::now();
-    loop {
-        let first = match rx.recv_timeout(MARK_EVERY) {
-            Ok(first) => first,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                // Idle: bring the mark up to date before waiting.
-                if !failed.load(Ordering::Acquire) {
-                    if let Err(e) = store.record_durable(flushed) {
-                        fail(&failed, &format!("recording the high-water mark: {e}"));
-                    }
-                }
-                match rx.recv() {
-                    Ok(first) => first,
-                    Err(_) => break,
-                }
-            }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        crate::telemetry::write_stage("handoff", first.applied_at);
-        let mut replies = first.replies;
-        let mut counts = vec![first.counts];
-        let mut now = Acknowledged {
-            event_seq: first.last_event_seq,
-            action_seq: first.last_action_seq,
-        };
-        while let Ok(more) = rx.try_recv() {
-            crate::telemetry::write_stage("handoff", more.applied_at);
-            replies.extend(more.replies);
-            counts.push(more.counts);
-            now.event_seq = now.event_seq.max(more.last_event_seq);
-            now.action_seq = now.action_seq.max(more.last_action_seq);
+    marker: Option<Marker>,
+    /// What is durable; the mark itself skips a write that would change nothing.
+    flushed: Acknowledged,
+    last_mark: Instant,
+}
+
+pub(super) type SharedCommit = Arc<Mutex<Commit>>;
+
+impl Commit {
+    pub(super) fn new(store: Store, failed: Arc<AtomicBool>, durable: watch::Sender<u64>) -> SharedCommit {
+        let marker = Some(Marker::start(store.clone()));
+        Arc::new(Mutex::new(Self {
+            store,
+            failed,
+            durable,
+            marker,
+            flushed: Acknowledged::default(),
+            last_mark: Instant::now(),
+        }))
+    }
+
+    /// Flushes once for `groups`, then publishes and answers them.
+    pub(super) fn round(&mut self, groups: Vec<Applied>) {
+        let mut replies = Vec::new();
+        let mut counts = Vec::with_capacity(groups.len());
+        let mut now = self.flushed;
+        for group in groups {
+            crate::telemetry::write_stage("handoff", group.applied_at);
+            replies.extend(group.replies);
+            counts.push(group.counts);
+            now.event_seq = now.event_seq.max(group.last_event_seq);
+            now.action_seq = now.action_seq.max(group.last_action_seq);
         }
-        // The previous round's mark, written while this round flushes.
-        let marking = (last_mark.elapsed() >= MARK_EVERY).then(|| {
-            last_mark = Instant::now();
-            marker.record(flushed)
-        });
+        // The previous rounds' mark, written while this round flushes.
+        let marking = match &self.marker {
+            Some(marker) if self.last_mark.elapsed() >= MARK_EVERY => {
+                self.last_mark = Instant::now();
+                Some(marker.record(self.flushed))
+            }
+            _ => None,
+        };
         let flush_started = Instant::now();
-        let fault = store.flush().err().map(|e| e.to_string());
+        let fault = self.store.flush().err().map(|e| e.to_string());
         metrics::histogram!(crate::telemetry::FLUSH_DURATION).record(flush_started.elapsed().as_secs_f64());
         if let Some(marking) = marking {
             // The mark describes earlier rounds, already answered: a failure to record it
             // refuses the writes after this round, not this round's, whose flush succeeded.
             // (A stopped mark thread: recorded here instead.)
-            let recorded = marking.recv().unwrap_or_else(|_| store.record_durable(flushed));
+            let recorded = marking.recv().unwrap_or_else(|_| self.store.record_durable(self.flushed));
             if let Err(e) = recorded {
-                fail(&failed, &format!("recording the high-water mark: {e}"));
+                fail(&self.failed, &format!("recording the high-water mark: {e}"));
             }
         }
         let fault = fault.map(|e| {
-            fail(&failed, &e);
+            fail(&self.failed, &e);
             unavailable()
         });
         if fault.is_none() {
-            flushed = now;
+            self.flushed = now;
             // Counted once durable: a failed flush answers its events as unavailable instead.
             counts.into_iter().for_each(super::group::Counts::record);
             // Publish before answering: a client that read sequence N from an answer can
             // subscribe from N at once.
-            durable.send_if_modified(|v| {
+            self.durable.send_if_modified(|v| {
                 let moved = *v < now.action_seq;
                 *v = (*v).max(now.action_seq);
                 moved
@@ -97,12 +104,49 @@ pub(super) fn run_committer(
             r(fault.as_ref());
         }
     }
-    marker.stop();
-    if let Err(e) = store.flush() {
-        tracing::error!(error = %e, "final flush failed");
-    } else if let Err(e) = store.record_durable(flushed) {
-        tracing::error!(error = %e, "recording the final high-water mark failed");
+
+    /// Idle: brings the mark up to date.
+    fn mark(&mut self) {
+        if !self.failed.load(Ordering::Acquire) {
+            if let Err(e) = self.store.record_durable(self.flushed) {
+                fail(&self.failed, &format!("recording the high-water mark: {e}"));
+            }
+        }
     }
+
+    /// The last flush and mark, at shutdown.
+    fn finish(&mut self) {
+        if let Some(marker) = self.marker.take() {
+            marker.stop();
+        }
+        if let Err(e) = self.store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        } else if let Err(e) = self.store.record_durable(self.flushed) {
+            tracing::error!(error = %e, "recording the final high-water mark failed");
+        }
+    }
+}
+
+/// The committer thread: runs a round for every drained set of groups the writer handed over.
+pub(super) fn run_committer(commit: SharedCommit, rx: std_mpsc::Receiver<Applied>) {
+    loop {
+        let first = match rx.recv_timeout(MARK_EVERY) {
+            Ok(first) => first,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: bring the mark up to date before waiting.
+                commit.lock().mark();
+                match rx.recv() {
+                    Ok(first) => first,
+                    Err(_) => break,
+                }
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut groups = vec![first];
+        groups.extend(rx.try_iter());
+        commit.lock().round(groups);
+    }
+    commit.lock().finish();
 }
 
 /// Under load, the high-water mark is brought up to date at most this often.

@@ -4,10 +4,11 @@
 //! One **writer thread** owns every piece of mutable engine state (the next sequences, the
 //! schema, event-name statistics, the triggers) and publishes read views of it after each
 //! group ([`Published`]). It drains all waiting commands, turns them into one atomic
-//! [`WriteBatch`], applies it and hands the replies to one **committer thread**, which drains
-//! every applied group, runs a single `flush()` and only then answers: many concurrent writers
-//! share one fsync, and no caller hears OK before its writes are durable. While the committer
-//! flushes group N the writer already builds group N+1.
+//! [`WriteBatch`], applies it and commits it: one `flush()` for every applied group waiting, and
+//! only then the answers, so many concurrent writers share one fsync and no caller hears OK
+//! before its writes are durable. When no flush is running the writer commits the group itself
+//! (one thread hand-off less); while one is, it hands the group to the **committer thread** and
+//! goes on building and applying group N+1 while group N flushes.
 //!
 //! Single ownership makes idempotency, gap-free sequences and "a rejected event leaves nothing
 //! behind" (auto-created attributes included) simple: nothing else writes. Triggers are

@@ -9,7 +9,7 @@ use std::thread;
 use tokio::sync::{mpsc, watch};
 
 use super::clock::TimerClock;
-use super::committer::run_committer;
+use super::committer::{run_committer, Commit};
 use super::triggers::all_history_names;
 use super::writer::{Applied, Job};
 use super::{Group, Ingest, IngestThreads, Published, Writer};
@@ -31,14 +31,15 @@ impl Ingest {
         let (tx, rx) = mpsc::channel(1024);
         let (commit_tx, commit_rx) = std_mpsc::sync_channel::<Applied>(64);
         let (durable_tx, durable_rx) = watch::channel(last_action_seq);
+        let commit = Commit::new(store, failed.clone(), durable_tx);
+        let writer_commit = commit.clone();
         let writer = thread::Builder::new()
             .name("engage-writer".into())
-            .spawn(move || writer.run(rx, commit_tx))
+            .spawn(move || writer.run(rx, commit_tx, writer_commit))
             .map_err(|e| Error::Internal(format!("spawn writer: {e}")))?;
-        let committer_failed = failed.clone();
         let committer = thread::Builder::new()
             .name("engage-committer".into())
-            .spawn(move || run_committer(store, commit_rx, committer_failed, durable_tx))
+            .spawn(move || run_committer(commit, commit_rx))
             .map_err(|e| Error::Internal(format!("spawn committer: {e}")))?;
         let ingest = Self {
             tx,

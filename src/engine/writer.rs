@@ -11,6 +11,7 @@ use crate::telemetry::{stamp, write_stage};
 use tokio::sync::mpsc;
 
 use super::clock::TimerClock;
+use super::committer::SharedCommit;
 use super::{unavailable, Group, Published};
 use crate::domain::model::{AttributeDefinition, AttributeType, EventNameStats, Trigger};
 use crate::domain::rules::Limits;
@@ -108,7 +109,9 @@ const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 const SPIN_AFTER_JOBS: usize = 4;
 
 impl Writer {
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Job>, commit: std_mpsc::SyncSender<Applied>) {
+    /// Runs write groups until every job sender is gone. An applied group is committed here when
+    /// no round is running (see `committer`), else handed to the committer thread.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Job>, handoff: std_mpsc::SyncSender<Applied>, commit: SharedCommit) {
         let mut held: Option<Job> = None;
         let mut last_jobs = 0;
         loop {
@@ -160,8 +163,13 @@ impl Writer {
                 last_action_seq: self.last_action_seq,
                 applied_at,
             };
-            if commit.send(applied).is_err() {
-                break;
+            match commit.try_lock() {
+                Some(mut idle) => idle.round(vec![applied]),
+                None => {
+                    if handoff.send(applied).is_err() {
+                        break;
+                    }
+                }
             }
         }
     }
