@@ -27,7 +27,8 @@ pub(crate) const FLUSH_DURATION: &str = "engage_flush_duration_seconds";
 pub(crate) const WRITE_GROUP_SIZE: &str = "engage_write_group_size";
 /// Beyond SPEC §8: where a write's time goes, by `stage`: `queued` (submitted → the writer takes
 /// it), `build` (the writer runs a group's jobs), `apply` (the group's batch into sled),
-/// `handoff` (applied → the committer takes it), `answered` (the whole write, as its caller saw
+/// `handoff` (applied → its commit round starts: about 0 when the writer commits it itself,
+/// the wait for the committer thread otherwise), `answered` (the whole write, as its caller saw
 /// it: submitted → its answer received). `flush` is `engage_flush_duration_seconds`.
 pub(crate) const WRITE_STAGE: &str = "engage_write_stage_seconds";
 pub(crate) const GRPC_REQUESTS: &str = "engage_grpc_requests_total";

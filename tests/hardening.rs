@@ -1031,3 +1031,35 @@ async fn an_absence_check_reading_too_much_history_sheds_the_event() {
     );
     assert_eq!(fired(&mut c, cart("light")).await, 1);
 }
+
+/// The high-water mark catches up with the last acknowledged write while the server runs, once
+/// writes go quiet (not only at a clean stop): a power loss after a quiet spell must be caught.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mark_catches_up_with_a_quiet_server_before_any_stop() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = data_dir(&tmp);
+    let server = ChildServer::spawn(&dir);
+    let mut c = server.events().await;
+    for i in 0..3 {
+        let r = track(&mut c, event(&format!("quiet-{i}"), "tick", &[]))
+            .await
+            .expect("track");
+        assert_eq!(r.sequence, i + 1);
+    }
+    let mark = dir.join("engage.hwm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = 0;
+    while std::time::Instant::now() < deadline {
+        if let Ok(bytes) = std::fs::read(&mark) {
+            if bytes.len() >= 8 {
+                seen = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+                if seen == 3 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 3, "the mark never reached the last acknowledged event");
+    server.crash();
+}

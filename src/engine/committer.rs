@@ -1,9 +1,9 @@
 //! Group commit: one `flush()` for every applied group waiting, then the answers.
 //!
-//! A round (flush, count, publish, answer) runs on whichever thread finds no round running:
-//! the writer runs it itself for the group it just applied when the committer thread is idle
-//! (one thread hand-off less per write), and hands the group to the committer thread when a
-//! flush is under way, so applying the next group still overlaps that flush. A flush covers
+//! A round (flush, count, publish, answer) runs on whichever thread holds the commit lock: the
+//! writer runs it itself for the group it just applied when no job is waiting and the committer
+//! thread is idle (one thread hand-off less per write at low load), and hands the group to the
+//! committer thread otherwise, so under load applying the next group overlaps the flush. A flush covers
 //! every write applied before it started, so a round may answer for groups still queued for
 //! the other thread; those get a second, cheap flush, and every durable position only moves up.
 
@@ -34,6 +34,8 @@ pub(super) struct Commit {
     marker: Option<Marker>,
     /// What is durable; the mark itself skips a write that would change nothing.
     flushed: Acknowledged,
+    /// What the idle mark last recorded (so an idle tick with nothing new writes nothing).
+    marked: Acknowledged,
     last_mark: Instant,
 }
 
@@ -48,6 +50,7 @@ impl Commit {
             durable,
             marker,
             flushed: Acknowledged::default(),
+            marked: Acknowledged::default(),
             last_mark: Instant::now(),
         }))
     }
@@ -79,7 +82,9 @@ impl Commit {
             // The mark describes earlier rounds, already answered: a failure to record it
             // refuses the writes after this round, not this round's, whose flush succeeded.
             // (A stopped mark thread: recorded here instead.)
-            let recorded = marking.recv().unwrap_or_else(|_| self.store.record_durable(self.flushed));
+            let recorded = marking
+                .recv()
+                .unwrap_or_else(|_| self.store.record_durable(self.flushed));
             if let Err(e) = recorded {
                 fail(&self.failed, &format!("recording the high-water mark: {e}"));
             }
@@ -107,7 +112,11 @@ impl Commit {
 
     /// Idle: brings the mark up to date.
     fn mark(&mut self) {
+        if self.marked == self.flushed {
+            return;
+        }
         if !self.failed.load(Ordering::Acquire) {
+            self.marked = self.flushed;
             if let Err(e) = self.store.record_durable(self.flushed) {
                 fail(&self.failed, &format!("recording the high-water mark: {e}"));
             }
@@ -133,12 +142,11 @@ pub(super) fn run_committer(commit: SharedCommit, rx: std_mpsc::Receiver<Applied
         let first = match rx.recv_timeout(MARK_EVERY) {
             Ok(first) => first,
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                // Idle: bring the mark up to date before waiting.
+                // No handed-over group for a while: bring the mark up to date. The writer may
+                // have committed rounds itself meanwhile, so this thread never parks for good
+                // (a mark already up to date costs no write).
                 commit.lock().mark();
-                match rx.recv() {
-                    Ok(first) => first,
-                    Err(_) => break,
-                }
+                continue;
             }
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };

@@ -110,8 +110,14 @@ const SPIN_AFTER_JOBS: usize = 4;
 
 impl Writer {
     /// Runs write groups until every job sender is gone. An applied group is committed here when
-    /// no round is running (see `committer`), else handed to the committer thread.
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Job>, handoff: std_mpsc::SyncSender<Applied>, commit: SharedCommit) {
+    /// no job is waiting and no round is running (see `committer`), else handed to the committer
+    /// thread.
+    pub(super) fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Job>,
+        handoff: std_mpsc::SyncSender<Applied>,
+        commit: SharedCommit,
+    ) {
         let mut held: Option<Job> = None;
         let mut last_jobs = 0;
         loop {
@@ -163,7 +169,10 @@ impl Writer {
                 last_action_seq: self.last_action_seq,
                 applied_at,
             };
-            match commit.try_lock() {
+            // Committed here only when nothing waits: with jobs queued, the committer thread
+            // flushes this group while the writer goes on applying the next.
+            let idle = if rx.is_empty() { commit.try_lock() } else { None };
+            match idle {
                 Some(mut idle) => idle.round(vec![applied]),
                 None => {
                     if handoff.send(applied).is_err() {
