@@ -17,7 +17,10 @@
 #   {"engine": ..., "timing": ...}                         what was measured and how
 #   {"load": {...}}                                        COPY / index / VACUUM ANALYZE times
 #   {"table": {...}}                                       row count and on-disk sizes
-#   {"query": "q1", "median_ms": .., "min_ms": .., "rows": .., "total": .., "runs_ms": [..]}
+#   {"query": "q1", "variant": "general", "first_ms": .., "median_ms": .., "min_ms": ..,
+#    "rows": .., "total": .., "runs_ms": [..]}                 with the indexes of indexes.sql
+#   {"covering": {...}}                                    covering.sql's build time, sizes
+#   {"query": "q1", "variant": "covering", ...}            the same with covering.sql's indexes
 # "rows" is the rows the statement returned (the first page: <= 100 user_ids; 24 buckets for
 # stats24h), "total" the number of matching users (for stats24h: products sold in the 24 hours).
 #
@@ -183,41 +186,66 @@ printf '{"table": {"rows": %d, "table_bytes": %d, "indexes_bytes": %d, "total_by
     "$NROWS" "$TABLE_B" "$INDEXES_B" "$TOTAL_B" "$INDEX_LIST"
 
 # --- 5. Queries -------------------------------------------------------------------------------
-for q in "${QUERIES[@]}"; do
-    file=$HERE/queries/$q.sql
-    [[ -r $file ]] || die "missing $file"
+# run_queries VARIANT DIR: every query, its file from DIR when there is one there, else from
+# queries/. The first timed execution is the query's first call on this cluster (after the load,
+# the index builds and VACUUM ANALYZE); the median is over the RUNS after WARMUP more.
+run_queries() {
+    local variant=$1 dir=$2 q file result rows total script times n first
+    for q in "${QUERIES[@]}"; do
+        file=$dir/$q.sql
+        [[ -r $file ]] || file=$HERE/queries/$q.sql
+        [[ -r $file ]] || die "missing $file"
 
-    # The result itself, once (an extra, untimed run): returned rows, and the total that every
-    # row carries in its last column.
-    result=$("${PSQL[@]}" -At -F '|' -v as_of="$AS_OF" -f "$file")
-    if [[ -z $result ]]; then
-        rows=0 total=0
-    else
-        rows=$(grep -c '' <<<"$result")
-        total=$(head -n 1 <<<"$result" | awk -F '|' '{print $NF}')
-    fi
+        # 1 + WARMUP + RUNS executions in one session; psql prints "Time: X ms" on stdout for
+        # each statement, while the results go to /dev/null through \o.
+        script=$(
+            printf '\\o /dev/null\n\\timing on\n'
+            for ((i = 0; i < 1 + WARMUP + RUNS; i++)); do printf '\\i %s\n' "$file"; done
+        )
+        times=$("${PSQL[@]}" -v as_of="$AS_OF" <<<"$script" | awk '/^Time: / {print $2}')
+        n=$(grep -c '' <<<"$times")
+        [[ $n -eq $((1 + WARMUP + RUNS)) ]] || die "$q: expected $((1 + WARMUP + RUNS)) timings, got $n"
 
-    # WARMUP + RUNS executions in one session; psql prints "Time: X ms" on stdout for each
-    # statement, while the results go to /dev/null through \o.
-    script=$(
-        printf '\\o /dev/null\n\\timing on\n'
-        for ((i = 0; i < WARMUP + RUNS; i++)); do printf '\\i %s\n' "$file"; done
-    )
-    times=$("${PSQL[@]}" -v as_of="$AS_OF" <<<"$script" | awk '/^Time: / {print $2}')
-    n=$(grep -c '' <<<"$times")
-    [[ $n -eq $((WARMUP + RUNS)) ]] || die "$q: expected $((WARMUP + RUNS)) timings, got $n"
+        # The result itself, once more (untimed): returned rows, and the total that every row
+        # carries in its last column.
+        result=$("${PSQL[@]}" -At -F '|' -v as_of="$AS_OF" -f "$file")
+        if [[ -z $result ]]; then
+            rows=0 total=0
+        else
+            rows=$(grep -c '' <<<"$result")
+            total=$(head -n 1 <<<"$result" | awk -F '|' '{print $NF}')
+        fi
 
-    tail -n "$RUNS" <<<"$times" | awk -v q="$q" -v rows="$rows" -v total="$total" '
-        { v[NR] = $1 + 0; list = list (NR > 1 ? ", " : "") sprintf("%.3f", $1) }
-        END {
-            n = NR
-            for (i = 2; i <= n; i++) {            # insertion sort: n is small
-                x = v[i]; j = i - 1
-                while (j >= 1 && v[j] > x) { v[j + 1] = v[j]; j-- }
-                v[j + 1] = x
-            }
-            med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
-            printf "{\"query\": \"%s\", \"median_ms\": %.3f, \"min_ms\": %.3f, \"rows\": %d, \"total\": %d, \"runs_ms\": [%s]}\n",
-                q, med, v[1], rows, total, list
-        }'
-done
+        first=$(head -n 1 <<<"$times")
+        tail -n "$RUNS" <<<"$times" | awk -v q="$q" -v rows="$rows" -v total="$total" \
+            -v first="$first" -v variant="$variant" '
+            { v[NR] = $1 + 0; list = list (NR > 1 ? ", " : "") sprintf("%.3f", $1) }
+            END {
+                n = NR
+                for (i = 2; i <= n; i++) {            # insertion sort: n is small
+                    x = v[i]; j = i - 1
+                    while (j >= 1 && v[j] > x) { v[j + 1] = v[j]; j-- }
+                    v[j + 1] = x
+                }
+                med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+                printf "{\"query\": \"%s\", \"variant\": \"%s\", \"first_ms\": %.3f, \"median_ms\": %.3f, \"min_ms\": %.3f, \"rows\": %d, \"total\": %d, \"runs_ms\": [%s]}\n",
+                    q, variant, first + 0, med, v[1], rows, total, list
+            }'
+    done
+}
+
+run_queries general "$HERE/queries"
+
+# --- 6. Covering indexes ----------------------------------------------------------------------
+# The same queries with what a careful user tuning exactly these would add (covering.sql:
+# generated columns for the attributes they read, and indexes that hold them, so every query is
+# an index-only scan); the queries that read those columns are in queries/covering/.
+t0=$(now_ms)
+"${PSQL[@]}" -f "$HERE/covering.sql" >/dev/null
+"${PSQL[@]}" -c "VACUUM ANALYZE events" >/dev/null
+COVERING_MS=$(ms_since "$t0")
+IFS='|' read -r TABLE_B INDEXES_B TOTAL_B <<<"$("${PSQL[@]}" -At -F '|' -c "
+    SELECT pg_table_size('events'), pg_indexes_size('events'), pg_total_relation_size('events')")"
+printf '{"covering": {"build_ms": %d, "table_bytes": %d, "indexes_bytes": %d, "total_bytes": %d}}\n' \
+    "$COVERING_MS" "$TABLE_B" "$INDEXES_B" "$TOTAL_B"
+run_queries covering "$HERE/queries/covering"

@@ -418,6 +418,18 @@ fn sled_load(name: &str, secs: u64, batch: usize, writers: usize, users: u64, at
 
 /// Lets the machine settle (the previous scenario's data directory is being deleted, sled's
 /// background threads finish) so that one scenario's tail does not land in the next one.
+/// The resident memory of process `pid` in KiB (0 when it cannot be read).
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
 async fn settle() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 }

@@ -11,11 +11,14 @@
 //! (product_purchased: product, category, color, price; payment: amount, method; cart_added:
 //! product, category, price; 7 others with a page). The events are written as CSV for
 //! `bench/pg/run.sh` (which loads them into a throwaway PostgreSQL 15 cluster with the indexes
-//! a competent user would create, see `bench/pg/indexes.sql`) and sent to a fresh engage in
-//! time order, 1000 per TrackEvents, 4 calls in flight. Every query then runs 2 times untimed
-//! and 7 times timed in each system (client wall time: gRPC over loopback for engage, psql over
-//! a Unix socket for PostgreSQL); medians are compared. Both systems' totals are printed side by
-//! side: they must agree.
+//! a competent user would create, see `bench/pg/indexes.sql`, then again with the covering
+//! indexes of `bench/pg/covering.sql`) and sent to a fresh engage, 1000 per TrackEvents, 4 calls
+//! in flight: in time order, or with `--shuffled` in random order (late arrivals at their
+//! worst). After the load: the data directory's bytes and the server's memory. Every query is
+//! then called once (its first call, timed), 2 times untimed and 7 times timed in each system
+//! (client wall time: gRPC over loopback for engage, psql over a Unix socket for PostgreSQL);
+//! medians are compared. `--restart` stops engage and measures its start, its idle memory and
+//! the queries once more. Both systems' totals are printed side by side: they must agree.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -53,6 +56,16 @@ pub struct SegmentArgs {
     /// goes on: its time and size, and ingest before and during it.
     #[arg(long)]
     backup: bool,
+    /// Send the events in random order instead of time order (late arrivals, backfills).
+    #[arg(long)]
+    shuffled: bool,
+    /// After the queries, stop the server (SIGTERM), start it again on the same data and
+    /// measure the first calls and the medians once more.
+    #[arg(long)]
+    restart: bool,
+    /// Keep engage's data directory (its path is printed) instead of removing it at the end.
+    #[arg(long, conflicts_with = "restart")]
+    keep_data: bool,
     #[arg(long, default_value = "target/release/engage")]
     engage_bin: PathBuf,
 }
@@ -327,19 +340,124 @@ where
     (median(runs), last.expect("seven runs"))
 }
 
-pub async fn run(a: SegmentArgs) {
-    let t = Instant::now();
-    let events = generate(&a);
-    eprintln!("generated {} events in {:.1?}", events.len(), t.elapsed());
-    if !a.no_pg && !a.load_only {
-        write_csv(&events, &a.csv).expect("write csv");
+/// One query's figures in one system.
+#[derive(Clone, Copy, Default)]
+struct Timed {
+    /// The first call (for engage: the first after a load or a restart).
+    first_ms: f64,
+    /// The median of the timed calls (after warm-up).
+    median_ms: f64,
+    total: u64,
+}
+
+/// Every query once (each one's first call), then each one timed (see [`time`]).
+async fn measure(
+    channel: &tonic::transport::Channel,
+    schema: &mut proto::schema_service_client::SchemaServiceClient<tonic::transport::Channel>,
+) -> HashMap<&'static str, Timed> {
+    let client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let as_of = Some(prost_types::Timestamp {
+        seconds: AS_OF,
+        nanos: 0,
+    });
+    let filter_call = |filter: proto::Condition| {
+        let mut c = client.clone();
+        async move {
+            c.filter_users(proto::FilterUsersRequest {
+                filter: Some(filter),
+                as_of,
+                page_size: 100,
+                page_token: String::new(),
+            })
+            .await
+            .expect("filter users")
+            .into_inner()
+            .total_count
+        }
+    };
+    let stats_call = || {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .get_event_stats(proto::GetEventStatsRequest {
+                    event_name: "product_purchased".into(),
+                    from: Some(prost_types::Timestamp {
+                        seconds: AS_OF - 86_400,
+                        nanos: 0,
+                    }),
+                    to: as_of,
+                    granularity: proto::Granularity::Hour as i32,
+                    aggregate: proto::Aggregate::Count as i32,
+                    attribute: String::new(),
+                })
+                .await
+                .expect("stats")
+                .into_inner();
+            assert_eq!(r.buckets.len(), 24);
+            r.total as u64
+        }
+    };
+    let mut out: HashMap<&'static str, Timed> = HashMap::new();
+    // First calls, in order: the first all-history query of a name may find its rollup missing.
+    for (id, _, filter) in filters() {
+        let t = Instant::now();
+        filter_call(filter).await;
+        out.entry(id).or_default().first_ms = t.elapsed().as_secs_f64() * 1000.0;
     }
-    let engage = super::start_engage(&a.engage_bin);
-    let channel = super::channel(engage.addr).await;
-    let ingest = proto::event_service_client::EventServiceClient::new(channel.clone())
-        .max_decoding_message_size(64 << 20);
+    let t = Instant::now();
+    stats_call().await;
+    out.entry("stats24h").or_default().first_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Steady state: wait for the writer to get past whatever those calls queued (a
+    // DefineAttribute is answered by the writer after every job queued before it).
+    schema
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "price".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("define attribute");
+    for (id, _, filter) in filters() {
+        let (ms, total) = time(|| filter_call(filter.clone())).await;
+        let e = out.entry(id).or_default();
+        e.median_ms = ms;
+        e.total = total;
+    }
+    let (ms, total) = time(stats_call).await;
+    let e = out.entry("stats24h").or_default();
+    e.median_ms = ms;
+    e.total = total;
+    out
+}
+
+/// The bytes of every file under `dir`: (apparent, allocated on disk).
+fn disk_bytes(dir: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = (0, 0);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = entry.metadata() else { continue };
+        if m.is_dir() {
+            let (a, b) = disk_bytes(&entry.path());
+            total = (total.0 + a, total.1 + b);
+        } else {
+            total = (total.0 + m.len(), total.1 + m.blocks() * 512);
+        }
+    }
+    total
+}
+
+/// Asks engage to stop (SIGTERM, as an operator would) and waits for it.
+fn stop(engage: &mut super::Proc) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &engage.child.id().to_string()])
+        .status();
+    let _ = engage.child.wait();
+}
+
+async fn define_numbers(
+    schema: &mut proto::schema_service_client::SchemaServiceClient<tonic::transport::Channel>,
+) {
     // Numbers must be defined as NUMBER: an undefined attribute is created as STRING.
-    let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
     for name in ["price", "amount"] {
         schema
             .define_attribute(proto::DefineAttributeRequest {
@@ -350,6 +468,29 @@ pub async fn run(a: SegmentArgs) {
             .await
             .expect("define attribute");
     }
+}
+
+pub async fn run(a: SegmentArgs) {
+    let t = Instant::now();
+    let mut events = generate(&a);
+    if a.shuffled {
+        // Late arrivals at their worst: every event at a random point of the load.
+        let mut rng = Rng(a.seed ^ 0x5eed);
+        for i in (1..events.len()).rev() {
+            events.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+    }
+    let order = if a.shuffled { "shuffled" } else { "time order" };
+    eprintln!("generated {} events in {:.1?}", events.len(), t.elapsed());
+    if !a.no_pg && !a.load_only {
+        write_csv(&events, &a.csv).expect("write csv");
+    }
+    let mut engage = super::start_engage(&a.engage_bin);
+    let channel = super::channel(engage.addr).await;
+    let ingest = proto::event_service_client::EventServiceClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20);
+    let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
+    define_numbers(&mut schema).await;
     let t = Instant::now();
     let batches: Vec<Vec<proto::Event>> = events
         .chunks(1000)
@@ -377,92 +518,57 @@ pub async fn run(a: SegmentArgs) {
     }
     let load = t.elapsed();
     println!(
-        "engage load: {sent} events in {:.1} s = {:.0} events/s (TrackEvents of 1000, 4 in flight, time order)",
+        "engage load: {sent} events in {:.1} s = {:.0} events/s (TrackEvents of 1000, 4 in flight, {order})",
         load.as_secs_f64(),
         sent as f64 / load.as_secs_f64()
     );
+    let data_dir = engage.data_dir().expect("the server's data directory");
+    let (apparent, allocated) = disk_bytes(&data_dir);
+    println!(
+        "engage data directory after the load: {:.0} MB ({:.0} bytes per event; {:.0} MB allocated); server RSS {:.0} MB",
+        apparent as f64 / 1e6,
+        apparent as f64 / sent as f64,
+        allocated as f64 / 1e6,
+        super::rss_kib(engage.child.id()) as f64 / 1024.0
+    );
+    if a.keep_data {
+        if let Some(dir) = engage._dir.take() {
+            println!("engage data directory kept: {}", dir.keep().display());
+        }
+    }
     if a.backup {
         measure_backup(&a, &engage, &ingest, &events).await;
     }
     if a.load_only || a.backup {
         return;
     }
-    let client = QueryServiceClient::new(channel).max_decoding_message_size(64 << 20);
-    let as_of = Some(prost_types::Timestamp {
-        seconds: AS_OF,
-        nanos: 0,
-    });
-    // Steady state: the first all-history query of a name asks the writer to build its rollup
-    // (one aggregate per user). Run every filter once, then wait for the writer to get past
-    // those builds: a DefineAttribute is answered by the writer after every job queued before.
-    for (_, _, filter) in filters() {
-        client
-            .clone()
-            .filter_users(proto::FilterUsersRequest {
-                filter: Some(filter),
-                as_of,
-                page_size: 100,
-                page_token: String::new(),
-            })
-            .await
-            .expect("filter users");
+    let loaded = measure(&channel, &mut schema).await;
+    let mut restarted = None;
+    if a.restart {
+        drop((ingest, channel, schema));
+        stop(&mut engage);
+        let dir = engage._dir.take().expect("data dir");
+        drop(engage);
+        let (apparent, _) = disk_bytes(dir.path());
+        let t = Instant::now();
+        let again = super::start_engage_in(&a.engage_bin, dir);
+        let serving = t.elapsed();
+        let channel = super::channel(again.addr).await;
+        let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
+        let idle = super::rss_kib(again.child.id());
+        println!(
+            "engage restart: serving {:.0} ms after the start; RSS idle {:.0} MB; data directory {:.0} MB after the stop",
+            serving.as_secs_f64() * 1000.0,
+            idle as f64 / 1024.0,
+            apparent as f64 / 1e6
+        );
+        restarted = Some(measure(&channel, &mut schema).await);
+        drop(again);
+    } else {
+        drop(engage);
     }
-    schema
-        .define_attribute(proto::DefineAttributeRequest {
-            name: "price".into(),
-            r#type: proto::AttributeType::Number as i32,
-            description: String::new(),
-        })
-        .await
-        .expect("define attribute");
-    let mut engage_ms: HashMap<&str, (f64, u64)> = HashMap::new();
-    for (id, _, filter) in filters() {
-        let (ms, total) = time(|| {
-            let mut c = client.clone();
-            let filter = filter.clone();
-            async move {
-                c.filter_users(proto::FilterUsersRequest {
-                    filter: Some(filter),
-                    as_of,
-                    page_size: 100,
-                    page_token: String::new(),
-                })
-                .await
-                .expect("filter users")
-                .into_inner()
-                .total_count
-            }
-        })
-        .await;
-        engage_ms.insert(id, (ms, total));
-    }
-    let (ms, total) = time(|| {
-        let mut c = client.clone();
-        async move {
-            let r = c
-                .get_event_stats(proto::GetEventStatsRequest {
-                    event_name: "product_purchased".into(),
-                    from: Some(prost_types::Timestamp {
-                        seconds: AS_OF - 86_400,
-                        nanos: 0,
-                    }),
-                    to: as_of,
-                    granularity: proto::Granularity::Hour as i32,
-                    aggregate: proto::Aggregate::Count as i32,
-                    attribute: String::new(),
-                })
-                .await
-                .expect("stats")
-                .into_inner();
-            assert_eq!(r.buckets.len(), 24);
-            r.total as u64
-        }
-    })
-    .await;
-    engage_ms.insert("stats24h", (ms, total));
-    drop(client);
-    drop(engage);
-    let mut pg: HashMap<String, (f64, u64)> = HashMap::new();
+    let mut pg: HashMap<String, Timed> = HashMap::new();
+    let mut pg_covering: HashMap<String, Timed> = HashMap::new();
     if !a.no_pg {
         let out = Command::new("bash")
             .arg("bench/pg/run.sh")
@@ -479,25 +585,57 @@ pub async fn run(a: SegmentArgs) {
                 continue;
             };
             if let (Some(q), Some(ms)) = (j["query"].as_str(), j["median_ms"].as_f64()) {
-                pg.insert(q.to_string(), (ms, j["total"].as_u64().unwrap_or(0)));
+                let timed = Timed {
+                    first_ms: j["first_ms"].as_f64().unwrap_or(0.0),
+                    median_ms: ms,
+                    total: j["total"].as_u64().unwrap_or(0),
+                };
+                if j["variant"] == "covering" {
+                    pg_covering.insert(q.to_string(), timed);
+                } else {
+                    pg.insert(q.to_string(), timed);
+                }
             } else {
+                if let Some(total) = j["table"]["total_bytes"].as_f64() {
+                    println!(
+                        "engage data directory / PostgreSQL table + indexes: {:.2}",
+                        apparent as f64 / total
+                    );
+                }
                 println!("postgres: {line}");
             }
         }
     }
-    println!("\n| query | engage ms | PostgreSQL ms | engage/PostgreSQL | engage total | PostgreSQL total |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    let ratio = |e: f64, p: Option<f64>| match p {
+        Some(p) if p > 0.0 => format!("{:.2}", e / p),
+        _ => "-".into(),
+    };
+    let ms = |p: Option<f64>| p.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!("\nData sent in {order}. Milliseconds; ratios are engage / PostgreSQL (medians; first calls against PostgreSQL's first call).\n");
+    println!("| query | engage first | engage median | PG first | PG median | PG covering median | median / PG | median / PG covering | first / PG first | engage first after restart | engage median after restart | engage total | PG total |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut names: Vec<(&str, &str)> = filters().iter().map(|(id, what, _)| (*id, *what)).collect();
     names.push(("stats24h", "products sold in the last 24 hours, per hour"));
     for (id, what) in names {
-        let (ems, etotal) = engage_ms[id];
-        match pg.get(id) {
-            Some((pms, ptotal)) => println!(
-                "| {id} {what} | {ems:.2} | {pms:.2} | {:.2} | {etotal} | {ptotal} |",
-                ems / pms
-            ),
-            None => println!("| {id} {what} | {ems:.2} | - | - | {etotal} | - |"),
-        }
+        let e = loaded[id];
+        let p = pg.get(id).copied();
+        let c = pg_covering.get(id).copied();
+        let r = restarted.as_ref().map(|r| r[id]);
+        println!(
+            "| {id} {what} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            e.first_ms,
+            e.median_ms,
+            ms(p.map(|p| p.first_ms)),
+            ms(p.map(|p| p.median_ms)),
+            ms(c.map(|c| c.median_ms)),
+            ratio(e.median_ms, p.map(|p| p.median_ms)),
+            ratio(e.median_ms, c.map(|c| c.median_ms)),
+            ratio(e.first_ms, p.map(|p| p.first_ms)),
+            ms(r.map(|r| r.first_ms)),
+            ms(r.map(|r| r.median_ms)),
+            e.total,
+            p.map_or("-".into(), |p| p.total.to_string()),
+        );
     }
 }
 

@@ -39,17 +39,6 @@ pub struct TimerArgs {
     engage_bin: std::path::PathBuf,
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 fn delayed_trigger(delay: prost_types::Duration) -> proto::Trigger {
     proto::Trigger {
         name: "reminder".into(),
@@ -102,9 +91,9 @@ async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64, u64) {
             .await
             .expect("trigger");
     }
-    let idle = rss_kib(engage.child.id());
+    let idle = super::rss_kib(engage.child.id());
     carts(&channel, "m", a.memory_events).await;
-    let loaded = rss_kib(engage.child.id());
+    let loaded = super::rss_kib(engage.child.id());
     // Restarted on the same data: what an idle server holding them needs.
     let mut engage = engage;
     let dir = engage._dir.take().expect("data dir");
@@ -116,7 +105,7 @@ async fn memory(a: &TimerArgs, with_timers: bool) -> (u64, u64, u64) {
         .await
         .expect("list");
     super::settle().await;
-    (idle, loaded, rss_kib(engage.child.id()))
+    (idle, loaded, super::rss_kib(engage.child.id()))
 }
 
 pub async fn run(a: TimerArgs) {
