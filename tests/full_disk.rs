@@ -42,11 +42,22 @@ fn a_full_disk_answers_503_over_http() {
         .http_status_as_error(false)
         .build()
         .into();
-    let big = "x".repeat(8000);
+    // Incompressible bytes (sled compresses what it writes): hex of a xorshift stream.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut blob = || {
+        (0..500)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                format!("{state:016x}")
+            })
+            .collect::<String>()
+    };
     let mut last = (0, String::new());
     for round in 0..400 {
         let batch = json!({"batch": (0..16).map(|i| json!({"type": "track", "userId": "filler", "event": "fill",
-            "messageId": format!("f{round}-{i}"), "properties": {"blob": big}})).collect::<Vec<_>>()});
+            "messageId": format!("f{round}-{i}"), "properties": {"blob": blob()}})).collect::<Vec<_>>()});
         let request = http::Request::post(format!("http://{}/v1/batch", server.addr))
             .header("content-type", "application/json")
             .body(batch.to_string().into_bytes())

@@ -358,25 +358,42 @@ const SEGMENT_SIZE: usize = 8 << 20;
 /// sled's own default, which every data directory made before [`SEGMENT_SIZE`] was written with.
 const SLED_DEFAULT_SEGMENT_SIZE: usize = 512 << 10;
 
-/// The sled configuration of the data directory `dir`: its recorded segment size when it has
-/// one (sled refuses to open a directory with another), [`SEGMENT_SIZE`] for a new one (no data
-/// file yet). A directory with data but no readable record (sled never fsyncs its `conf`, and
-/// treats a cut one as absent) was made before engage chose its size: sled's default.
+/// zstd's level for new data directories. sled compresses every log message it writes (each
+/// insert's delta and each page image): one million events of the `segments` benchmark took
+/// 1130 MB uncompressed and 252 MB at level 1, whose live keys and values are 187 MB (most of
+/// the difference is sled's not yet reclaimed page versions, which shrink with the rest).
+/// Higher levels gained little (level 3: 226 MB) for more CPU on the writer; see BENCHMARKS.md.
+const COMPRESSION_LEVEL: i32 = 1;
+
+/// The sled configuration of the data directory `dir`: what it recorded when it was made (sled
+/// refuses to open a directory with another segment size or compression), and for a new one
+/// (no data file yet) [`SEGMENT_SIZE`] and compression at [`COMPRESSION_LEVEL`]. A directory
+/// with data but no readable record was made before engage chose either (and by a sled that
+/// never fsynced its `conf`, so a cut one reads as absent): sled's defaults. engage's sled
+/// fsyncs the record when it writes it.
 pub(super) fn sled_config(dir: &Path) -> sled::Config {
     // The file ends in a binary checksum: read as text lossily.
-    let recorded = std::fs::read(dir.join("conf")).ok().and_then(|conf| {
-        String::from_utf8_lossy(&conf)
-            .lines()
-            .find_map(|l| l.strip_prefix("segment_size: "))
-            .and_then(|v| v.trim().parse::<usize>().ok())
-    });
-    let has_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
-    let size = match recorded {
-        Some(size) => size,
-        None if has_data => SLED_DEFAULT_SEGMENT_SIZE,
-        None => SEGMENT_SIZE,
+    let conf = std::fs::read(dir.join("conf")).ok();
+    let recorded = |name: &str| {
+        conf.as_ref().and_then(|conf| {
+            String::from_utf8_lossy(conf)
+                .lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        })
     };
-    sled::Config::new().path(dir).segment_size(size)
+    let size = recorded("segment_size: ").and_then(|v| v.parse::<usize>().ok());
+    let compressed = recorded("use_compression: ").and_then(|v| v.parse::<bool>().ok());
+    let has_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
+    let (size, compressed) = match (size, compressed) {
+        (Some(size), Some(compressed)) => (size, compressed),
+        _ if has_data => (SLED_DEFAULT_SEGMENT_SIZE, false),
+        _ => (SEGMENT_SIZE, true),
+    };
+    sled::Config::new()
+        .path(dir)
+        .segment_size(size)
+        .use_compression(compressed)
+        .compression_factor(COMPRESSION_LEVEL)
 }
 
 /// Opens sled, turning a panic of its recovery (which some damaged files cause) into
@@ -450,5 +467,68 @@ mod tests {
                 .expect("sled's default"),
         );
         Store::open(dir.path(), &StoreOptions::default()).expect("opens with its 512 KiB");
+    }
+
+    /// Values of every size, from one byte to more than a segment's page limit.
+    fn sizes() -> Vec<(Vec<u8>, Vec<u8>)> {
+        [0usize, 1, 31, 200, 4_000, 300_000]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut key = vec![b'Z'];
+                key.extend_from_slice(format!("size-{i}").as_bytes());
+                (key, (0..n).map(|j| (j % 13) as u8).collect())
+            })
+            .collect()
+    }
+
+    fn put_sizes(store: &Store) {
+        let mut batch = WriteBatch::default();
+        for (k, v) in sizes() {
+            batch.put_raw(k, v);
+        }
+        store.apply(batch).expect("apply");
+        store.flush().expect("flush");
+    }
+
+    fn check_sizes(store: &Store) {
+        for (k, v) in sizes() {
+            let got = store.tree.get(&k).expect("get").expect("stored");
+            assert_eq!(&got[..], &v[..], "value of {} bytes", v.len());
+        }
+    }
+
+    #[test]
+    fn a_new_directory_is_compressed_and_reads_back_every_size_after_a_restart() {
+        let (dir, store) = temp_store();
+        put_sizes(&store);
+        drop(store);
+        let conf = std::fs::read(dir.path().join("conf")).expect("conf");
+        assert!(String::from_utf8_lossy(&conf).contains("use_compression: true"));
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("reopen");
+        check_sizes(&store);
+    }
+
+    #[test]
+    fn a_directory_of_the_previous_release_stays_uncompressed_and_readable() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            // As the release before compression made it: 8 MiB segments, no compression.
+            let db = sled::Config::new()
+                .path(dir.path())
+                .segment_size(SEGMENT_SIZE)
+                .open()
+                .expect("open uncompressed");
+            let tree = db.open_tree("engage").expect("tree");
+            for (k, v) in sizes() {
+                tree.insert(k, v).expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("reopen");
+        check_sizes(&store);
+        drop(store);
+        let conf = std::fs::read(dir.path().join("conf")).expect("conf");
+        assert!(String::from_utf8_lossy(&conf).contains("use_compression: false"));
     }
 }

@@ -682,18 +682,24 @@ pub fn start_or_exit(dir: &Path, extra: &[&str]) -> Outcome {
     Outcome::Exited(status, text)
 }
 
-/// Opens a stopped server's data directory with sled directly, with the segment size recorded in
-/// it (engage creates directories with 8 MiB segments; sled refuses to open one with another).
+/// Opens a stopped server's data directory with sled directly, with the segment size and
+/// compression recorded in it (sled refuses to open a directory with others).
 pub fn open_sled(dir: &std::path::Path) -> sled::Db {
     let conf = std::fs::read(dir.join("conf")).expect("sled conf");
-    let segment_size = String::from_utf8_lossy(&conf)
-        .lines()
-        .find_map(|l| l.strip_prefix("segment_size: "))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .expect("segment_size in conf");
+    let conf = String::from_utf8_lossy(&conf);
+    let recorded = |name: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("{name} in conf"))
+    };
+    let segment_size = recorded("segment_size: ").parse::<usize>().expect("segment_size");
+    let compressed = recorded("use_compression: ")
+        .parse::<bool>()
+        .expect("use_compression");
     sled::Config::new()
         .path(dir)
         .segment_size(segment_size)
+        .use_compression(compressed)
         .open()
         .expect("open sled")
 }
