@@ -103,6 +103,21 @@ pub struct CompactArgs {
     /// The data directory to compact (in place).
     #[arg(long, env = "ENGAGE_DATA_DIR", default_value = "./engage-data")]
     pub data_dir: PathBuf,
+    /// How the compacted copy is stored (see `engage serve --compression`).
+    #[arg(long, env = "ENGAGE_COMPRESSION", value_enum, default_value_t = Compression::Zstd)]
+    pub compression: Compression,
+}
+
+/// How a new data directory stores its pages. Chosen when the directory is created: an
+/// existing one keeps what it was made with (sled refuses to change it), and `engage compact
+/// --compression ...` rewrites it with another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compression {
+    /// zstd level 1 on every page sled writes: about a quarter of the disk, at some cost in
+    /// batched ingest (BENCHMARKS.md, issue 14).
+    Zstd,
+    /// Pages stored as they are: the fastest ingest, about four times the disk.
+    None,
 }
 
 /// Log output format.
@@ -134,6 +149,10 @@ pub struct ServeArgs {
     /// sled background flush interval in ms (acknowledged writes are flushed explicitly anyway).
     #[arg(long, env = "ENGAGE_FLUSH_EVERY_MS", default_value_t = 500)]
     pub flush_every_ms: u64,
+    /// How a data directory created by this start stores its pages (an existing one keeps its
+    /// own; see `engage compact`).
+    #[arg(long, env = "ENGAGE_COMPRESSION", value_enum, default_value_t = Compression::Zstd)]
+    pub compression: Compression,
     /// Longest wait for in-flight calls on shutdown, in seconds.
     #[arg(long, env = "ENGAGE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -340,6 +359,7 @@ impl ServeArgs {
         StoreOptions {
             cache_capacity: self.cache_mb * 1024 * 1024,
             flush_every_ms: self.flush_every_ms,
+            compress_new: self.compression == Compression::Zstd,
             accept_data_loss: self.accept_data_loss,
             backup_slice_keys: self.backup_slice_keys,
         }

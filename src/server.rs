@@ -595,7 +595,8 @@ pub fn restore(args: &crate::config::RestoreArgs) -> Result<String, ServerError>
 
 /// `engage compact`: compacts a stopped server's data directory (see `store::compact`).
 pub fn compact(args: &crate::config::CompactArgs) -> Result<(), ServerError> {
-    let done = crate::store::compact(&args.data_dir)
+    let compress = args.compression == crate::config::Compression::Zstd;
+    let done = crate::store::compact(&args.data_dir, compress)
         .map_err(|e| format!("cannot compact {}: {e}", args.data_dir.display()))?;
     tracing::info!(
         keys = done.keys,

@@ -100,7 +100,7 @@ impl Store {
                 target.display()
             )));
         }
-        let db = super::open_without_panic(&super::sled_config(target))??;
+        let db = super::open_without_panic(&super::sled_config(target, true))??;
         let tree = db.open_tree("engage")?;
         *slot = Some(InProgress {
             db,

@@ -41,7 +41,8 @@ fn io(path: &Path, e: std::io::Error) -> StoreError {
 }
 
 /// Compacts the data directory `dir` in place (see the module documentation).
-pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
+/// The copy is compressed when `compress` (see [`super::sled_config`]).
+pub(crate) fn compact(dir: &Path, compress: bool) -> Result<Compacted, StoreError> {
     check_compactable(dir)?;
     let bytes_before = dir_bytes(dir);
     let fresh_dir = sibling(dir, "compacting");
@@ -58,7 +59,7 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
         // Opened as the server opens it: the mark is checked (a directory that lost
         // acknowledged writes is refused), and a lock just released is waited for.
         let old = super::Store::open(dir, &super::StoreOptions::default())?;
-        copy_db(&old.db, &fresh_dir, true)?
+        copy_db(&old.db, &fresh_dir, true, compress)?
     };
     // The high-water mark travels with the data it describes.
     let mark = dir.join(integrity::FILE_NAME);
@@ -82,9 +83,14 @@ pub(crate) fn compact(dir: &Path) -> Result<Compacted, StoreError> {
 /// Copies every key of every tree of `from` into a new database in `to_dir`, flushed, and with
 /// `verify` checks that both hold the same (sled's checksum over all keys and values, two more
 /// full scans). Answers how many keys. `from` must not change meanwhile (the caller stops or
-/// pauses every writer).
-pub(super) fn copy_db(from: &sled::Db, to_dir: &Path, verify: bool) -> Result<u64, StoreError> {
-    let fresh = open_without_panic(&super::sled_config(to_dir))??;
+/// pauses every writer). The copy is compressed when `compress`.
+pub(super) fn copy_db(
+    from: &sled::Db,
+    to_dir: &Path,
+    verify: bool,
+    compress: bool,
+) -> Result<u64, StoreError> {
+    let fresh = open_without_panic(&super::sled_config(to_dir, compress))??;
     let mut keys = 0u64;
     for name in from.tree_names() {
         let source = from.open_tree(&name)?;

@@ -131,6 +131,8 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
     /// sled's background flush interval; keeps its GC running too.
     pub flush_every_ms: u64,
+    /// Whether a data directory created by this open is compressed (see [`sled_config`]).
+    pub compress_new: bool,
     /// Serve a data directory that lost acknowledged writes (and record what it holds as the
     /// new high-water mark) instead of refusing to start.
     pub accept_data_loss: bool,
@@ -144,6 +146,7 @@ impl Default for StoreOptions {
         Self {
             cache_capacity: 64 << 20,
             flush_every_ms: 500,
+            compress_new: true,
             accept_data_loss: false,
             backup_slice_keys: 10_000,
         }
@@ -195,7 +198,7 @@ impl Store {
         if before.exists() {
             return Err(StoreError::Refused(compact::interrupted(dir, &before)));
         }
-        let config = sled_config(dir)
+        let config = sled_config(dir, opts.compress_new)
             .cache_capacity(opts.cache_capacity)
             .flush_every_ms(Some(opts.flush_every_ms.max(1)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -367,11 +370,12 @@ const COMPRESSION_LEVEL: i32 = 1;
 
 /// The sled configuration of the data directory `dir`: what it recorded when it was made (sled
 /// refuses to open a directory with another segment size or compression), and for a new one
-/// (no data file yet) [`SEGMENT_SIZE`] and compression at [`COMPRESSION_LEVEL`]. A directory
+/// (no data file yet) [`SEGMENT_SIZE`] and, with `compress_new`, compression at
+/// [`COMPRESSION_LEVEL`]. A directory
 /// with data but no readable record was made before engage chose either (and by a sled that
 /// never fsynced its `conf`, so a cut one reads as absent): sled's defaults. engage's sled
 /// fsyncs the record when it writes it.
-pub(super) fn sled_config(dir: &Path) -> sled::Config {
+pub(super) fn sled_config(dir: &Path, compress_new: bool) -> sled::Config {
     // The file ends in a binary checksum: read as text lossily.
     let conf = std::fs::read(dir.join("conf")).ok();
     let recorded = |name: &str| {
@@ -387,7 +391,7 @@ pub(super) fn sled_config(dir: &Path) -> sled::Config {
     let (size, compressed) = match (size, compressed) {
         (Some(size), Some(compressed)) => (size, compressed),
         _ if has_data => (SLED_DEFAULT_SEGMENT_SIZE, false),
-        _ => (SEGMENT_SIZE, true),
+        _ => (SEGMENT_SIZE, compress_new),
     };
     sled::Config::new()
         .path(dir)
@@ -507,6 +511,20 @@ mod tests {
         assert!(String::from_utf8_lossy(&conf).contains("use_compression: true"));
         let store = Store::open(dir.path(), &StoreOptions::default()).expect("reopen");
         check_sizes(&store);
+    }
+
+    #[test]
+    fn compression_can_be_left_off_for_a_new_directory_and_stays_so() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let off = StoreOptions {
+            compress_new: false,
+            ..StoreOptions::default()
+        };
+        put_sizes(&Store::open(dir.path(), &off).expect("open"));
+        let conf = std::fs::read(dir.path().join("conf")).expect("conf");
+        assert!(String::from_utf8_lossy(&conf).contains("use_compression: false"));
+        // Reopened with the default (compress new directories): it keeps its own.
+        check_sizes(&Store::open(dir.path(), &StoreOptions::default()).expect("reopen"));
     }
 
     #[test]
