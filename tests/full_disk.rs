@@ -42,7 +42,8 @@ fn a_full_disk_answers_503_over_http() {
         .http_status_as_error(false)
         .build()
         .into();
-    // Incompressible bytes (sled compresses what it writes): hex of a xorshift stream.
+    // Bytes zstd cannot shrink much (sled compresses what it writes): hex of a xorshift stream,
+    // about 2:1, so the load still fills the disk.
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut blob = || {
         (0..500)

@@ -151,6 +151,12 @@ impl Writer {
                 "rewrote the action log of the layout before chunks"
             );
         }
+        if migrated.dropped_minute_buckets > 0 {
+            tracing::info!(
+                keys = migrated.dropped_minute_buckets,
+                "removed the per-minute statistics buckets of an older layout"
+            );
+        }
         if let Some(events) = migrated.indexed_events.filter(|n| *n > 0) {
             tracing::info!(events, "built the by-name index of existing events");
         }

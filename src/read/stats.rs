@@ -111,9 +111,10 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     if q.aggregate == Aggregate::DistinctUsers {
         return distinct_users(store, q, first, count);
     }
-    // Pieces: partial minutes at both ends from records, whole minutes from minute summaries,
-    // whole hours from hour summaries. No piece straddles a bucket: buckets are whole minutes,
-    // hours or days.
+    // Pieces: whole hours from hour summaries, everything else (the partial hours at both ends,
+    // or the whole range for minute buckets) from the records of the hour blocks. No piece
+    // straddles a bucket: buckets are whole minutes, hours or days. (Minutes have no stored
+    // summaries: see `store::columns`.)
     let m0 = ceil_to(q.from, MINUTE);
     let m1 = q.to.secs.div_euclid(MINUTE) * MINUTE;
     let mut add = |at: Timestamp, s: &BucketSummary| {
@@ -163,9 +164,11 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
         };
         for (a, b) in minute_ranges {
             if a < b {
-                for (minute, s) in store.buckets(Level::Minute, &q.event_name, a / MINUTE, b / MINUTE)? {
-                    add(ts(minute * MINUTE), &s);
-                }
+                for_records(store, &q.event_name, Span::until(Some(ts(a)), ts(b)), &mut |r| {
+                    let mut s = BucketSummary::default();
+                    s.add(r);
+                    add(r.occurred_at, &s);
+                })?;
             }
         }
         if h0 < h1 {

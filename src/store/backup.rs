@@ -100,7 +100,7 @@ impl Store {
                 target.display()
             )));
         }
-        let db = super::open_without_panic(&super::sled_config(target, true))??;
+        let db = super::open_without_panic(&super::sled_config(target, true)?)??;
         let tree = db.open_tree("engage")?;
         *slot = Some(InProgress {
             db,
@@ -222,16 +222,27 @@ pub(crate) fn restore(from: &Path, to: &Path) -> Result<Backup, StoreError> {
     Ok(backup)
 }
 
+/// Copies the files under `from` into `to`, each made durable, `conf` first (sled cannot read a
+/// database without it), then the directory entries.
 fn copy_files(from: &Path, to: &Path) -> Result<(), StoreError> {
     std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
-    for entry in std::fs::read_dir(from).map_err(|e| io(from, e))? {
-        let entry = entry.map_err(|e| io(from, e))?;
+    let mut entries = std::fs::read_dir(from)
+        .map_err(|e| io(from, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io(from, e))?;
+    entries.sort_by_key(|e| e.file_name() != "conf");
+    for entry in entries {
         let target = to.join(entry.file_name());
         if entry.path().is_dir() {
             copy_files(&entry.path(), &target)?;
         } else {
             std::fs::copy(entry.path(), &target).map_err(|e| io(&target, e))?;
+            std::fs::File::open(&target)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io(&target, e))?;
         }
     }
-    Ok(())
+    std::fs::File::open(to)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(to, e))
 }

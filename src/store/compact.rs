@@ -90,7 +90,7 @@ pub(super) fn copy_db(
     verify: bool,
     compress: bool,
 ) -> Result<u64, StoreError> {
-    let fresh = open_without_panic(&super::sled_config(to_dir, compress))??;
+    let fresh = open_without_panic(&super::sled_config(to_dir, compress)?)??;
     let mut keys = 0u64;
     for name in from.tree_names() {
         let source = from.open_tree(&name)?;

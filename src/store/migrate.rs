@@ -8,6 +8,7 @@
 //! | triggers stored before timers existed | the record decodes as [`TriggerV1`] with no bytes left | read as a trigger without `delay`/`unless`; rewritten in the current form by its next change |
 //! | timers of pre-release builds (one key per timer) | `Q` keys longer than 10 bytes, `P` keys other than 3 bytes, any `Z` key | removed (they would never fire, and erasure does not look for them) |
 //! | a data directory from before the by-name index | no `Mcolumns` key | the index is built from the stored events, 10 000 at a time, then marked built |
+//! | per-minute statistics buckets (before minutes were computed from blocks) | any `K` key | removed, 10 000 per batch (nothing reads them) |
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,8 @@ pub(crate) struct Migrated {
     pub indexed_events: Option<u64>,
     /// Actions of the layout before chunks rewritten as chunks.
     pub chunked_actions: usize,
+    /// Per-minute statistics buckets removed.
+    pub dropped_minute_buckets: usize,
 }
 
 impl Store {
@@ -85,7 +88,28 @@ impl Store {
             dropped_timer_keys: self.drop_unpacked_timers()?,
             indexed_events: self.backfill_columns(columns)?,
             chunked_actions: self.chunk_action_log()?,
+            dropped_minute_buckets: self.drop_minute_buckets()?,
         })
+    }
+
+    /// Removes the per-minute statistics buckets of older releases. Answers how many.
+    fn drop_minute_buckets(&self) -> Result<usize, StoreError> {
+        let mut dropped = 0;
+        loop {
+            let mut batch = WriteBatch::default();
+            for k in self.tree.scan_prefix([MINUTE_BUCKET]).keys().take(10_000) {
+                batch.remove_raw(k?.to_vec());
+            }
+            if batch.is_empty() {
+                break;
+            }
+            dropped += batch.len();
+            self.apply(batch)?;
+        }
+        if dropped > 0 {
+            self.flush()?;
+        }
+        Ok(dropped)
     }
 
     /// Removes timer keys written by pre-release builds of the timers (two keys per timer: `Q`
@@ -157,7 +181,7 @@ impl Store {
 
     /// Removes every index key (before a backfill, which a crash may have interrupted).
     fn clear_columns(&self) -> Result<(), StoreError> {
-        for prefix in [BLOCK, MINUTE_BUCKET, HOUR_BUCKET, USER, ROLLUP, ROLLUP_META] {
+        for prefix in [BLOCK, HOUR_BUCKET, USER, ROLLUP, ROLLUP_META] {
             loop {
                 let mut batch = WriteBatch::default();
                 for k in self.tree.scan_prefix([prefix]).keys().take(10_000) {
@@ -185,6 +209,30 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::temp_store;
+
+    #[test]
+    fn minute_buckets_of_the_older_layout_are_removed_once() {
+        let (_dir, store) = temp_store();
+        let mut columns = Columns::default();
+        store.migrate(&mut columns).expect("the index marked built");
+        let mut batch = WriteBatch::default();
+        for minute in 0..25_000u64 {
+            batch.put_raw(bucket_key(MINUTE_BUCKET, "n", minute as i64).to_vec(), vec![1]);
+        }
+        batch.put_raw(bucket_key(HOUR_BUCKET, "n", 3).to_vec(), vec![2]);
+        store.apply(batch).expect("apply");
+        let migrated = store.migrate(&mut columns).expect("migrate");
+        assert_eq!(migrated.dropped_minute_buckets, 25_000);
+        assert_eq!(store.tree.scan_prefix([MINUTE_BUCKET]).count(), 0);
+        assert!(store
+            .tree
+            .contains_key(bucket_key(HOUR_BUCKET, "n", 3))
+            .expect("get"));
+        assert_eq!(
+            store.migrate(&mut columns).expect("again").dropped_minute_buckets,
+            0
+        );
+    }
 
     #[test]
     fn keys_of_the_unpacked_timer_layout_are_dropped_and_buckets_kept() {

@@ -31,7 +31,6 @@
 //! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
 //! | `E`    | `E` event name                                   | aggregate maintenance epoch(8) |
 //! | `B`    | `B` name 0x00 hour(8) block(8)                   | a block of [`columns::Record`]s |
-//! | `K`    | `K` name 0x00 minute(8)                          | postcard [`columns::BucketSummary`] |
 //! | `H`    | `H` name 0x00 hour(8)                            | postcard [`columns::BucketSummary`] |
 //! | `W`    | `W` user_id                                      | empty: a user with events   |
 //! | `Y`    | `Y` name 0x00 first user_id                      | a chunk of [`columns::RollupEntry`]s (4096 users) |
@@ -55,7 +54,7 @@
 //!
 //! Queries across users (FilterUsers, GetEventStats) read the by-name index of [`columns`]
 //! instead: every event is also copied into a block of its name and UTC hour (`B`), with
-//! per-minute and per-hour statistics (`K`, `H`), the user registry (`W`) and, per name, a
+//! per-hour statistics (`H`; `K`, per-minute, is an older layout that [`migrate`] removes), the user registry (`W`) and, per name, a
 //! rollup of every user's all-history aggregates (`Y`, `X`).
 
 mod actions;
@@ -198,7 +197,7 @@ impl Store {
         if before.exists() {
             return Err(StoreError::Refused(compact::interrupted(dir, &before)));
         }
-        let config = sled_config(dir, opts.compress_new)
+        let config = sled_config(dir, opts.compress_new)?
             .cache_capacity(opts.cache_capacity)
             .flush_every_ms(Some(opts.flush_every_ms.max(1)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -371,11 +370,11 @@ const COMPRESSION_LEVEL: i32 = 1;
 /// The sled configuration of the data directory `dir`: what it recorded when it was made (sled
 /// refuses to open a directory with another segment size or compression), and for a new one
 /// (no data file yet) [`SEGMENT_SIZE`] and, with `compress_new`, compression at
-/// [`COMPRESSION_LEVEL`]. A directory
-/// with data but no readable record was made before engage chose either (and by a sled that
-/// never fsynced its `conf`, so a cut one reads as absent): sled's defaults. engage's sled
-/// fsyncs the record when it writes it.
-pub(super) fn sled_config(dir: &Path, compress_new: bool) -> sled::Config {
+/// [`COMPRESSION_LEVEL`]. A directory with data but no readable record is refused: sled would
+/// write a new record from whatever it is given and then misread the data (or, with another
+/// segment size, truncate it). Older sleds never fsynced `conf`, so a crash could cut it;
+/// engage's sled fsyncs it when it writes it.
+pub(super) fn sled_config(dir: &Path, compress_new: bool) -> Result<sled::Config, StoreError> {
     // The file ends in a binary checksum: read as text lossily.
     let conf = std::fs::read(dir.join("conf")).ok();
     let recorded = |name: &str| {
@@ -390,14 +389,19 @@ pub(super) fn sled_config(dir: &Path, compress_new: bool) -> sled::Config {
     let has_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
     let (size, compressed) = match (size, compressed) {
         (Some(size), Some(compressed)) => (size, compressed),
-        _ if has_data => (SLED_DEFAULT_SEGMENT_SIZE, false),
+        _ if has_data => {
+            return Err(StoreError::Refused(format!(
+                "{}: the file `conf` is missing or damaged, and sled cannot read the data without                  it. Write it back before starting (two lines, `segment_size: N` and                  `use_compression: B`, then `version: 0.34`): directories made by engage before                  2026-12-02 used `segment_size: {SLED_DEFAULT_SEGMENT_SIZE}`, later ones                  {SEGMENT_SIZE}; those made from 2026-12-03 on are compressed unless started with                  `--compression none`",
+                dir.display()
+            )))
+        }
         _ => (SEGMENT_SIZE, compress_new),
     };
-    sled::Config::new()
+    Ok(sled::Config::new()
         .path(dir)
         .segment_size(size)
         .use_compression(compressed)
-        .compression_factor(COMPRESSION_LEVEL)
+        .compression_factor(COMPRESSION_LEVEL))
 }
 
 /// Opens sled, turning a panic of its recovery (which some damaged files cause) into
@@ -447,7 +451,17 @@ mod tests {
             for i in 0..40u64 {
                 let mut key = vec![BLOCK];
                 key.extend_from_slice(&(round * 40 + i).to_be_bytes());
-                batch.put_raw(key, vec![(i % 251) as u8; 30_000]);
+                // Incompressible: sled compresses what it writes.
+                let mut state = (round * 40 + i) | 1;
+                let value: Vec<u8> = (0..30_000)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state as u8
+                    })
+                    .collect();
+                batch.put_raw(key, value);
             }
             store.apply(batch).expect("apply");
             store.flush().expect("flush");
@@ -473,15 +487,29 @@ mod tests {
         Store::open(dir.path(), &StoreOptions::default()).expect("opens with its 512 KiB");
     }
 
-    /// Values of every size, from one byte to more than a segment's page limit.
+    /// Values of every size, from none to more than a page sled keeps in its log (2 MiB).
     fn sizes() -> Vec<(Vec<u8>, Vec<u8>)> {
-        [0usize, 1, 31, 200, 4_000, 300_000]
+        // The largest, incompressible, is stored by sled in a blob file of its own.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        [0usize, 1, 31, 200, 4_000, 300_000, 3_000_000]
             .iter()
             .enumerate()
             .map(|(i, &n)| {
                 let mut key = vec![b'Z'];
                 key.extend_from_slice(format!("size-{i}").as_bytes());
-                (key, (0..n).map(|j| (j % 13) as u8).collect())
+                let value = (0..n)
+                    .map(|j| {
+                        if n < 1_000_000 {
+                            (j % 13) as u8
+                        } else {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            state as u8
+                        }
+                    })
+                    .collect();
+                (key, value)
             })
             .collect()
     }
@@ -511,6 +539,34 @@ mod tests {
         assert!(String::from_utf8_lossy(&conf).contains("use_compression: true"));
         let store = Store::open(dir.path(), &StoreOptions::default()).expect("reopen");
         check_sizes(&store);
+    }
+
+    #[test]
+    fn a_directory_with_data_but_no_readable_conf_is_refused_and_left_as_it_is() {
+        let (dir, store) = temp_store();
+        put_sizes(&store);
+        drop(store);
+        for damage in [None, Some(&b"seg"[..])] {
+            match damage {
+                None => std::fs::remove_file(dir.path().join("conf")).expect("remove conf"),
+                Some(bytes) => std::fs::write(dir.path().join("conf"), bytes).expect("cut conf"),
+            }
+            let db = std::fs::read(dir.path().join("db")).expect("db");
+            match Store::open(dir.path(), &StoreOptions::default()) {
+                Err(StoreError::Refused(m)) => assert!(m.contains("conf"), "{m}"),
+                Err(e) => panic!("refused with another error: {e}"),
+                Ok(_) => panic!("opened without its conf"),
+            }
+            assert_eq!(
+                std::fs::read(dir.path().join("db")).expect("db"),
+                db,
+                "db changed"
+            );
+            assert!(
+                std::fs::read(dir.path().join("conf")).map_or(true, |c| c.len() <= 3),
+                "a conf was written"
+            );
+        }
     }
 
     #[test]

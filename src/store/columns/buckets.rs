@@ -1,12 +1,12 @@
-//! Statistics buckets: per event name and UTC minute (`K`) or hour (`H`), the number of events
-//! and count/sum/min/max of each NUMBER attribute.
+//! Statistics buckets: per event name and UTC hour (`H`), the number of events and
+//! count/sum/min/max of each NUMBER attribute.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::super::keys::{HOUR_BUCKET, MINUTE_BUCKET};
-use super::{Record, ValueRef, HOUR, MINUTE};
+use super::super::keys::HOUR_BUCKET;
+use super::{Record, ValueRef, HOUR};
 use crate::domain::model::{NumberAggregate, Timestamp};
 
 /// Per-bucket statistics of one event name.
@@ -44,30 +44,28 @@ impl BucketSummary {
     }
 }
 
-/// The granularity a statistics bucket is kept at.
+/// The granularity a statistics bucket is kept at: hours (minutes are computed from the
+/// blocks, see [`super`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Level {
-    Minute,
     Hour,
 }
 
 impl Level {
     pub(crate) fn seconds(self) -> i64 {
         match self {
-            Level::Minute => MINUTE,
             Level::Hour => HOUR,
         }
     }
 
     pub(super) fn prefix(self) -> u8 {
         match self {
-            Level::Minute => MINUTE_BUCKET,
             Level::Hour => HOUR_BUCKET,
         }
     }
 }
 
-/// The number of the minute or hour `at` falls in (periods since the epoch, floored).
+/// The number of the hour `at` falls in (periods since the epoch, floored).
 pub(crate) fn period_of(at: Timestamp, level: Level) -> i64 {
     at.secs.div_euclid(level.seconds())
 }

@@ -681,8 +681,16 @@ impl Config {
         // engage's patch: the file is made durable (stock sled never syncs it, and reads a cut
         // one as absent: a compressed database would then be opened as an uncompressed one).
         f.sync_all()?;
+        #[cfg(unix)]
         if let Some(dir) = self.config_path().parent() {
-            fs::File::open(dir)?.sync_all()?;
+            // Some filesystems cannot sync a directory; the file itself is synced.
+            if let Err(e) = fs::File::open(dir).and_then(|d| d.sync_all()) {
+                if e.kind() != io::ErrorKind::InvalidInput
+                    && e.kind() != io::ErrorKind::Unsupported
+                {
+                    return Err(e.into());
+                }
+            }
         }
         Ok(())
     }

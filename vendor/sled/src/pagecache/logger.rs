@@ -861,9 +861,11 @@ fn compress_message(buf: &[u8], level: i32) -> Result<Vec<u8>> {
         static COMPRESSOR: RefCell<zstd::block::Compressor> =
             RefCell::new(zstd::block::Compressor::new());
     }
-    COMPRESSOR.with(|c| {
-        c.borrow_mut().compress(buf, level).map_err(|e| {
+    // A thread whose locals are being torn down compresses with a context of its own.
+    COMPRESSOR
+        .try_with(|c| c.borrow_mut().compress(buf, level))
+        .unwrap_or_else(|_| zstd::block::compress(buf, level))
+        .map_err(|e| {
             Error::ReportableBug(format!("zstd compression failed: {}", e))
         })
-    })
 }

@@ -498,7 +498,19 @@ fn read_snapshot(config: &RunningConfig) -> Result<Option<Snapshot>> {
         let len_expected: u64 =
             u64::from_le_bytes(len_expected_bytes.as_ref().try_into().unwrap());
 
-        decompress(&*buf, usize::try_from(len_expected).unwrap()).unwrap()
+        // engage's patch: the length field is outside the checksum, and zstd allocates what
+        // it says (a flipped high bit aborted the process). The frame's own content size,
+        // inside the checksummed bytes, must agree with it, and a failure is corruption.
+        let framed = zstd::zstd_safe::get_frame_content_size(&buf);
+        // (u64::MAX and u64::MAX - 1 are zstd's "unknown" and "error".)
+        if framed >= u64::MAX - 1 || len_expected != framed {
+            warn!("corrupt snapshot file found, its length does not match its frame");
+            return Err(Error::corruption(None));
+        }
+        match decompress(&*buf, usize::try_from(len_expected).unwrap_or(0)) {
+            Ok(bytes) => bytes,
+            Err(_) => return Err(Error::corruption(None)),
+        }
     } else {
         buf
     };
