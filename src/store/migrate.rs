@@ -94,18 +94,7 @@ impl Store {
 
     /// Removes the per-minute statistics buckets of older releases. Answers how many.
     fn drop_minute_buckets(&self) -> Result<usize, StoreError> {
-        let mut dropped = 0;
-        loop {
-            let mut batch = WriteBatch::default();
-            for k in self.tree.scan_prefix([MINUTE_BUCKET]).keys().take(10_000) {
-                batch.remove_raw(k?.to_vec());
-            }
-            if batch.is_empty() {
-                break;
-            }
-            dropped += batch.len();
-            self.apply(batch)?;
-        }
+        let dropped = self.remove_prefix(MINUTE_BUCKET)?;
         if dropped > 0 {
             self.flush()?;
         }
@@ -182,18 +171,25 @@ impl Store {
     /// Removes every index key (before a backfill, which a crash may have interrupted).
     fn clear_columns(&self) -> Result<(), StoreError> {
         for prefix in [BLOCK, HOUR_BUCKET, USER, ROLLUP, ROLLUP_META] {
-            loop {
-                let mut batch = WriteBatch::default();
-                for k in self.tree.scan_prefix([prefix]).keys().take(10_000) {
-                    batch.remove_raw(k?.to_vec());
-                }
-                if batch.is_empty() {
-                    break;
-                }
-                self.apply(batch)?;
-            }
+            self.remove_prefix(prefix)?;
         }
         Ok(())
+    }
+
+    /// Removes every key starting with `prefix`, 10 000 per batch. Answers how many.
+    fn remove_prefix(&self, prefix: u8) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        loop {
+            let mut batch = WriteBatch::default();
+            for k in self.tree.scan_prefix([prefix]).keys().take(10_000) {
+                batch.remove_raw(k?.to_vec());
+            }
+            if batch.is_empty() {
+                return Ok(removed);
+            }
+            removed += batch.len();
+            self.apply(batch)?;
+        }
     }
 
     /// Every stored event, in key order (for the index backfill).
