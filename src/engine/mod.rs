@@ -33,7 +33,7 @@
 //!
 //! Every stored event is also added to the by-name index of `store::columns` (FilterUsers and
 //! GetEventStats read it): one compact record per event, and per write group one block per
-//! (name, hour) and one bucket update per (name, minute) and (name, hour) it touches.
+//! (name, hour) and one bucket update per (name, hour) it touches.
 //!
 //! Stateless checks (`rules::prepare`) run on the caller's task, so they use every core.
 //!

@@ -75,9 +75,26 @@ pub(super) fn for_records(
     span: Span,
     f: &mut dyn FnMut(&Record<'_>),
 ) -> Result<(), Error> {
-    let blocks = blocks(store, name, span)?;
-    each_row(&blocks, span, &mut |r| {
-        f(&r.record()?);
-        Ok(())
-    })
+    // One hour's blocks at a time: a long range neither holds all its blocks in memory nor
+    // the index lock for the whole scan (a merge moves records only inside one hour, so each
+    // hour read alone is consistent).
+    if span.from.is_some_and(|from| from > span.last()) {
+        return Ok(());
+    }
+    let Some(from) = span.from else {
+        let blocks = blocks(store, name, span)?;
+        return each_row(&blocks, span, &mut |r| {
+            f(&r.record()?);
+            Ok(())
+        });
+    };
+    let last_hour = period_of(span.last(), Level::Hour);
+    for hour in period_of(from, Level::Hour)..=last_hour {
+        let blocks = store.blocks(name, hour, hour)?;
+        each_row(&blocks, span, &mut |r| {
+            f(&r.record()?);
+            Ok(())
+        })?;
+    }
+    Ok(())
 }

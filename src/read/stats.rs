@@ -1,11 +1,11 @@
-//! GetEventStats: per-bucket statistics of one event name, read from the maintained
-//! statistics buckets and, for partial minutes, the by-name index.
+//! GetEventStats: per-bucket statistics of one event name, read from the maintained per-hour
+//! statistics buckets and, for what is not whole hours, the by-name index.
 //!
-//! **What statistics cost.** COUNT, SUM, MIN, MAX and AVG read the maintained per-hour summaries
-//! of whole hours, per-minute summaries of whole minutes at the range's ends, and for at most
-//! two partial minutes the blocks of their hours, decoding only the blocks that overlap them: a
-//! 24-hour hourly chart reads 24 to about 140 summaries (23 hours and up to 2 × 59 minutes).
-//! DISTINCT_USERS cannot be summed across buckets, so it reads the name's records in the range.
+//! **What statistics cost.** COUNT, SUM, MIN, MAX and AVG read the maintained summaries of the
+//! whole hours in the range, and the records of the partial hours at its ends from their
+//! blocks, hour by hour: a 24-hour hourly chart reads 24 summaries, or 23 and two hours of
+//! records. Minute buckets (no summaries are kept per minute) and DISTINCT_USERS (users cannot
+//! be summed across buckets) read the name's records in the range, one hour's blocks at a time.
 
 use std::collections::HashSet;
 
@@ -111,70 +111,43 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     if q.aggregate == Aggregate::DistinctUsers {
         return distinct_users(store, q, first, count);
     }
-    // Pieces: whole hours from hour summaries, everything else (the partial hours at both ends,
-    // or the whole range for minute buckets) from the records of the hour blocks. No piece
-    // straddles a bucket: buckets are whole minutes, hours or days. (Minutes have no stored
-    // summaries: see `store::columns`.)
-    let m0 = ceil_to(q.from, MINUTE);
-    let m1 = q.to.secs.div_euclid(MINUTE) * MINUTE;
-    let mut add = |at: Timestamp, s: &BucketSummary| {
-        if let Some(b) = summaries.get_mut(index(at)) {
-            b.merge(s);
+    // Pieces: the whole hours inside the range from the hour summaries, the rest (the partial
+    // hours at both ends; everything for minute buckets) from the records of the hour blocks.
+    // No piece straddles a bucket: buckets are whole minutes, hours or days, and the pieces
+    // meet on whole hours. (Minutes have no stored summaries: see `store::columns`.)
+    let h0 = ceil_to(q.from, HOUR);
+    let h1 = q.to.secs.div_euclid(HOUR) * HOUR;
+    let mut add_record = |r: &crate::store::columns::Record<'_>| {
+        if let Some(b) = summaries.get_mut(index(r.occurred_at)) {
+            b.add(r);
         }
-        total.merge(s);
+        total.add(r);
     };
-    if m0 >= m1 {
-        // The whole range lies inside one minute (or two partial ones).
-        for_records(store, &q.event_name, Span::until(Some(q.from), q.to), &mut |r| {
-            let mut s = BucketSummary::default();
-            s.add(r);
-            add(r.occurred_at, &s);
-        })?;
+    if q.granularity == Granularity::Minute || h0 >= h1 {
+        for_records(
+            store,
+            &q.event_name,
+            Span::until(Some(q.from), q.to),
+            &mut add_record,
+        )?;
     } else {
         for_records(
             store,
             &q.event_name,
-            Span::until(Some(q.from), ts(m0)),
-            &mut |r| {
-                let mut s = BucketSummary::default();
-                s.add(r);
-                add(r.occurred_at, &s);
-            },
+            Span::until(Some(q.from), ts(h0)),
+            &mut add_record,
         )?;
-        for_records(store, &q.event_name, Span::until(Some(ts(m1)), q.to), &mut |r| {
-            let mut s = BucketSummary::default();
-            s.add(r);
-            add(r.occurred_at, &s);
-        })?;
-        let (h0, h1) = if q.granularity == Granularity::Minute {
-            (m1, m1)
-        } else {
-            let h0 = ceil_to(ts(m0), HOUR);
-            let h1 = m1.div_euclid(HOUR) * HOUR;
-            if h0 < h1 {
-                (h0, h1)
-            } else {
-                (m1, m1)
+        for_records(
+            store,
+            &q.event_name,
+            Span::until(Some(ts(h1)), q.to),
+            &mut add_record,
+        )?;
+        for (hour, s) in store.buckets(Level::Hour, &q.event_name, h0 / HOUR, h1 / HOUR)? {
+            if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
+                b.merge(&s);
             }
-        };
-        let minute_ranges = if h0 < h1 {
-            vec![(m0, h0), (h1, m1)]
-        } else {
-            vec![(m0, m1)]
-        };
-        for (a, b) in minute_ranges {
-            if a < b {
-                for_records(store, &q.event_name, Span::until(Some(ts(a)), ts(b)), &mut |r| {
-                    let mut s = BucketSummary::default();
-                    s.add(r);
-                    add(r.occurred_at, &s);
-                })?;
-            }
-        }
-        if h0 < h1 {
-            for (hour, s) in store.buckets(Level::Hour, &q.event_name, h0 / HOUR, h1 / HOUR)? {
-                add(ts(hour * HOUR), &s);
-            }
+            total.merge(&s);
         }
     }
     let buckets = summaries

@@ -242,7 +242,15 @@ fn copy_files(from: &Path, to: &Path) -> Result<(), StoreError> {
                 .map_err(|e| io(&target, e))?;
         }
     }
-    std::fs::File::open(to)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(to, e))
+    // The entries too, where the platform and filesystem can sync a directory.
+    #[cfg(unix)]
+    if let Err(e) = std::fs::File::open(to).and_then(|d| d.sync_all()) {
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+        ) {
+            return Err(io(to, e));
+        }
+    }
+    Ok(())
 }

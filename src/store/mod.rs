@@ -391,7 +391,14 @@ pub(super) fn sled_config(dir: &Path, compress_new: bool) -> Result<sled::Config
         (Some(size), Some(compressed)) => (size, compressed),
         _ if has_data => {
             return Err(StoreError::Refused(format!(
-                "{}: the file `conf` is missing or damaged, and sled cannot read the data without                  it. Write it back before starting (two lines, `segment_size: N` and                  `use_compression: B`, then `version: 0.34`): directories made by engage before                  2026-12-02 used `segment_size: {SLED_DEFAULT_SEGMENT_SIZE}`, later ones                  {SEGMENT_SIZE}; those made from 2026-12-03 on are compressed unless started with                  `--compression none`",
+                "{}: the file `conf` is missing or damaged, and sled cannot read the data without \
+                 it. Write it back before starting, with the values the directory was made with \
+                 and four trailing bytes sled reads as a checksum, e.g. `printf \
+                 'segment_size: {SEGMENT_SIZE}\\nuse_compression: true\\nversion: 0.34\\n\\0\\0\\0\\0' \
+                 > conf`: directories made by engage before 2026-12-02 used segment_size \
+                 {SLED_DEFAULT_SEGMENT_SIZE} and no compression, those of 2026-12-02 \
+                 {SEGMENT_SIZE} and no compression, later ones {SEGMENT_SIZE} and compression \
+                 unless started with `--compression none`",
                 dir.display()
             )))
         }
@@ -567,6 +574,10 @@ mod tests {
                 "a conf was written"
             );
         }
+        // Written back as the message says (what its printf writes), the data reads again.
+        let conf = format!("segment_size: {SEGMENT_SIZE}\nuse_compression: true\nversion: 0.34\n\0\0\0\0");
+        std::fs::write(dir.path().join("conf"), conf).expect("write conf");
+        check_sizes(&Store::open(dir.path(), &StoreOptions::default()).expect("reopen"));
     }
 
     #[test]
