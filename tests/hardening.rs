@@ -1079,3 +1079,50 @@ async fn the_mark_catches_up_with_a_quiet_server_before_any_stop() {
     assert_eq!(seen, 3, "the mark never reached the last acknowledged event");
     server.crash();
 }
+
+/// What sled recorded in a data directory's `conf` about compression.
+fn compressed(dir: &std::path::Path) -> bool {
+    let conf = std::fs::read(dir.join("conf")).expect("conf");
+    let conf = String::from_utf8_lossy(&conf);
+    match conf.lines().find_map(|l| l.strip_prefix("use_compression: ")) {
+        Some("true") => true,
+        Some("false") => false,
+        other => panic!("use_compression in conf: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compression_is_chosen_when_a_directory_is_made_and_compaction_changes_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = data_dir(&tmp);
+    let server = ChildServer::spawn_with(&dir, &["--compression", "none"]);
+    let mut c = server.events().await;
+    track(&mut c, event("kept", "visit", &[])).await.unwrap();
+    drop(c);
+    assert!(server.terminate().success());
+    assert!(
+        !compressed(&dir),
+        "--compression none made a compressed directory"
+    );
+    // Started again with the default, it keeps what it was made with.
+    let server = ChildServer::spawn(&dir);
+    assert_eq!(timeline(&mut server.events().await, "kept").await.len(), 1);
+    assert!(server.terminate().success());
+    assert!(!compressed(&dir));
+    // Compaction rewrites it compressed (its default), and everything is still there.
+    // A directory made by a default start is compressed.
+    let other = tmp.path().join("default");
+    let server = ChildServer::spawn(&other);
+    assert!(server.terminate().success());
+    assert!(compressed(&other), "the default made an uncompressed directory");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args(["compact", "--compression", "zstd", "--data-dir"])
+        .arg(&dir)
+        .status()
+        .expect("engage compact");
+    assert!(status.success());
+    assert!(compressed(&dir), "compaction did not compress");
+    let server = ChildServer::spawn(&dir);
+    assert_eq!(timeline(&mut server.events().await, "kept").await.len(), 1);
+    server.crash();
+}

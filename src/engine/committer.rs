@@ -34,8 +34,6 @@ pub(super) struct Commit {
     marker: Option<Marker>,
     /// What is durable; the mark itself skips a write that would change nothing.
     flushed: Acknowledged,
-    /// What the idle mark last recorded (so an idle tick with nothing new writes nothing).
-    marked: Acknowledged,
     last_mark: Instant,
 }
 
@@ -50,7 +48,6 @@ impl Commit {
             durable,
             marker,
             flushed: Acknowledged::default(),
-            marked: Acknowledged::default(),
             last_mark: Instant::now(),
         }))
     }
@@ -110,13 +107,10 @@ impl Commit {
         }
     }
 
-    /// Idle: brings the mark up to date.
+    /// Idle: brings the mark up to date (a mark already there costs no write: see
+    /// `integrity::HighWater::record`).
     fn mark(&mut self) {
-        if self.marked == self.flushed {
-            return;
-        }
         if !self.failed.load(Ordering::Acquire) {
-            self.marked = self.flushed;
             if let Err(e) = self.store.record_durable(self.flushed) {
                 fail(&self.failed, &format!("recording the high-water mark: {e}"));
             }
@@ -143,8 +137,7 @@ pub(super) fn run_committer(commit: SharedCommit, rx: std_mpsc::Receiver<Applied
             Ok(first) => first,
             Err(std_mpsc::RecvTimeoutError::Timeout) => {
                 // No handed-over group for a while: bring the mark up to date. The writer may
-                // have committed rounds itself meanwhile, so this thread never parks for good
-                // (a mark already up to date costs no write).
+                // have committed rounds itself meanwhile, so this thread never parks for good.
                 commit.lock().mark();
                 continue;
             }

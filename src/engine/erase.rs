@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::{Group, Writer};
 use crate::error::Error;
-use crate::store::columns::{period_of, Level};
+use crate::store::columns::hour_of;
 use crate::store::timers::user_bucket;
 
 impl Writer {
@@ -30,7 +30,7 @@ impl Writer {
             }
             let event = event?;
             group.batch.remove_event(&event);
-            hours.insert((event.name.clone(), period_of(event.occurred_at, Level::Hour)));
+            hours.insert((event.name.clone(), hour_of(event.occurred_at)));
             if self.store.sequence_of_event_id(&event.event_id)? == Some(event.sequence) {
                 group.batch.remove_event_id(&event.event_id);
             }

@@ -3,7 +3,7 @@
 
 use crate::domain::model::Timestamp;
 use crate::error::Error;
-use crate::store::columns::{period_of, Block, Level, Record, Row};
+use crate::store::columns::{hour_of, Block, Record, Row};
 use crate::store::Store;
 
 /// A time range of events: `[from, to]`, or `[from, to)` unless `inclusive_to`.
@@ -45,8 +45,8 @@ impl Span {
 
 /// The blocks of `name` for the hours `span` touches.
 pub(super) fn blocks(store: &Store, name: &str, span: Span) -> Result<Vec<Block>, Error> {
-    let from_hour = span.from.map_or(i64::MIN, |t| period_of(t, Level::Hour));
-    let to_hour = period_of(span.last(), Level::Hour);
+    let from_hour = span.from.map_or(i64::MIN, hour_of);
+    let to_hour = hour_of(span.last());
     Ok(store.blocks(name, from_hour, to_hour)?)
 }
 
@@ -78,23 +78,16 @@ pub(super) fn for_records(
     // One hour's blocks at a time: a long range neither holds all its blocks in memory nor
     // the index lock for the whole scan (a merge moves records only inside one hour, so each
     // hour read alone is consistent).
-    if span.from.is_some_and(|from| from > span.last()) {
-        return Ok(());
-    }
-    let Some(from) = span.from else {
-        let blocks = blocks(store, name, span)?;
-        return each_row(&blocks, span, &mut |r| {
-            f(&r.record()?);
-            Ok(())
-        });
+    // (A span without a start is read in one go: it has no first hour to walk from.)
+    let mut row = |r: Row<'_>| {
+        f(&r.record()?);
+        Ok(())
     };
-    let last_hour = period_of(span.last(), Level::Hour);
-    for hour in period_of(from, Level::Hour)..=last_hour {
-        let blocks = store.blocks(name, hour, hour)?;
-        each_row(&blocks, span, &mut |r| {
-            f(&r.record()?);
-            Ok(())
-        })?;
+    let Some(from) = span.from else {
+        return each_row(&blocks(store, name, span)?, span, &mut row);
+    };
+    for hour in hour_of(from)..=hour_of(span.last()) {
+        each_row(&store.blocks(name, hour, hour)?, span, &mut row)?;
     }
     Ok(())
 }

@@ -572,7 +572,6 @@ mod tests {
 
     #[test]
     fn statistics_never_lose_other_users_while_one_is_erased() {
-        use crate::store::columns::Level;
         let (_dir, store) = temp_store();
         let mut columns = Columns::default();
         let secs = 1_000_000 * 3600 + 120;
@@ -613,7 +612,7 @@ mod tests {
         let (mut reads, mut zero) = (0u64, 0u64);
         while !done.load(Ordering::SeqCst) {
             let n: u64 = store
-                .buckets(Level::Hour, "n", hour, hour + 1)
+                .hour_buckets("n", hour, hour + 1)
                 .expect("buckets")
                 .iter()
                 .map(|(_, s)| s.events)

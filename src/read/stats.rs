@@ -13,7 +13,7 @@ use super::scan::{blocks, each_row, for_records, Span};
 use crate::domain::condition::Aggregate;
 use crate::domain::model::{NumberAggregate, Timestamp};
 use crate::error::Error;
-use crate::store::columns::{BucketSummary, Level, HOUR, MINUTE};
+use crate::store::columns::{BucketSummary, Record, HOUR, MINUTE};
 use crate::store::Store;
 
 /// The size of a statistics bucket.
@@ -117,7 +117,7 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     // meet on whole hours. (Minutes have no stored summaries: see `store::columns`.)
     let h0 = ceil_to(q.from, HOUR);
     let h1 = q.to.secs.div_euclid(HOUR) * HOUR;
-    let mut add_record = |r: &crate::store::columns::Record<'_>| {
+    let mut add_record = |r: &Record<'_>| {
         if let Some(b) = summaries.get_mut(index(r.occurred_at)) {
             b.add(r);
         }
@@ -143,7 +143,7 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
             Span::until(Some(ts(h1)), q.to),
             &mut add_record,
         )?;
-        for (hour, s) in store.buckets(Level::Hour, &q.event_name, h0 / HOUR, h1 / HOUR)? {
+        for (hour, s) in store.hour_buckets(&q.event_name, h0 / HOUR, h1 / HOUR)? {
             if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
                 b.merge(&s);
             }

@@ -100,7 +100,7 @@ impl Store {
                 target.display()
             )));
         }
-        let db = super::open_without_panic(&super::sled_config(target, true)?)??;
+        let db = super::open_without_panic(&super::sled_config(target, self.compressed)?.0)??;
         let tree = db.open_tree("engage")?;
         *slot = Some(InProgress {
             db,
@@ -242,15 +242,5 @@ fn copy_files(from: &Path, to: &Path) -> Result<(), StoreError> {
                 .map_err(|e| io(&target, e))?;
         }
     }
-    // The entries too, where the platform and filesystem can sync a directory.
-    #[cfg(unix)]
-    if let Err(e) = std::fs::File::open(to).and_then(|d| d.sync_all()) {
-        if !matches!(
-            e.kind(),
-            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
-        ) {
-            return Err(io(to, e));
-        }
-    }
-    Ok(())
+    super::compact::sync_dir(to)
 }

@@ -90,7 +90,7 @@ pub(super) fn copy_db(
     verify: bool,
     compress: bool,
 ) -> Result<u64, StoreError> {
-    let fresh = open_without_panic(&super::sled_config(to_dir, compress)?)??;
+    let fresh = open_without_panic(&super::sled_config(to_dir, compress)?.0)??;
     let mut keys = 0u64;
     for name in from.tree_names() {
         let source = from.open_tree(&name)?;
@@ -153,7 +153,7 @@ pub(super) fn interrupted(dir: &Path, old_dir: &Path) -> String {
 }
 
 /// Makes a directory's entries durable.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io(dir, e))

@@ -168,6 +168,8 @@ pub(crate) struct Store {
     /// [`Store::index_content_changes`]).
     content_changes: Arc<std::sync::atomic::AtomicU64>,
     backup_slice_keys: usize,
+    /// Whether the data directory is compressed (so are its backups).
+    compressed: bool,
     /// What was acknowledged as durable (see `integrity`).
     high_water: Arc<Mutex<HighWater>>,
     /// A backup being taken, if any (see `backup`).
@@ -197,7 +199,8 @@ impl Store {
         if before.exists() {
             return Err(StoreError::Refused(compact::interrupted(dir, &before)));
         }
-        let config = sled_config(dir, opts.compress_new)?
+        let (config, compressed) = sled_config(dir, opts.compress_new)?;
+        let config = config
             .cache_capacity(opts.cache_capacity)
             .flush_every_ms(Some(opts.flush_every_ms.max(1)));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -250,6 +253,7 @@ impl Store {
             index: Default::default(),
             content_changes: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
+            compressed,
             high_water: Arc::new(Mutex::new(high_water)),
             backup: Default::default(),
         })
@@ -373,8 +377,9 @@ const COMPRESSION_LEVEL: i32 = 1;
 /// [`COMPRESSION_LEVEL`]. A directory with data but no readable record is refused: sled would
 /// write a new record from whatever it is given and then misread the data (or, with another
 /// segment size, truncate it). Older sleds never fsynced `conf`, so a crash could cut it;
-/// engage's sled fsyncs it when it writes it.
-pub(super) fn sled_config(dir: &Path, compress_new: bool) -> Result<sled::Config, StoreError> {
+/// engage's sled fsyncs it when it writes it. Answers the configuration and whether it is
+/// compressed.
+pub(super) fn sled_config(dir: &Path, compress_new: bool) -> Result<(sled::Config, bool), StoreError> {
     // The file ends in a binary checksum: read as text lossily.
     let conf = std::fs::read(dir.join("conf")).ok();
     let recorded = |name: &str| {
@@ -404,11 +409,12 @@ pub(super) fn sled_config(dir: &Path, compress_new: bool) -> Result<sled::Config
         }
         _ => (SEGMENT_SIZE, compress_new),
     };
-    Ok(sled::Config::new()
+    let config = sled::Config::new()
         .path(dir)
         .segment_size(size)
         .use_compression(compressed)
-        .compression_factor(COMPRESSION_LEVEL))
+        .compression_factor(COMPRESSION_LEVEL);
+    Ok((config, compressed))
 }
 
 /// Opens sled, turning a panic of its recovery (which some damaged files cause) into

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::super::keys::HOUR_BUCKET;
 use super::{Record, ValueRef, HOUR};
 use crate::domain::model::{NumberAggregate, Timestamp};
 
@@ -44,28 +43,8 @@ impl BucketSummary {
     }
 }
 
-/// The granularity a statistics bucket is kept at: hours (minutes are computed from the
-/// blocks, see [`super`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Level {
-    Hour,
-}
-
-impl Level {
-    pub(crate) fn seconds(self) -> i64 {
-        match self {
-            Level::Hour => HOUR,
-        }
-    }
-
-    pub(super) fn prefix(self) -> u8 {
-        match self {
-            Level::Hour => HOUR_BUCKET,
-        }
-    }
-}
-
-/// The number of the hour `at` falls in (periods since the epoch, floored).
-pub(crate) fn period_of(at: Timestamp, level: Level) -> i64 {
-    at.secs.div_euclid(level.seconds())
+/// The number of the UTC hour `at` falls in (hours since the epoch, floored): the hour of its
+/// block and of its statistics bucket.
+pub(crate) fn hour_of(at: Timestamp) -> i64 {
+    at.secs.div_euclid(HOUR)
 }

@@ -34,7 +34,7 @@ mod rollup;
 pub(crate) use rollup::RollupMeta;
 
 pub(crate) use block::{Block, Record, Row, ValueRef};
-pub(crate) use buckets::{period_of, BucketSummary, Level};
+pub(crate) use buckets::{hour_of, BucketSummary};
 
 use super::codec::{decode, encode};
 use super::keys::*;
@@ -84,7 +84,7 @@ impl ColumnWrites {
     /// Adds a newly stored event.
     pub(crate) fn add(&mut self, event: &Event) {
         let record = Record::of(event);
-        let hour = period_of(event.occurred_at, Level::Hour);
+        let hour = hour_of(event.occurred_at);
         let encoded = (event.occurred_at, event.sequence, encode(&record));
         match self.records.get_mut(&event.name) {
             Some(hours) => hours.entry(hour).or_default().push(encoded),
@@ -147,7 +147,7 @@ impl Columns {
         }
         for (name, hours) in writes.buckets {
             for (hour, add) in hours {
-                let key = bucket_key(Level::Hour.prefix(), &name, hour);
+                let key = bucket_key(HOUR_BUCKET, &name, hour);
                 let mut summary: BucketSummary = match store.tree.get(&key)? {
                     Some(v) => decode(&key, &v)?,
                     None => BucketSummary::default(),
@@ -335,8 +335,6 @@ impl Columns {
                 }
             }
             let key = bucket_key(HOUR_BUCKET, name, *hour);
-            // Applied while no query reads buckets (see `buckets`).
-            batch.moves_index();
             if whole.events == 0 {
                 batch.remove_raw(key);
             } else {
@@ -373,22 +371,20 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// The non-empty statistics buckets of `name` at `level` in `from..to` (bucket numbers).
-    pub(crate) fn buckets(
+    /// The non-empty hour statistics buckets of `name` in `from..to` (hour numbers).
+    pub(crate) fn hour_buckets(
         &self,
-        level: Level,
         name: &str,
         from: i64,
         to: i64,
     ) -> Result<Vec<(i64, BucketSummary)>, StoreError> {
-        // Erasure removes an hour's buckets and puts the recomputed ones back in one group,
-        // which readers could otherwise see half applied (a minute of other users read as 0).
-        let _reading = self.index.read();
+        // No index lock: every change of an hour's bucket (a write group's, an erasure's) is
+        // one put or remove of its key, which a reader sees whole.
         let prefix_len = name.len() + 2;
         let mut out = Vec::new();
         for kv in self
             .tree
-            .range(bucket_key(level.prefix(), name, from)..bucket_key(level.prefix(), name, to))
+            .range(bucket_key(HOUR_BUCKET, name, from)..bucket_key(HOUR_BUCKET, name, to))
         {
             let (k, v) = kv?;
             out.push((decode_bucket(&k, prefix_len)?, decode(&k, &v)?));

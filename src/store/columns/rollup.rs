@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::super::codec::{decode, encode};
 use super::super::keys::*;
 use super::super::{Store, StoreError, WriteBatch};
-use super::{period_of, Block, Columns, Level, ValueRef};
+use super::{hour_of, Block, Columns, ValueRef};
 use crate::domain::model::{NumberAggregate, Timestamp};
 
 /// Users per rollup chunk.
@@ -62,8 +62,7 @@ impl RollupChunk {
 impl RollupView {
     /// True when a block may hold events the rollup does not cover.
     pub(crate) fn is_delta_block(&self, block: &Block) -> Result<bool, StoreError> {
-        Ok(block.max_sequence()? > self.meta.sequence
-            || block.hour()? >= period_of(self.meta.cutoff, Level::Hour))
+        Ok(block.max_sequence()? > self.meta.sequence || block.hour()? >= hour_of(self.meta.cutoff))
     }
 
     /// True when an event is not covered by the rollup.
