@@ -75,19 +75,11 @@ pub(super) fn for_records(
     span: Span,
     f: &mut dyn FnMut(&Record<'_>),
 ) -> Result<(), Error> {
-    // One hour's blocks at a time: a long range neither holds all its blocks in memory nor
-    // the index lock for the whole scan (a merge moves records only inside one hour, so each
-    // hour read alone is consistent).
-    // (A span without a start is read in one go: it has no first hour to walk from.)
-    let mut row = |r: Row<'_>| {
+    // The blocks of every hour at once, with the stage's: hour by hour, a drain between two
+    // reads could move a record of a later hour out of the stage already read. (Spans read
+    // this way are short: the partial hours of a chart, or at most MAX_BUCKETS minutes.)
+    each_row(&blocks(store, name, span)?, span, &mut |r| {
         f(&r.record()?);
         Ok(())
-    };
-    let Some(from) = span.from else {
-        return each_row(&blocks(store, name, span)?, span, &mut row);
-    };
-    for hour in hour_of(from)..=hour_of(span.last()) {
-        each_row(&store.blocks(name, hour, hour)?, span, &mut row)?;
-    }
-    Ok(())
+    })
 }

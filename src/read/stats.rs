@@ -2,10 +2,10 @@
 //! statistics buckets and, for what is not whole hours, the by-name index.
 //!
 //! **What statistics cost.** COUNT, SUM, MIN, MAX and AVG read the maintained summaries of the
-//! whole hours in the range, and the records of the partial hours at its ends from their
-//! blocks, hour by hour: a 24-hour hourly chart reads 24 summaries, or 23 and two hours of
-//! records. Minute buckets (no summaries are kept per minute) and DISTINCT_USERS (users cannot
-//! be summed across buckets) read the name's records in the range, one hour's blocks at a time.
+//! whole hours in the range (with the records of the name's stage, which they do not count
+//! yet), and the records of the partial hours at its ends from their blocks: a 24-hour hourly
+//! chart reads 24 summaries, or 23 and two hours of records. Minute buckets (no summaries are kept per minute) and DISTINCT_USERS (users cannot
+//! be summed across buckets) read the name's records in the range.
 
 use std::collections::HashSet;
 
@@ -143,7 +143,13 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
             Span::until(Some(ts(h1)), q.to),
             &mut add_record,
         )?;
-        for (hour, s) in store.hour_buckets(&q.event_name, h0 / HOUR, h1 / HOUR)? {
+        let (hours, stage) = store.hour_summaries(&q.event_name, h0 / HOUR, h1 / HOUR)?;
+        // Records waiting in the stage are not in the hour summaries yet.
+        each_row(&stage, Span::until(Some(ts(h0)), ts(h1)), &mut |r| {
+            add_record(&r.record()?);
+            Ok(())
+        })?;
+        for (hour, s) in hours {
             if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
                 b.merge(&s);
             }

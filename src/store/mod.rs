@@ -164,6 +164,10 @@ pub(crate) struct Store {
     /// reading while a query collects blocks: a sled range scan is not a snapshot, and a merge
     /// that moves records between keys under a running scan would hide them from it.
     index: Arc<RwLock<()>>,
+    /// Incremented before and after each batch that moves index records is applied (so odd
+    /// while one is): a reader that sees it even and unchanged across its reads saw no move
+    /// (see [`Store::read_index_consistently`]).
+    index_moves: Arc<std::sync::atomic::AtomicU64>,
     /// Batches that changed the by-name index's content so far (see
     /// [`Store::index_content_changes`]).
     content_changes: Arc<std::sync::atomic::AtomicU64>,
@@ -251,6 +255,7 @@ impl Store {
             redo,
             next_redo: Default::default(),
             index: Default::default(),
+            index_moves: Default::default(),
             content_changes: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
             compressed,
@@ -303,6 +308,28 @@ impl Store {
         self.content_changes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Runs `read` so that no batch moving index records is applied in the middle of it:
+    /// optimistically first (twice, unlocked, checking `index_moves` around it), then
+    /// under the index lock. For short reads that must not wait for a move being applied.
+    pub(crate) fn read_index_consistently<T>(
+        &self,
+        read: impl Fn() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        for _ in 0..2 {
+            let before = self.index_moves.load(SeqCst);
+            if before % 2 == 1 {
+                break;
+            }
+            let out = read()?;
+            if self.index_moves.load(SeqCst) == before {
+                return Ok(out);
+            }
+        }
+        let _reading = self.index.read();
+        read()
+    }
+
     /// Applies a batch atomically across crashes (see [`redo`]); visible at once (a reader may
     /// see it half applied for the moment it takes), durable after the next [`Store::flush`].
     pub(crate) fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
@@ -319,7 +346,10 @@ impl Store {
                 self.content_changes
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-            redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
+            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let applied = redo::apply(&self.tree, &self.redo, &self.next_redo, &ops);
+            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            applied?;
         } else {
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;
         }

@@ -21,8 +21,8 @@ impl Block {
         Self { key, bytes }
     }
 
-    /// The rows of the block, in (time, sequence) order, borrowed from it; none when the block
-    /// holds no record in `[from, to]` (see [`decode_block`]).
+    /// The rows of the block in `[from, to]`, in (time, sequence) order, borrowed from it (see
+    /// [`decode_block`]).
     pub(crate) fn rows(&self, from: Option<Timestamp>, to: Timestamp) -> Result<Vec<Row<'_>>, StoreError> {
         decode_block(&self.key, &self.bytes, from, to)
     }
@@ -153,10 +153,10 @@ impl<'a> Row<'a> {
     }
 }
 
-/// The rows of a block, in (time, sequence) order, borrowed from `bytes`; none when the block
-/// holds no record in `[from, to]` (checked on its first and last record only: blocks are
-/// sorted by time, and a block written by one group spans seconds, so most blocks of an hour
-/// that a range only partly covers are skipped undecoded).
+/// The rows of a block in `[from, to]`, in (time, sequence) order, borrowed from `bytes`.
+/// Blocks are sorted by time, so the rows are found by binary search on the records' heads:
+/// a block outside the range costs two or three heads decoded, and a stage block (which spans
+/// any hours) only its records in range.
 pub(super) fn decode_block<'a>(
     key: &[u8],
     bytes: &'a [u8],
@@ -164,14 +164,36 @@ pub(super) fn decode_block<'a>(
     to: Timestamp,
 ) -> Result<Vec<Row<'a>>, StoreError> {
     let records = block_records(key, bytes)?;
-    let (Some(first), Some(last)) = (records.first(), records.last()) else {
-        return Ok(Vec::new());
+    let lo = match from {
+        Some(from) => first_where(&records, |r| Ok(Row::decode(key, r)?.occurred_at >= from))?,
+        None => 0,
     };
-    let (first, last) = (Row::decode(key, first)?, Row::decode(key, last)?);
-    if first.occurred_at > to || from.is_some_and(|f| last.occurred_at < f) {
-        return Ok(Vec::new());
+    let rest = records.get(lo..).unwrap_or_default();
+    let hi = lo + first_where(rest, |r| Ok(Row::decode(key, r)?.occurred_at > to))?;
+    records
+        .get(lo..hi)
+        .unwrap_or_default()
+        .iter()
+        .map(|r| Row::decode(key, r))
+        .collect()
+}
+
+/// The index of the first record for which `pred` holds, `pred` being false then true along
+/// the records (their length when it never holds).
+fn first_where(
+    records: &[&[u8]],
+    pred: impl Fn(&[u8]) -> Result<bool, StoreError>,
+) -> Result<usize, StoreError> {
+    let (mut lo, mut hi) = (0, records.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(records[mid])? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
     }
-    records.into_iter().map(|r| Row::decode(key, r)).collect()
+    Ok(lo)
 }
 
 /// A block as stored: the highest sequence among its records (so a reader can tell whether it

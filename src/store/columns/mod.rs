@@ -22,6 +22,19 @@
 //! event cost a read and a write of its minute's; [`super::migrate`] removes them from older
 //! directories.)
 //!
+//! **The stage.** Events that arrive out of time order (an offline queue flushed, a backfill,
+//! retries) touch many hours with one or two records each: written directly, each would cost a
+//! block, a statistics bucket read and write, and a share of merges, about 2.6 sled writes per
+//! event. So a write group's records of a (name, hour) with fewer than [`STAGE_BELOW`] of them
+//! go to the name's **stage** instead: blocks under the sentinel hour [`STAGE_HOUR`], merged
+//! size-tiered like an hour's. Staged records are not in the hour buckets. When a name's stage
+//! holds [`DRAIN_AT`] records, the group that reaches it drains the stage: its records go to
+//! their hours' blocks and buckets and the stage's blocks are removed, in one batch (which moves
+//! index records, so queries see either the stage or the hours, see `Store::apply`). Every
+//! reader of a name's blocks reads its stage blocks with them ([`Store::blocks`]); statistics
+//! add the stage's records in range to the hour buckets, both read together
+//! ([`Store::hour_summaries`]).
+//!
 //! `W` keys list the users with at least one stored event (FilterUsers' candidates).
 //!
 //! Every structure here is written in the same batch as the events it describes.
@@ -47,6 +60,13 @@ pub(crate) const FAN_IN: usize = 8;
 /// A block with this many records is full: never merged again.
 pub(crate) const FULL: usize = 512;
 
+/// The hour of a name's stage blocks (no event is dated in it: hours are seconds / 3600).
+pub(crate) const STAGE_HOUR: i64 = i64::MAX;
+/// A write group's records of one (name, hour) go to the stage when fewer than this.
+pub(crate) const STAGE_BELOW: usize = 8;
+/// A name's stage is drained into its hours when it would hold this many records.
+pub(crate) const DRAIN_AT: usize = 8192;
+
 /// Seconds per minute and per hour.
 pub(crate) const MINUTE: i64 = 60;
 pub(crate) const HOUR: i64 = 3600;
@@ -66,6 +86,9 @@ struct SmallBlock {
     len: usize,
     pending: Option<Vec<u8>>,
 }
+
+/// Hour statistics buckets by hour number.
+pub(crate) type HourSummaries = Vec<(i64, BucketSummary)>;
 
 /// An encoded record with its sort key.
 type Encoded = (Timestamp, u64, Vec<u8>);
@@ -114,10 +137,24 @@ impl ColumnWrites {
 
 /// The writer's view of the index: the small blocks of the hours it touched, and users it
 /// knows are registered (so a returning user costs no read).
-#[derive(Default)]
 pub(crate) struct Columns {
     small: HashMap<(String, i64), Vec<SmallBlock>>,
     registered: HashSet<Box<str>>,
+    /// Records in each name's stage (read from sled on first touch).
+    staged: HashMap<String, usize>,
+    /// [`DRAIN_AT`], smaller in tests.
+    drain_at: usize,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self {
+            small: HashMap::new(),
+            registered: HashSet::new(),
+            staged: HashMap::new(),
+            drain_at: DRAIN_AT,
+        }
+    }
 }
 
 /// Users remembered as registered before the memory is dropped (about 16 MB at most); a user
@@ -140,12 +177,34 @@ impl Columns {
         if self.small.len() > MAX_REMEMBERED_HOURS {
             self.small.clear();
         }
-        for (name, hours) in writes.records {
+        let mut all_buckets = writes.buckets;
+        for (name, mut hours) in writes.records {
+            let buckets = all_buckets.entry(name.clone()).or_default();
+            let late: usize = hours.values().map(Vec::len).filter(|n| *n < STAGE_BELOW).sum();
+            if late > 0 {
+                let staged = self.staged_len(store, &name)?;
+                if staged + late >= self.drain_at {
+                    // Everything of the name goes to its hours, the stage's records with it.
+                    self.drain_stage(store, batch, &name, &mut hours, buckets)?;
+                } else {
+                    let mut stage = Vec::with_capacity(late);
+                    hours.retain(|hour, records| {
+                        if records.len() >= STAGE_BELOW {
+                            return true;
+                        }
+                        buckets.remove(hour);
+                        stage.append(records);
+                        false
+                    });
+                    self.staged.insert(name.clone(), staged + late);
+                    self.write_hour(store, batch, &name, STAGE_HOUR, stage)?;
+                }
+            }
             for (hour, records) in hours {
                 self.write_hour(store, batch, &name, hour, records)?;
             }
         }
-        for (name, hours) in writes.buckets {
+        for (name, hours) in all_buckets {
             for (hour, add) in hours {
                 let key = bucket_key(HOUR_BUCKET, &name, hour);
                 let mut summary: BucketSummary = match store.tree.get(&key)? {
@@ -248,6 +307,64 @@ impl Columns {
     /// Forgets what is remembered of an hour's blocks (after erasure rewrote them).
     pub(crate) fn forget(&mut self, name: &str, hour: i64) {
         self.small.remove(&(name.to_string(), hour));
+        if hour == STAGE_HOUR {
+            self.staged.remove(name);
+        }
+    }
+
+    /// Columns whose stages drain at `drain_at` records (for tests).
+    #[cfg(test)]
+    pub(crate) fn draining_at(drain_at: usize) -> Self {
+        Self {
+            drain_at,
+            ..Self::default()
+        }
+    }
+
+    /// The number of records in `name`'s stage.
+    fn staged_len(&mut self, store: &Store, name: &str) -> Result<usize, StoreError> {
+        if let Some(n) = self.staged.get(name) {
+            return Ok(*n);
+        }
+        let mut n = 0;
+        for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR)) {
+            let (k, v) = kv?;
+            n += block_len(&k, &v)?;
+        }
+        self.staged.insert(name.to_string(), n);
+        Ok(n)
+    }
+
+    /// Moves every record of `name`'s stage into `hours` (and its statistics into `buckets`),
+    /// removing the stage's blocks in `batch`. Every stage block is in sled: a group's are
+    /// written by its own batch, applied before the next group is indexed.
+    fn drain_stage(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        name: &str,
+        hours: &mut HashMap<i64, Vec<Encoded>>,
+        buckets: &mut HashMap<i64, BucketSummary>,
+    ) -> Result<(), StoreError> {
+        let mut drained = 0usize;
+        for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR)) {
+            let (key, value) = kv?;
+            for (row, bytes) in split_block(&key, &value)? {
+                let hour = hour_of(row.occurred_at);
+                buckets.entry(hour).or_default().add(&row.record()?);
+                hours
+                    .entry(hour)
+                    .or_default()
+                    .push((row.occurred_at, row.sequence, bytes.to_vec()));
+                drained += 1;
+            }
+            batch.remove_raw(key.to_vec());
+        }
+        self.forget(name, STAGE_HOUR);
+        self.staged.insert(name.to_string(), 0);
+        batch.moves_index();
+        tracing::debug!(name, records = drained, hours = hours.len(), "drained a stage");
+        Ok(())
     }
 }
 
@@ -302,8 +419,8 @@ fn merge_blocks(
 }
 
 impl Columns {
-    /// Removes `user`'s records from the blocks of the given (name, hour)s and recomputes those
-    /// hours' buckets from what remains (a MIN or MAX cannot be un-added), and unregisters the
+    /// Removes `user`'s records from the blocks of the given (name, hour)s and of those names'
+    /// stages, recomputes those hours' buckets from what remains (a MIN or MAX cannot be un-added), and unregisters the
     /// user.
     pub(crate) fn erase(
         &mut self,
@@ -312,7 +429,10 @@ impl Columns {
         user: &str,
         hours: &BTreeSet<(String, i64)>,
     ) -> Result<(), StoreError> {
-        for (name, hour) in hours {
+        // The user's records may also wait in the stages of their names.
+        let stages: BTreeSet<(String, i64)> =
+            hours.iter().map(|(name, _)| (name.clone(), STAGE_HOUR)).collect();
+        for (name, hour) in hours.iter().chain(&stages) {
             let mut whole = BucketSummary::default();
             for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, *hour)) {
                 let (key, value) = kv?;
@@ -334,13 +454,16 @@ impl Columns {
                     batch.changes_index_content();
                 }
             }
+            self.forget(name, *hour);
+            if *hour == STAGE_HOUR {
+                continue;
+            }
             let key = bucket_key(HOUR_BUCKET, name, *hour);
             if whole.events == 0 {
                 batch.remove_raw(key);
             } else {
                 batch.put_raw(key, encode(&whole));
             }
-            self.forget(name, *hour);
         }
         batch.remove_raw(prefixed(USER, user));
         self.registered.remove(user);
@@ -349,20 +472,35 @@ impl Columns {
 }
 
 impl Store {
-    /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order: a consistent
-    /// set (no merge moves records between them while they are read).
+    /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order, then its stage's
+    /// blocks (which may hold records of any hour): a consistent set (no merge or drain moves
+    /// records between them while they are read).
     pub(crate) fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
         let lo = bucket_key(BLOCK, name, from_hour);
-        let hi = bucket_key(BLOCK, name, to_hour.saturating_add(1));
+        let hi = bucket_key(BLOCK, name, to_hour.min(STAGE_HOUR - 1) + 1);
         let _reading = self.index.read();
+        let mut blocks = Vec::new();
+        if from_hour <= to_hour {
+            for kv in self.tree.range(lo..hi) {
+                let (k, v) = kv?;
+                blocks.push(Block::new(k, v));
+            }
+        }
+        blocks.extend(self.stage_blocks(name)?);
+        Ok(blocks)
+    }
+
+    /// The blocks of `name`'s stage (the caller holds the index lock or reads optimistically).
+    fn stage_blocks(&self, name: &str) -> Result<Vec<Block>, StoreError> {
         Ok(self
             .tree
-            .range(lo..hi)
+            .scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR))
             .map(|kv| kv.map(|(k, v)| Block::new(k, v)))
             .collect::<Result<_, _>>()?)
     }
 
-    /// Every block of `name` (the caller holds the index lock for reading, or is the writer).
+    /// Every block of `name`, its stage's included (the caller holds the index lock for
+    /// reading, or is the writer).
     fn all_blocks(&self, name: &str) -> Result<Vec<Block>, StoreError> {
         Ok(self
             .tree
@@ -371,25 +509,27 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
-    /// The non-empty hour statistics buckets of `name` in `from..to` (hour numbers).
-    pub(crate) fn hour_buckets(
+    /// The non-empty hour statistics buckets of `name` in `from..to` (hour numbers) and the
+    /// blocks of its stage, whose records the buckets do not count: read together, so a
+    /// drain (which moves records from the stage into the buckets) is seen whole.
+    pub(crate) fn hour_summaries(
         &self,
         name: &str,
         from: i64,
         to: i64,
-    ) -> Result<Vec<(i64, BucketSummary)>, StoreError> {
-        // No index lock: every change of an hour's bucket (a write group's, an erasure's) is
-        // one put or remove of its key, which a reader sees whole.
-        let prefix_len = name.len() + 2;
-        let mut out = Vec::new();
-        for kv in self
-            .tree
-            .range(bucket_key(HOUR_BUCKET, name, from)..bucket_key(HOUR_BUCKET, name, to))
-        {
-            let (k, v) = kv?;
-            out.push((decode_bucket(&k, prefix_len)?, decode(&k, &v)?));
-        }
-        Ok(out)
+    ) -> Result<(HourSummaries, Vec<Block>), StoreError> {
+        self.read_index_consistently(|| {
+            let prefix_len = name.len() + 2;
+            let mut out = Vec::new();
+            for kv in self
+                .tree
+                .range(bucket_key(HOUR_BUCKET, name, from)..bucket_key(HOUR_BUCKET, name, to))
+            {
+                let (k, v) = kv?;
+                out.push((decode_bucket(&k, prefix_len)?, decode(&k, &v)?));
+            }
+            Ok((out, self.stage_blocks(name)?))
+        })
     }
 
     /// Every user with at least one stored event, ascending.
