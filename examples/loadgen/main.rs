@@ -25,6 +25,7 @@
 mod history;
 mod http;
 mod rollup;
+mod scale;
 mod segments;
 mod timers;
 
@@ -67,6 +68,8 @@ enum Cmd {
     },
     /// The segments benchmark: FilterUsers and GetEventStats against PostgreSQL 15.
     Segments(segments::SegmentArgs),
+    /// The cost curve: 10M events into one server, measured at every million.
+    Scale(scale::ScaleArgs),
     /// The timers benchmark: ingest with pending timers, their memory, firing lateness.
     Timers(timers::TimerArgs),
     /// Another user's write latency while batches with costly history conditions run.
@@ -987,6 +990,7 @@ fn main() {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::EchoServer { listen } => rt.block_on(echo_server(listen)),
         Cmd::Segments(args) => rt.block_on(segments::run(args)),
+        Cmd::Scale(args) => rt.block_on(scale::run(args)),
         Cmd::Timers(args) => rt.block_on(timers::run(args)),
         Cmd::History(args) => rt.block_on(history::run(args)),
         Cmd::OpenLoop(args) => rt.block_on(open_loop_run(args)),

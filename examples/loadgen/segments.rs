@@ -31,8 +31,8 @@ use engage::proto::condition::Kind;
 use engage::proto::query_service_client::QueryServiceClient;
 
 /// 2026-11-01T00:00:00Z.
-const AS_OF: i64 = 1_793_491_200;
-const SPAN: i64 = 30 * 86_400;
+pub(crate) const AS_OF: i64 = 1_793_491_200;
+pub(crate) const SPAN: i64 = 30 * 86_400;
 
 #[derive(clap::Args, Clone)]
 pub struct SegmentArgs {
@@ -71,17 +71,17 @@ pub struct SegmentArgs {
 }
 
 /// splitmix64: a tiny deterministic generator (the dataset must be the same on every run).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -113,25 +113,33 @@ enum Attr {
 }
 
 #[derive(Clone)]
-struct Generated {
-    id: String,
+pub(crate) struct Generated {
+    pub(crate) id: String,
     user: String,
     name: &'static str,
-    at: i64,
+    pub(crate) at: i64,
     attrs: Vec<(&'static str, Attr)>,
 }
 
 fn generate(a: &SegmentArgs) -> Vec<Generated> {
-    let mut rng = Rng(a.seed);
+    let mut out = generate_over(a.seed, a.events, a.users, AS_OF, SPAN);
+    // Events arrive roughly in time order, as from a live source.
+    out.sort_by_key(|e| e.at);
+    out
+}
+
+/// `events` events of `users` users, dated uniformly over `(end - span, end]`, in generation
+/// order (not sorted).
+pub(crate) fn generate_over(seed: u64, events: u64, users: u64, end: i64, span: i64) -> Vec<Generated> {
+    let mut rng = Rng(seed);
     let cats = ["shoes", "shirts", "hats", "bags", "socks"];
     let colors = ["blue", "red", "green", "black", "white"];
     let methods = ["card", "paypal", "bank", "apple_pay"];
-    let mut out: Vec<Generated> = (0..a.events)
+    (0..events)
         .map(|i| {
-            let user = format!("u{:06}", rng.below(a.users));
+            let user = format!("u{:06}", rng.below(users));
             let name = NAMES[rng.below(10) as usize];
-            // (AS_OF - 30 days, AS_OF]
-            let at = AS_OF - rng.below(SPAN as u64) as i64;
+            let at = end - rng.below(span as u64) as i64;
             let attrs = match name {
                 "product_purchased" => vec![
                     ("product", Attr::S(format!("p{:04}", rng.below(1000)))),
@@ -158,10 +166,7 @@ fn generate(a: &SegmentArgs) -> Vec<Generated> {
                 attrs,
             }
         })
-        .collect();
-    // Events arrive roughly in time order, as from a live source.
-    out.sort_by_key(|e| e.at);
-    out
+        .collect()
 }
 
 fn rfc3339(secs: i64) -> String {
@@ -170,7 +175,10 @@ fn rfc3339(secs: i64) -> String {
         .unwrap_or_default()
 }
 
-fn write_csv(events: &[Generated], path: &PathBuf) -> std::io::Result<()> {
+pub(crate) fn write_csv<'a>(
+    events: impl IntoIterator<Item = &'a Generated>,
+    path: &PathBuf,
+) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(f, "event_id,user_id,name,occurred_at,attributes")?;
     for e in events {
@@ -188,7 +196,7 @@ fn write_csv(events: &[Generated], path: &PathBuf) -> std::io::Result<()> {
     f.flush()
 }
 
-fn wire(e: &Generated) -> proto::Event {
+pub(crate) fn wire(e: &Generated) -> proto::Event {
     proto::Event {
         event_id: e.id.clone(),
         user_id: e.user.clone(),
@@ -342,22 +350,23 @@ where
 
 /// One query's figures in one system.
 #[derive(Clone, Copy, Default)]
-struct Timed {
+pub(crate) struct Timed {
     /// The first call (for engage: the first after a load or a restart).
-    first_ms: f64,
+    pub(crate) first_ms: f64,
     /// The median of the timed calls (after warm-up).
-    median_ms: f64,
-    total: u64,
+    pub(crate) median_ms: f64,
+    pub(crate) total: u64,
 }
 
 /// Every query once (each one's first call), then each one timed (see [`time`]).
-async fn measure(
+pub(crate) async fn measure(
     channel: &tonic::transport::Channel,
     schema: &mut proto::schema_service_client::SchemaServiceClient<tonic::transport::Channel>,
+    as_of_secs: i64,
 ) -> HashMap<&'static str, Timed> {
     let client = QueryServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let as_of = Some(prost_types::Timestamp {
-        seconds: AS_OF,
+        seconds: as_of_secs,
         nanos: 0,
     });
     let filter_call = |filter: proto::Condition| {
@@ -382,7 +391,7 @@ async fn measure(
                 .get_event_stats(proto::GetEventStatsRequest {
                     event_name: "product_purchased".into(),
                     from: Some(prost_types::Timestamp {
-                        seconds: AS_OF - 86_400,
+                        seconds: as_of_secs - 86_400,
                         nanos: 0,
                     }),
                     to: as_of,
@@ -431,7 +440,7 @@ async fn measure(
 }
 
 /// The bytes of every file under `dir`: (apparent, allocated on disk).
-fn disk_bytes(dir: &std::path::Path) -> (u64, u64) {
+pub(crate) fn disk_bytes(dir: &std::path::Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let mut total = (0, 0);
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -447,14 +456,14 @@ fn disk_bytes(dir: &std::path::Path) -> (u64, u64) {
 }
 
 /// Asks engage to stop (SIGTERM, as an operator would) and waits for it.
-fn stop(engage: &mut super::Proc) {
+pub(crate) fn stop(engage: &mut super::Proc) {
     let _ = Command::new("kill")
         .args(["-TERM", &engage.child.id().to_string()])
         .status();
     let _ = engage.child.wait();
 }
 
-async fn define_numbers(
+pub(crate) async fn define_numbers(
     schema: &mut proto::schema_service_client::SchemaServiceClient<tonic::transport::Channel>,
 ) {
     // Numbers must be defined as NUMBER: an undefined attribute is created as STRING.
@@ -542,7 +551,7 @@ pub async fn run(a: SegmentArgs) {
     if a.load_only || a.backup {
         return;
     }
-    let loaded = measure(&channel, &mut schema).await;
+    let loaded = measure(&channel, &mut schema, AS_OF).await;
     let mut restarted = None;
     if a.restart {
         drop((ingest, channel, schema));
@@ -562,50 +571,81 @@ pub async fn run(a: SegmentArgs) {
             idle as f64 / 1024.0,
             apparent as f64 / 1e6
         );
-        restarted = Some(measure(&channel, &mut schema).await);
+        restarted = Some(measure(&channel, &mut schema, AS_OF).await);
         drop(again);
     } else {
         drop(engage);
     }
-    let mut pg: HashMap<String, Timed> = HashMap::new();
-    let mut pg_covering: HashMap<String, Timed> = HashMap::new();
+    let mut pg = Pg::default();
     if !a.no_pg {
-        let out = Command::new("bash")
-            .arg("bench/pg/run.sh")
-            .arg(&a.csv)
-            .output()
-            .expect("run bench/pg/run.sh");
-        assert!(
-            out.status.success(),
-            "bench/pg/run.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in BufReader::new(&out.stdout[..]).lines().map_while(Result::ok) {
-            let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if let (Some(q), Some(ms)) = (j["query"].as_str(), j["median_ms"].as_f64()) {
-                let timed = Timed {
-                    first_ms: j["first_ms"].as_f64().unwrap_or(0.0),
-                    median_ms: ms,
-                    total: j["total"].as_u64().unwrap_or(0),
-                };
-                if j["variant"] == "covering" {
-                    pg_covering.insert(q.to_string(), timed);
-                } else {
-                    pg.insert(q.to_string(), timed);
-                }
-            } else {
-                if let Some(total) = j["table"]["total_bytes"].as_f64() {
-                    println!(
-                        "engage data directory / PostgreSQL table + indexes: {:.2}",
-                        apparent as f64 / total
-                    );
-                }
-                println!("postgres: {line}");
-            }
+        pg = run_pg(&a.csv, None);
+        if let Some(total) = pg.table_bytes {
+            println!(
+                "engage data directory / PostgreSQL table + indexes: {:.2}",
+                apparent as f64 / total
+            );
         }
     }
+    print_table(order, &loaded, restarted.as_ref(), &pg);
+}
+
+/// PostgreSQL's figures: per query with the general indexes and with the covering ones, and
+/// its table's bytes with the general indexes.
+#[derive(Default)]
+pub(crate) struct Pg {
+    general: HashMap<String, Timed>,
+    covering: HashMap<String, Timed>,
+    pub(crate) table_bytes: Option<f64>,
+}
+
+/// Runs `bench/pg/run.sh` on `csv` (queries at `as_of`, RFC 3339; its default when `None`),
+/// printing its other lines.
+pub(crate) fn run_pg(csv: &PathBuf, as_of: Option<&str>) -> Pg {
+    let mut pg = Pg::default();
+    let mut cmd = Command::new("bash");
+    cmd.arg("bench/pg/run.sh").arg(csv);
+    if let Some(as_of) = as_of {
+        cmd.env("AS_OF", as_of);
+    }
+    let out = cmd.output().expect("run bench/pg/run.sh");
+    assert!(
+        out.status.success(),
+        "bench/pg/run.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in BufReader::new(&out.stdout[..]).lines().map_while(Result::ok) {
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if let (Some(q), Some(ms)) = (j["query"].as_str(), j["median_ms"].as_f64()) {
+            let timed = Timed {
+                first_ms: j["first_ms"].as_f64().unwrap_or(0.0),
+                median_ms: ms,
+                total: j["total"].as_u64().unwrap_or(0),
+            };
+            if j["variant"] == "covering" {
+                pg.covering.insert(q.to_string(), timed);
+            } else {
+                pg.general.insert(q.to_string(), timed);
+            }
+        } else {
+            if let Some(total) = j["table"]["total_bytes"].as_f64() {
+                pg.table_bytes = Some(total);
+            }
+            println!("postgres: {line}");
+        }
+    }
+    pg
+}
+
+/// The comparison table: engage after the load (and after a restart) against PostgreSQL.
+pub(crate) fn print_table(
+    order: &str,
+    loaded: &HashMap<&'static str, Timed>,
+    restarted: Option<&HashMap<&'static str, Timed>>,
+    pg: &Pg,
+) {
+    let (pg, pg_covering) = (&pg.general, &pg.covering);
     let ratio = |e: f64, p: Option<f64>| match p {
         Some(p) if p > 0.0 => format!("{:.2}", e / p),
         _ => "-".into(),

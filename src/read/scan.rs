@@ -3,7 +3,7 @@
 
 use crate::domain::model::Timestamp;
 use crate::error::Error;
-use crate::store::columns::{hour_of, Block, Record, Row};
+use crate::store::columns::{hour_of, Block, Row};
 use crate::store::Store;
 
 /// A time range of events: `[from, to]`, or `[from, to)` unless `inclusive_to`.
@@ -30,6 +30,17 @@ impl Span {
         } else {
             Timestamp::from_nanos(self.to.as_nanos() - 1)
         }
+    }
+
+    /// True when no instant is inside the span.
+    pub(super) fn is_empty(self) -> bool {
+        self.from.is_some_and(|f| {
+            if self.inclusive_to {
+                f > self.to
+            } else {
+                f >= self.to
+            }
+        })
     }
 
     pub(super) fn contains(self, at: Timestamp) -> bool {
@@ -68,18 +79,19 @@ pub(super) fn each_row<'a>(
     Ok(())
 }
 
-/// Reads the records of `name` in `span` and calls `f` with each.
-pub(super) fn for_records(
+/// Reads the rows of `name` in `span` and calls `f` with each.
+pub(super) fn for_rows(
     store: &Store,
     name: &str,
     span: Span,
-    f: &mut dyn FnMut(&Record<'_>),
+    f: &mut dyn FnMut(Row<'_>) -> Result<(), Error>,
 ) -> Result<(), Error> {
+    if span.is_empty() {
+        // (An hour-aligned chart's partial hours: no read at all.)
+        return Ok(());
+    }
     // The blocks of every hour at once, with the stage's: hour by hour, a drain between two
     // reads could move a record of a later hour out of the stage already read. (Spans read
     // this way are short: the partial hours of a chart, or at most MAX_BUCKETS minutes.)
-    each_row(&blocks(store, name, span)?, span, &mut |r| {
-        f(&r.record()?);
-        Ok(())
-    })
+    each_row(&blocks(store, name, span)?, span, f)
 }

@@ -305,7 +305,7 @@ fn history(store: &Store, h: &HistoryCondition, as_of: Timestamp) -> Result<User
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashMap};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -513,11 +513,16 @@ mod tests {
 
     /// Events written one per write group out of time order go through the stage and its
     /// drains; the same events written in time order in large groups go straight to their
-    /// hours. Both answer every statistic and filter alike, after an erasure and a restart of
-    /// the writer (which reads the stage back) too.
+    /// hours. Both answer every statistic and filter alike: across drains, an erasure (with
+    /// the same writer going on after it), a restart of the writer (which reads the stage back),
+    /// a group of more than a full block in one hour, two names, and a rollup built while
+    /// the stage holds events dated after its cutoff. The stage holds exactly the records a
+    /// model of it predicts.
     #[test]
     fn staged_and_drained_events_answer_as_events_written_in_order() {
         use crate::read::stats::{event_stats, Granularity, StatsQuery};
+        use crate::store::columns::hour_of;
+        const DRAIN: usize = 100;
         let (_d1, staged) = temp_store();
         let (_d2, direct) = temp_store();
         let mut rng = 11u64;
@@ -528,99 +533,161 @@ mod tests {
             (rng >> 33) % n
         };
         let base = 200 * 3600;
-        let events: Vec<Event> = (1..=937u64)
-            .map(|i| {
-                let amount = (next(4) > 0).then(|| next(100) as f64);
-                event(i, next(30), base + next(12 * 3600) as i64, amount)
-            })
-            .collect();
-        let one_by_one = |columns: &mut Columns, events: &[Event]| {
-            for e in events {
-                let mut writes = ColumnWrites::default();
-                writes.add(e);
-                let mut batch = WriteBatch::default();
-                columns.write(&staged, &mut batch, writes).expect("index");
-                staged.apply(batch).expect("apply");
-            }
+        let names = ["n", "m"];
+        let mut seq = 0u64;
+        let mut make = |count: u64, from: i64, span: u64| -> Vec<Event> {
+            (0..count)
+                .map(|_| {
+                    seq += 1;
+                    let amount = (next(4) > 0).then(|| next(100) as f64);
+                    let mut e = event(seq, next(30), from + next(span) as i64, amount);
+                    e.name = names[next(2) as usize].into();
+                    e
+                })
+                .collect()
         };
-        let in_one_group = |columns: &mut Columns, events: &[Event]| {
+        // The model: the records each name's stage should hold (by sequence).
+        let mut model: HashMap<String, BTreeSet<u64>> = HashMap::new();
+        let one_by_one =
+            |columns: &mut Columns, events: &[Event], model: &mut HashMap<String, BTreeSet<u64>>| {
+                for e in events {
+                    let stage = model.entry(e.name.clone()).or_default();
+                    if stage.len() + 1 >= DRAIN {
+                        stage.clear();
+                    } else {
+                        stage.insert(e.sequence);
+                    }
+                    let mut writes = ColumnWrites::default();
+                    writes.add(e);
+                    let mut batch = WriteBatch::default();
+                    columns.write(&staged, &mut batch, writes).expect("index");
+                    staged.apply(batch).expect("apply");
+                }
+            };
+        let in_one_group = |columns: &mut Columns, store: &Store, events: &[Event]| {
             let mut writes = ColumnWrites::default();
             for e in events {
                 writes.add(e);
             }
             let mut batch = WriteBatch::default();
-            columns.write(&direct, &mut batch, writes).expect("index");
-            direct.apply(batch).expect("apply");
+            columns.write(store, &mut batch, writes).expect("index");
+            store.apply(batch).expect("apply");
         };
         let erase = |columns: &mut Columns, store: &Store, user: &str, events: &[Event]| {
             let hours: BTreeSet<(String, i64)> = events
                 .iter()
                 .filter(|e| e.user_id == user)
-                .map(|e| (e.name.clone(), crate::store::columns::hour_of(e.occurred_at)))
+                .map(|e| (e.name.clone(), hour_of(e.occurred_at)))
                 .collect();
             let mut batch = WriteBatch::default();
             columns.erase(store, &mut batch, user, &hours).expect("erase");
             store.apply(batch).expect("apply");
         };
-        let (mut s_cols, mut d_cols) = (Columns::draining_at(100), Columns::default());
-        one_by_one(&mut s_cols, &events[..550]);
-        in_one_group(&mut d_cols, &events[..550]);
-        // The last event's user has records in the stage (50 of them wait there) and hours.
-        let user = events[549].user_id.clone();
-        erase(&mut s_cols, &staged, &user, &events[..550]);
-        erase(&mut d_cols, &direct, &user, &events[..550]);
-        // A restarted writer knows nothing of the stage but what it reads back.
-        let mut s_cols = Columns::draining_at(100);
-        one_by_one(&mut s_cols, &events[550..]);
-        in_one_group(&mut d_cols, &events[550..]);
-
         let at = |secs: i64| Timestamp { secs, nanos: 0 };
-        let (hours, stage) = staged.hour_summaries("n", 0, i64::MAX / 4).expect("read");
-        let in_stage: usize = stage
+        let check_stage = |model: &HashMap<String, BTreeSet<u64>>| {
+            for name in names {
+                let (_, stage) = staged.hour_summaries(name, 0, 1).expect("read");
+                let mut held = BTreeSet::new();
+                for b in &stage {
+                    for r in b.rows(None, at(i64::MAX / 2)).expect("block") {
+                        assert!(held.insert(r.sequence), "sequence {} staged twice", r.sequence);
+                    }
+                }
+                let empty = BTreeSet::new();
+                assert_eq!(&held, model.get(name).unwrap_or(&empty), "the stage of {name}");
+            }
+        };
+        let mut written: Vec<Event> = make(550, base, 12 * 3600);
+        let (mut s_cols, mut d_cols) = (Columns::draining_at(DRAIN), Columns::default());
+        one_by_one(&mut s_cols, &written, &mut model);
+        in_one_group(&mut d_cols, &direct, &written);
+        check_stage(&model);
+        // The last event's user has records in a stage and in hours; the same writer goes on.
+        let user = written[549].user_id.clone();
+        assert!(model.values().any(|m| m.contains(&written[549].sequence)));
+        erase(&mut s_cols, &staged, &user, &written);
+        erase(&mut d_cols, &direct, &user, &written);
+        let erased: BTreeSet<u64> = written
             .iter()
-            .map(|b| b.rows(None, at(i64::MAX / 2)).expect("block").len())
-            .sum();
-        assert!(!hours.is_empty(), "no drain reached the hours");
-        assert!(in_stage > 0 && in_stage < 100, "{in_stage} records in the stage");
-        let (_, direct_stage) = direct.hour_summaries("n", 0, i64::MAX / 4).expect("read");
-        assert!(direct_stage.is_empty(), "large groups were staged");
-
-        let mut compared = 0;
-        for (granularity, from, to) in [
-            (Granularity::Hour, base + 1800, base + 23 * 3600 + 600),
-            (Granularity::Hour, base, base + 24 * 3600),
-            (Granularity::Day, base - 3600, base + 48 * 3600),
-            (Granularity::Minute, base + 5 * 3600 + 17, base + 7 * 3600),
-        ] {
-            for aggregate in [
-                Aggregate::Count,
-                Aggregate::Sum,
-                Aggregate::Min,
-                Aggregate::Max,
-                Aggregate::Avg,
-                Aggregate::DistinctUsers,
-            ] {
-                let q = StatsQuery {
-                    event_name: "n".into(),
-                    from: at(from),
-                    to: at(to),
-                    granularity,
-                    aggregate,
-                    attribute: "amount".into(),
-                };
-                assert_eq!(
-                    event_stats(&staged, &q).expect("stats"),
-                    event_stats(&direct, &q).expect("stats"),
-                    "{granularity:?} {aggregate:?} from {from} to {to}"
-                );
-                compared += 1;
+            .filter(|e| e.user_id == user)
+            .map(|e| e.sequence)
+            .collect();
+        for stage in model.values_mut() {
+            stage.retain(|s| !erased.contains(s));
+        }
+        written.retain(|e| e.user_id != user);
+        let more = make(250, base, 12 * 3600);
+        one_by_one(&mut s_cols, &more, &mut model);
+        in_one_group(&mut d_cols, &direct, &more);
+        written.extend(more);
+        check_stage(&model);
+        // A restarted writer knows nothing of the stage but what it reads back.
+        let mut s_cols = Columns::draining_at(DRAIN);
+        let more = make(137, base, 12 * 3600);
+        one_by_one(&mut s_cols, &more, &mut model);
+        in_one_group(&mut d_cols, &direct, &more);
+        written.extend(more);
+        check_stage(&model);
+        // More than a full block in one hour, in one group: straight to the hour, in full blocks.
+        let big = make(1300, base + 4 * 3600, 3600);
+        in_one_group(&mut s_cols, &staged, &big);
+        in_one_group(&mut d_cols, &direct, &big);
+        for name in names {
+            let hour = hour_of(at(base + 4 * 3600));
+            let blocks = staged.blocks(name, hour, hour).expect("blocks");
+            for b in &blocks {
+                let n = b.rows(None, at(i64::MAX / 2)).expect("block").len();
+                assert!(n <= crate::store::columns::FULL, "a block of {n} records");
             }
         }
-        assert_eq!(compared, 24);
+        check_stage(&model);
+        for name in names {
+            let (hours, _) = staged.hour_summaries(name, 0, i64::MAX / 4).expect("read");
+            assert!(!hours.is_empty(), "no drain of {name} reached the hours");
+        }
+
+        let compare = |what: &str| {
+            let mut compared = 0;
+            for name in names {
+                for (granularity, from, to) in [
+                    (Granularity::Hour, base + 1800, base + 23 * 3600 + 600),
+                    (Granularity::Hour, base, base + 48 * 3600),
+                    (Granularity::Day, base - 3600, base + 72 * 3600),
+                    (Granularity::Minute, base + 3 * 3600 + 17, base + 5 * 3600),
+                ] {
+                    for aggregate in [
+                        Aggregate::Count,
+                        Aggregate::Sum,
+                        Aggregate::Min,
+                        Aggregate::Max,
+                        Aggregate::Avg,
+                        Aggregate::DistinctUsers,
+                    ] {
+                        let q = StatsQuery {
+                            event_name: name.into(),
+                            from: at(from),
+                            to: at(to),
+                            granularity,
+                            aggregate,
+                            attribute: "amount".into(),
+                        };
+                        assert_eq!(
+                            event_stats(&staged, &q).expect("stats"),
+                            event_stats(&direct, &q).expect("stats"),
+                            "{what}: {name} {granularity:?} {aggregate:?} from {from} to {to}"
+                        );
+                        compared += 1;
+                    }
+                }
+            }
+            assert_eq!(compared, 48);
+        };
+        compare("after the load");
         let list = |u: Users| match u {
             Users::Only(v) => (true, v),
             Users::AllBut(v) => (false, v),
         };
+        let as_of = at(base + 10 * 3600);
         for (aggregate, op, value, within_hours) in [
             (Aggregate::Count, Operator::Gte, 30.0, None),
             (Aggregate::Sum, Operator::Gt, 1500.0, None),
@@ -636,45 +703,57 @@ mod tests {
                 value,
                 within_nanos: within_hours.map(|w: i128| w * 3600 * 1_000_000_000),
             };
-            let as_of = at(base + 15 * 3600);
-            assert_eq!(
+            let (a, b) = (
                 list(history(&staged, &h, as_of).expect("history")),
                 list(history(&direct, &h, as_of).expect("history")),
-                "{aggregate:?} {op:?} {value} within {within_hours:?}"
             );
+            assert!(!a.1.is_empty(), "{aggregate:?} {op:?} {value} matched nobody");
+            assert_eq!(a, b, "{aggregate:?} {op:?} {value} within {within_hours:?}");
         }
-        // A rollup over staged records, then more staged and drained after it.
+        // Events dated after the rollup's cutoff, staged before it is built (covered by its
+        // sequence, not by its cutoff), then more staged and drained after it.
         let now = at(base + 30 * 3600);
-        let mut batch = WriteBatch::default();
-        s_cols
-            .refresh_rollup(&staged, &mut batch, "n", 937, now)
-            .expect("rollup");
-        staged.apply(batch).expect("apply");
-        let more: Vec<Event> = (938..=1100u64)
-            .map(|i| event(i, next(30), base + next(12 * 3600) as i64, Some(next(100) as f64)))
-            .collect();
-        one_by_one(&mut s_cols, &more);
-        in_one_group(&mut d_cols, &more);
-        let h = HistoryCondition {
-            event_name: "n".into(),
-            filter: None,
-            aggregate: Aggregate::Sum,
-            attribute: "amount".into(),
-            op: Operator::Gt,
-            value: 1800.0,
-            within_nanos: None,
-        };
-        let from_rollup = rollup_history(&staged, &h, now, &mut BTreeSet::new())
-            .expect("rollup history")
-            .expect("a rollup");
-        assert_eq!(
-            list(from_rollup),
-            list(history(&direct, &h, now).expect("history"))
-        );
+        let future = make(20, base + 40 * 3600, 3600);
+        one_by_one(&mut s_cols, &future, &mut model);
+        in_one_group(&mut d_cols, &direct, &future);
+        let last = future.last().map_or(0, |e| e.sequence);
+        for name in names {
+            let mut batch = WriteBatch::default();
+            s_cols
+                .refresh_rollup(&staged, &mut batch, name, last, now)
+                .expect("rollup");
+            staged.apply(batch).expect("apply");
+        }
+        let more = make(300, base, 12 * 3600);
+        one_by_one(&mut s_cols, &more, &mut model);
+        in_one_group(&mut d_cols, &direct, &more);
+        check_stage(&model);
+        compare("after the rollups");
+        for name in names {
+            for as_of in [now, at(base + 50 * 3600)] {
+                let h = HistoryCondition {
+                    event_name: name.into(),
+                    filter: None,
+                    aggregate: Aggregate::Sum,
+                    attribute: "amount".into(),
+                    op: Operator::Gt,
+                    value: 1500.0,
+                    within_nanos: None,
+                };
+                let from_rollup = rollup_history(&staged, &h, as_of, &mut BTreeSet::new())
+                    .expect("rollup history")
+                    .expect("a rollup");
+                assert_eq!(
+                    list(from_rollup),
+                    list(history(&direct, &h, as_of).expect("history")),
+                    "{name} as of {as_of:?}"
+                );
+            }
+        }
     }
 
-    /// A writer adds one user per batch in one hour, so blocks merge all the time; a reader
-    /// filters meanwhile. Every user applied before a read started must be in its answer.
+    /// A writer adds one user per batch in one hour, so blocks merge and the stage drains all
+    /// the time; a reader filters meanwhile. Every user applied before a read started must be in its answer.
     #[test]
     fn a_merge_never_hides_records_from_a_running_filter() {
         let (_dir, store) = temp_store();
@@ -683,7 +762,9 @@ mod tests {
         let writer = {
             let (store, applied, done) = (store.clone(), applied.clone(), done.clone());
             std::thread::spawn(move || {
-                let mut columns = Columns::default();
+                // Every record is staged (one per batch), and drained three times into full
+                // blocks of the hour.
+                let mut columns = Columns::draining_at(4096);
                 for i in 1..=15000u64 {
                     let mut writes = ColumnWrites::default();
                     writes.add(&Event {
@@ -730,6 +811,62 @@ mod tests {
             );
         }
         writer.join().expect("writer");
+    }
+
+    /// A writer stages one event per batch in one hour and drains the stage every 64; a reader
+    /// charts that hour meanwhile, whole (hour buckets and the stage) and from its second
+    /// second (blocks and the stage). Every event applied before a read started is counted,
+    /// and none twice.
+    #[test]
+    fn statistics_count_every_event_once_while_stages_drain() {
+        use crate::read::stats::{event_stats, Granularity, StatsQuery};
+        let (_dir, store) = temp_store();
+        let applied = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let hour = 1_000_000i64;
+        let writer = {
+            let (store, applied, done) = (store.clone(), applied.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut columns = Columns::draining_at(64);
+                for i in 1..=3000u64 {
+                    let mut writes = ColumnWrites::default();
+                    writes.add(&event(i, i % 50, hour * 3600 + 1 + (i as i64 % 3599), None));
+                    let mut batch = WriteBatch::default();
+                    columns.write(&store, &mut batch, writes).expect("index");
+                    store.apply(batch).expect("apply");
+                    applied.store(i as usize, Ordering::SeqCst);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let query = |from: i64| StatsQuery {
+            event_name: "n".into(),
+            from: Timestamp { secs: from, nanos: 0 },
+            to: Timestamp {
+                secs: (hour + 1) * 3600,
+                nanos: 0,
+            },
+            granularity: Granularity::Hour,
+            aggregate: Aggregate::Count,
+            attribute: String::new(),
+        };
+        let mut reads = 0;
+        while !done.load(Ordering::SeqCst) || reads == 0 {
+            for from in [hour * 3600, hour * 3600 + 1] {
+                let before = applied.load(Ordering::SeqCst) as u64;
+                let n = event_stats(&store, &query(from)).expect("stats").buckets[0].events;
+                let after = applied.load(Ordering::SeqCst) as u64;
+                // (One batch may be applied and not yet announced.)
+                assert!(
+                    n >= before && n <= after + 1,
+                    "{n} events counted from {from}, {before} applied before the read and {after} after"
+                );
+                reads += 1;
+            }
+        }
+        writer.join().expect("writer");
+        let n = event_stats(&store, &query(hour * 3600)).expect("stats").buckets[0].events;
+        assert_eq!(n, 3000);
     }
 
     #[test]

@@ -9,11 +9,11 @@
 
 use std::collections::HashSet;
 
-use super::scan::{blocks, each_row, for_records, Span};
+use super::scan::{blocks, each_row, for_rows, Span};
 use crate::domain::condition::Aggregate;
 use crate::domain::model::{NumberAggregate, Timestamp};
 use crate::error::Error;
-use crate::store::columns::{BucketSummary, Record, HOUR, MINUTE};
+use crate::store::columns::{BucketSummary, Row, ValueRef, HOUR, MINUTE};
 use crate::store::Store;
 
 /// The size of a statistics bucket.
@@ -117,27 +117,37 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
     // meet on whole hours. (Minutes have no stored summaries: see `store::columns`.)
     let h0 = ceil_to(q.from, HOUR);
     let h1 = q.to.secs.div_euclid(HOUR) * HOUR;
-    let mut add_record = |r: &Record<'_>| {
+    // A row counts as an event, and as a number only for the attribute asked for (a COUNT
+    // decodes no attributes).
+    let mut add_record = |r: Row<'_>| {
+        let number = match q.aggregate {
+            Aggregate::Count | Aggregate::DistinctUsers => None,
+            _ => r.attributes()?.into_iter().find_map(|(k, v)| match v {
+                ValueRef::Number(n) if k == q.attribute => Some(n),
+                _ => None,
+            }),
+        };
         if let Some(b) = summaries.get_mut(index(r.occurred_at)) {
-            b.add(r);
+            b.add_event(&q.attribute, number);
         }
-        total.add(r);
+        total.add_event(&q.attribute, number);
+        Ok(())
     };
     if q.granularity == Granularity::Minute || h0 >= h1 {
-        for_records(
+        for_rows(
             store,
             &q.event_name,
             Span::until(Some(q.from), q.to),
             &mut add_record,
         )?;
     } else {
-        for_records(
+        for_rows(
             store,
             &q.event_name,
             Span::until(Some(q.from), ts(h0)),
             &mut add_record,
         )?;
-        for_records(
+        for_rows(
             store,
             &q.event_name,
             Span::until(Some(ts(h1)), q.to),
@@ -145,10 +155,7 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
         )?;
         let (hours, stage) = store.hour_summaries(&q.event_name, h0 / HOUR, h1 / HOUR)?;
         // Records waiting in the stage are not in the hour summaries yet.
-        each_row(&stage, Span::until(Some(ts(h0)), ts(h1)), &mut |r| {
-            add_record(&r.record()?);
-            Ok(())
-        })?;
+        each_row(&stage, Span::until(Some(ts(h0)), ts(h1)), &mut add_record)?;
         for (hour, s) in hours {
             if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
                 b.merge(&s);

@@ -37,6 +37,15 @@ impl Block {
         block_max_sequence(&self.key, &self.bytes)
     }
 
+    /// The latest `occurred_at` in the block (its last record's; `None` when empty).
+    pub(crate) fn last_time(&self) -> Result<Option<Timestamp>, StoreError> {
+        let records = block_records(&self.key, &self.bytes)?;
+        records
+            .last()
+            .map(|r| Row::decode(&self.key, r).map(|r| r.occurred_at))
+            .transpose()
+    }
+
     /// The block's hour, from its key.
     pub(crate) fn hour(&self) -> Result<i64, StoreError> {
         block_hour(&self.key)

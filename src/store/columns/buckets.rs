@@ -34,6 +34,22 @@ impl BucketSummary {
         }
     }
 
+    /// Adds one event with, if it has one, its number for `attribute` (a summary for one
+    /// attribute's statistics, cheaper than [`BucketSummary::add`]).
+    pub(crate) fn add_event(&mut self, attribute: &str, number: Option<f64>) {
+        self.events += 1;
+        if let Some(n) = number {
+            match self.numbers.get_mut(attribute) {
+                Some(agg) => agg.add(n),
+                None => {
+                    let mut agg = NumberAggregate::default();
+                    agg.add(n);
+                    self.numbers.insert(attribute.to_string(), agg);
+                }
+            }
+        }
+    }
+
     /// Adds another summary.
     pub(crate) fn merge(&mut self, other: &BucketSummary) {
         self.events += other.events;

@@ -64,8 +64,10 @@ pub(crate) const FULL: usize = 512;
 pub(crate) const STAGE_HOUR: i64 = i64::MAX;
 /// A write group's records of one (name, hour) go to the stage when fewer than this.
 pub(crate) const STAGE_BELOW: usize = 8;
-/// A name's stage is drained into its hours when it would hold this many records.
-pub(crate) const DRAIN_AT: usize = 8192;
+/// A name's stage is drained into its hours when it would hold this many records: on a month
+/// of data (720 hours), about 90 records per hour and drain, so an hour of late events ends up
+/// in one or two blocks, as one of events sent in time order does.
+pub(crate) const DRAIN_AT: usize = 65_536;
 
 /// Seconds per minute and per hour.
 pub(crate) const MINUTE: i64 = 60;
@@ -239,6 +241,19 @@ impl Columns {
         hour: i64,
         mut records: Vec<Encoded>,
     ) -> Result<(), StoreError> {
+        if records.len() > FULL {
+            // Full blocks of FULL records each (a drain or a large group), the rest as usual: a
+            // sled value stays far below what sled would put in an unsynced blob file.
+            records.sort_unstable_by_key(|r| (r.0, r.1));
+            while records.len() > FULL {
+                let rest = records.split_off(FULL);
+                let full = std::mem::replace(&mut records, rest);
+                let blockno = full.iter().map(|r| r.1).min().unwrap_or(0);
+                let mut parts: Vec<(Timestamp, u64, &[u8])> =
+                    full.iter().map(|r| (r.0, r.1, r.2.as_slice())).collect();
+                batch.put_raw(block_key(name, hour, blockno), build_block(&mut parts));
+            }
+        }
         let blockno = records.iter().map(|r| r.1).min().unwrap_or(0);
         let mut parts: Vec<(Timestamp, u64, &[u8])> =
             records.iter_mut().map(|r| (r.0, r.1, r.2.as_slice())).collect();
@@ -337,7 +352,11 @@ impl Columns {
 
     /// Moves every record of `name`'s stage into `hours` (and its statistics into `buckets`),
     /// removing the stage's blocks in `batch`. Every stage block is in sled: a group's are
-    /// written by its own batch, applied before the next group is indexed.
+    /// written by its own batch, applied before the next group is indexed (checked against the
+    /// blocks remembered, so a second call on one batch is an error, not a double count). A
+    /// block that does not decode is dropped with an error logged (its events stay in their
+    /// users' timelines; only their index copy is lost), so one damaged block does not stop
+    /// the writer.
     fn drain_stage(
         &mut self,
         store: &Store,
@@ -346,26 +365,55 @@ impl Columns {
         hours: &mut HashMap<i64, Vec<Encoded>>,
         buckets: &mut HashMap<i64, BucketSummary>,
     ) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let mut drained = 0usize;
+        let mut seen = HashSet::new();
         for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR)) {
             let (key, value) = kv?;
-            for (row, bytes) in split_block(&key, &value)? {
-                let hour = hour_of(row.occurred_at);
-                buckets.entry(hour).or_default().add(&row.record()?);
-                hours
-                    .entry(hour)
-                    .or_default()
-                    .push((row.occurred_at, row.sequence, bytes.to_vec()));
+            seen.insert(blockno_of(&key)?);
+            batch.remove_raw(key.to_vec());
+            let rows = match decoded_records(&key, &value) {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::error!(name, error = %e, "a damaged stage block was dropped from the index");
+                    continue;
+                }
+            };
+            for (record, encoded) in rows {
+                let hour = hour_of(encoded.0);
+                buckets.entry(hour).or_default().add(&record);
+                hours.entry(hour).or_default().push(encoded);
                 drained += 1;
             }
-            batch.remove_raw(key.to_vec());
+        }
+        if let Some(small) = self.small.get(&(name.to_string(), STAGE_HOUR)) {
+            if let Some(b) = small.iter().find(|b| !seen.contains(&b.blockno)) {
+                return Err(StoreError::corrupt(
+                    &block_key(name, STAGE_HOUR, b.blockno),
+                    "a remembered stage block is not stored (indexed twice in one batch?)",
+                ));
+            }
         }
         self.forget(name, STAGE_HOUR);
         self.staged.insert(name.to_string(), 0);
         batch.moves_index();
-        tracing::debug!(name, records = drained, hours = hours.len(), "drained a stage");
+        tracing::info!(
+            name,
+            records = drained,
+            hours = hours.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "stage drained"
+        );
         Ok(())
     }
+}
+
+/// Every record of a block, decoded whole, with its encoding.
+fn decoded_records<'a>(key: &[u8], value: &'a [u8]) -> Result<Vec<(Record<'a>, Encoded)>, StoreError> {
+    split_block(key, value)?
+        .into_iter()
+        .map(|(row, bytes)| Ok((row.record()?, (row.occurred_at, row.sequence, bytes.to_vec()))))
+        .collect()
 }
 
 /// Merges the small blocks `merge` of one hour into one (pending, numbered by the lowest of
@@ -436,14 +484,23 @@ impl Columns {
             let mut whole = BucketSummary::default();
             for kv in store.tree.scan_prefix(bucket_key(BLOCK, name, *hour)) {
                 let (key, value) = kv?;
-                let records = split_block(&key, &value)?;
+                let records = match decoded_records(&key, &value) {
+                    Ok(records) => records,
+                    Err(e) => {
+                        // Whose records it holds cannot be told: dropped, so that erasure
+                        // neither stops nor leaves the user's records behind.
+                        tracing::error!(name, error = %e, "a damaged index block was dropped during an erasure");
+                        batch.remove_raw(key.to_vec());
+                        batch.changes_index_content();
+                        continue;
+                    }
+                };
                 let before = records.len();
                 let mut kept: Vec<(Timestamp, u64, &[u8])> = Vec::with_capacity(before);
-                for (row, bytes) in &records {
-                    if row.user_id != user {
-                        let record = row.record()?;
-                        whole.add(&record);
-                        kept.push((row.occurred_at, row.sequence, bytes));
+                for (record, (at, sequence, bytes)) in &records {
+                    if record.user_id != user {
+                        whole.add(record);
+                        kept.push((*at, *sequence, bytes));
                     }
                 }
                 if kept.is_empty() {
@@ -474,20 +531,21 @@ impl Columns {
 impl Store {
     /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order, then its stage's
     /// blocks (which may hold records of any hour): a consistent set (no merge or drain moves
-    /// records between them while they are read).
+    /// records between them while they are read; see [`Store::read_index_consistently`]).
     pub(crate) fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
         let lo = bucket_key(BLOCK, name, from_hour);
         let hi = bucket_key(BLOCK, name, to_hour.min(STAGE_HOUR - 1) + 1);
-        let _reading = self.index.read();
-        let mut blocks = Vec::new();
-        if from_hour <= to_hour {
-            for kv in self.tree.range(lo..hi) {
-                let (k, v) = kv?;
-                blocks.push(Block::new(k, v));
+        self.read_index_consistently(|| {
+            let mut blocks = Vec::new();
+            if from_hour <= to_hour {
+                for kv in self.tree.range(lo.as_slice()..hi.as_slice()) {
+                    let (k, v) = kv?;
+                    blocks.push(Block::new(k, v));
+                }
             }
-        }
-        blocks.extend(self.stage_blocks(name)?);
-        Ok(blocks)
+            blocks.extend(self.stage_blocks(name)?);
+            Ok(blocks)
+        })
     }
 
     /// The blocks of `name`'s stage (the caller holds the index lock or reads optimistically).

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::super::codec::{decode, encode};
 use super::super::keys::*;
 use super::super::{Store, StoreError, WriteBatch};
-use super::{hour_of, Block, Columns, ValueRef};
+use super::{hour_of, Block, Columns, ValueRef, STAGE_HOUR};
 use crate::domain::model::{NumberAggregate, Timestamp};
 
 /// Users per rollup chunk.
@@ -60,9 +60,17 @@ impl RollupChunk {
 }
 
 impl RollupView {
-    /// True when a block may hold events the rollup does not cover.
+    /// True when a block may hold events the rollup does not cover: a newer sequence, or a
+    /// date after its cutoff (an hour block is judged by its hour, a stage block, which may
+    /// hold any hour's records, by its latest record).
     pub(crate) fn is_delta_block(&self, block: &Block) -> Result<bool, StoreError> {
-        Ok(block.max_sequence()? > self.meta.sequence || block.hour()? >= hour_of(self.meta.cutoff))
+        if block.max_sequence()? > self.meta.sequence {
+            return Ok(true);
+        }
+        if block.hour()? == STAGE_HOUR {
+            return Ok(block.last_time()?.is_some_and(|t| t > self.meta.cutoff));
+        }
+        Ok(block.hour()? >= hour_of(self.meta.cutoff))
     }
 
     /// True when an event is not covered by the rollup.
@@ -86,8 +94,7 @@ struct OwnedEntry {
 impl Store {
     /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
     pub(crate) fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
-        let _reading = self.index.read();
-        self.rollup_view_unlocked(name)
+        self.read_index_consistently(|| self.rollup_view_unlocked(name))
     }
 
     /// [`Store::rollup_view`], for a caller that holds the index lock or is the writer.
