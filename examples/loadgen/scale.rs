@@ -157,8 +157,10 @@ pub async fn run(a: ScaleArgs) {
         );
         steps.push(step);
         if at_first_step.is_none() {
-            // The hour the data sent so far reaches (the chart is of whole hours).
-            first_step_as_of = latest.div_euclid(3600) * 3600;
+            // The end of the hour the data sent so far reaches (the chart is of whole hours;
+            // an as_of before the latest event would keep all-history filters off the rollups,
+            // which answer only from their cutoff on).
+            first_step_as_of = (latest.div_euclid(3600) + 1) * 3600;
             at_first_step = Some(measure(&channel, &mut schema, first_step_as_of).await);
         }
         step_start = Instant::now();

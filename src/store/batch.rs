@@ -10,6 +10,15 @@ use crate::domain::model::{
 /// One write: a key and its new value, or `None` to remove it.
 pub(super) type Op = (Vec<u8>, Option<Vec<u8>>);
 
+/// What a batch moves (see `Store::apply`): index records between blocks, rollup chunks, and
+/// whether it changes what the index holds (an erasure).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Moves {
+    pub index: bool,
+    pub rollups: bool,
+    pub content: bool,
+}
+
 /// Writes that become visible and durable together (see `Store::apply`).
 #[derive(Default)]
 pub(crate) struct WriteBatch {
@@ -18,6 +27,8 @@ pub(crate) struct WriteBatch {
     writes: usize,
     /// Index blocks are rewritten or removed (see `Store::apply`).
     moves_index: bool,
+    /// Rollup chunks are rewritten (see `Store::apply`).
+    moves_rollups: bool,
     /// Index records are removed (see `Store::index_content_changes`).
     changes_content: bool,
     /// The action chunk being filled: its first sequence, the chunk, about its bytes.
@@ -41,6 +52,12 @@ impl WriteBatch {
         self.moves_index = true;
     }
 
+    /// Marks the batch as one that rewrites a rollup's chunks: it is applied while no query
+    /// reads a rollup (readers of blocks and statistics do not wait for it).
+    pub(super) fn moves_rollups(&mut self) {
+        self.moves_rollups = true;
+    }
+
     /// Whether the batch moves index records (for tests).
     #[cfg(test)]
     pub(crate) fn moves_index_records(&self) -> bool {
@@ -55,11 +72,15 @@ impl WriteBatch {
         self.changes_content = true;
     }
 
-    /// Takes the writes out, in order, with whether they move index records and whether they
-    /// change its content.
-    pub(super) fn into_parts(mut self) -> (Vec<Op>, bool, bool) {
+    /// Takes the writes out, in order, with what they move.
+    pub(super) fn into_parts(mut self) -> (Vec<Op>, Moves) {
         self.close_chunk();
-        (self.ops, self.moves_index, self.changes_content)
+        let moves = Moves {
+            index: self.moves_index,
+            rollups: self.moves_rollups || self.changes_content,
+            content: self.changes_content,
+        };
+        (self.ops, moves)
     }
 
     /// True when nothing was added.

@@ -168,6 +168,8 @@ pub(crate) struct Store {
     /// while one is): a reader that sees it even and unchanged across its reads saw no move
     /// (see [`Store::read_index_consistently`]).
     index_moves: Arc<std::sync::atomic::AtomicU64>,
+    /// The same for batches that rewrite rollup chunks.
+    rollup_moves: Arc<std::sync::atomic::AtomicU64>,
     /// Batches that changed the by-name index's content so far (see
     /// [`Store::index_content_changes`]).
     content_changes: Arc<std::sync::atomic::AtomicU64>,
@@ -256,6 +258,7 @@ impl Store {
             next_redo: Default::default(),
             index: Default::default(),
             index_moves: Default::default(),
+            rollup_moves: Default::default(),
             content_changes: Default::default(),
             backup_slice_keys: opts.backup_slice_keys.max(1),
             compressed,
@@ -308,21 +311,32 @@ impl Store {
         self.content_changes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Runs `read` so that no batch moving index records is applied in the middle of it:
-    /// optimistically first (twice, unlocked, checking `index_moves` around it), then
-    /// under the index lock. For short reads that must not wait for a move being applied.
+    /// Runs `read` so that no batch moving index records (and, with `rollups`, none
+    /// rewriting rollup chunks) is applied in the middle of it: optimistically first (twice,
+    /// unlocked, checking the move counters around it), then under the index lock. A reader
+    /// of blocks and statistics so never waits for a rollup being written.
     pub(crate) fn read_index_consistently<T>(
         &self,
+        rollups: bool,
         read: impl Fn() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
+        let moves = || {
+            let index = self.index_moves.load(SeqCst);
+            let rollup = if rollups {
+                self.rollup_moves.load(SeqCst)
+            } else {
+                0
+            };
+            (index, rollup)
+        };
         for _ in 0..2 {
-            let before = self.index_moves.load(SeqCst);
-            if before % 2 == 1 {
+            let before = moves();
+            if before.0 % 2 == 1 || before.1 % 2 == 1 {
                 break;
             }
             let out = read()?;
-            if self.index_moves.load(SeqCst) == before {
+            if moves() == before {
                 return Ok(out);
             }
         }
@@ -336,19 +350,31 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let (ops, moves_index, changes_content) = batch.into_parts();
+        let (ops, moves) = batch.into_parts();
         // A backup in progress gets the writes to keys it has already copied (see `backup`).
         let mut mirror = self.backup.lock();
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));
-        if moves_index {
+        if moves.index || moves.rollups {
+            use std::sync::atomic::Ordering::SeqCst;
             let _moving = self.index.write();
-            if changes_content {
-                self.content_changes
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if moves.content {
+                self.content_changes.fetch_add(1, SeqCst);
             }
-            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let counters = [
+                (moves.index, &self.index_moves),
+                (moves.rollups, &self.rollup_moves),
+            ];
+            for (moved, counter) in counters {
+                if moved {
+                    counter.fetch_add(1, SeqCst);
+                }
+            }
             let applied = redo::apply(&self.tree, &self.redo, &self.next_redo, &ops);
-            self.index_moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            for (moved, counter) in counters {
+                if moved {
+                    counter.fetch_add(1, SeqCst);
+                }
+            }
             applied?;
         } else {
             redo::apply(&self.tree, &self.redo, &self.next_redo, &ops)?;

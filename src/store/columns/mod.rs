@@ -535,7 +535,7 @@ impl Store {
     pub(crate) fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
         let lo = bucket_key(BLOCK, name, from_hour);
         let hi = bucket_key(BLOCK, name, to_hour.min(STAGE_HOUR - 1) + 1);
-        self.read_index_consistently(|| {
+        self.read_index_consistently(false, || {
             let mut blocks = Vec::new();
             if from_hour <= to_hour {
                 for kv in self.tree.range(lo.as_slice()..hi.as_slice()) {
@@ -576,7 +576,7 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<(HourSummaries, Vec<Block>), StoreError> {
-        self.read_index_consistently(|| {
+        self.read_index_consistently(false, || {
             let prefix_len = name.len() + 2;
             let mut out = Vec::new();
             for kv in self

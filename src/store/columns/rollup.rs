@@ -94,7 +94,7 @@ struct OwnedEntry {
 impl Store {
     /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
     pub(crate) fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
-        self.read_index_consistently(|| self.rollup_view_unlocked(name))
+        self.read_index_consistently(true, || self.rollup_view_unlocked(name))
     }
 
     /// [`Store::rollup_view`], for a caller that holds the index lock or is the writer.
@@ -248,7 +248,7 @@ impl ComputedRollup {
         }
         batch.put_raw(meta_key, encode(&self.meta));
         // Moves records between chunk keys; another name's rollup being computed stays true.
-        batch.moves_index();
+        batch.moves_rollups();
         Ok(Some(self.meta))
     }
 }
