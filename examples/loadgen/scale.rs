@@ -25,8 +25,8 @@ use std::time::Instant;
 use engage::proto;
 
 use super::segments::{
-    define_numbers, disk_bytes, generate_over, measure, print_table, run_pg, stop, wire, write_csv,
-    Generated, Pg, Rng, AS_OF, SPAN,
+    define_numbers, disk_bytes, generate_over, measure, print_table, restart_and_measure, run_pg, wire,
+    write_csv, Generated, Pg, Rng, AS_OF, SPAN,
 };
 
 #[derive(clap::Args, Clone)]
@@ -96,7 +96,7 @@ pub async fn run(a: ScaleArgs) {
         t.elapsed()
     );
 
-    let mut engage = super::start_engage(&a.engage_bin);
+    let engage = super::start_engage(&a.engage_bin);
     let pid = engage.child.id();
     let data_dir = engage.data_dir().expect("the server's data directory");
     let channel = super::channel(engage.addr).await;
@@ -173,25 +173,7 @@ pub async fn run(a: ScaleArgs) {
     let at_end = measure(&channel, &mut schema, AS_OF).await;
     let (end_disk, _) = disk_bytes(&data_dir);
     drop((ingest, channel, schema));
-    stop(&mut engage);
-    let dir = engage._dir.take().expect("data dir");
-    drop(engage);
-    let (stopped_disk, _) = disk_bytes(dir.path());
-    let t = Instant::now();
-    let again = super::start_engage_in(&a.engage_bin, dir);
-    let serving = t.elapsed();
-    let channel = super::channel(again.addr).await;
-    let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
-    let idle = super::rss_kib(again.child.id());
-    println!(
-        "engage restart: serving {:.0} ms after the start; RSS idle {:.0} MB; data directory {:.0} MB after the stop ({:.0} bytes per event)",
-        serving.as_secs_f64() * 1000.0,
-        idle as f64 / 1024.0,
-        stopped_disk as f64 / 1e6,
-        stopped_disk as f64 / sent as f64
-    );
-    let restarted = measure(&channel, &mut schema, AS_OF).await;
-    drop((channel, schema, again));
+    let restarted = restart_and_measure(engage, &a.engage_bin, AS_OF, sent).await;
 
     let (mut pg_first, mut pg_all) = (Pg::default(), Pg::default());
     if !a.no_pg {

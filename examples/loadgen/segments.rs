@@ -456,7 +456,7 @@ pub(crate) fn disk_bytes(dir: &std::path::Path) -> (u64, u64) {
 }
 
 /// Asks engage to stop (SIGTERM, as an operator would) and waits for it.
-pub(crate) fn stop(engage: &mut super::Proc) {
+fn stop(engage: &mut super::Proc) {
     let _ = Command::new("kill")
         .args(["-TERM", &engage.child.id().to_string()])
         .status();
@@ -555,24 +555,7 @@ pub async fn run(a: SegmentArgs) {
     let mut restarted = None;
     if a.restart {
         drop((ingest, channel, schema));
-        stop(&mut engage);
-        let dir = engage._dir.take().expect("data dir");
-        drop(engage);
-        let (apparent, _) = disk_bytes(dir.path());
-        let t = Instant::now();
-        let again = super::start_engage_in(&a.engage_bin, dir);
-        let serving = t.elapsed();
-        let channel = super::channel(again.addr).await;
-        let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
-        let idle = super::rss_kib(again.child.id());
-        println!(
-            "engage restart: serving {:.0} ms after the start; RSS idle {:.0} MB; data directory {:.0} MB after the stop",
-            serving.as_secs_f64() * 1000.0,
-            idle as f64 / 1024.0,
-            apparent as f64 / 1e6
-        );
-        restarted = Some(measure(&channel, &mut schema, AS_OF).await);
-        drop(again);
+        restarted = Some(restart_and_measure(engage, &a.engage_bin, AS_OF, sent).await);
     } else {
         drop(engage);
     }
@@ -587,6 +570,35 @@ pub async fn run(a: SegmentArgs) {
         }
     }
     print_table(order, &loaded, restarted.as_ref(), &pg);
+}
+
+/// Stops `engage` (SIGTERM; its clients must be dropped), starts it again on its data
+/// directory and measures the queries as of `as_of`, printing the time from start to serving,
+/// the idle RSS and the directory's size after the stop (per event of `events`).
+pub(crate) async fn restart_and_measure(
+    mut engage: super::Proc,
+    bin: &PathBuf,
+    as_of: i64,
+    events: u64,
+) -> HashMap<&'static str, Timed> {
+    stop(&mut engage);
+    let dir = engage._dir.take().expect("data dir");
+    drop(engage);
+    let (apparent, _) = disk_bytes(dir.path());
+    let t = Instant::now();
+    let again = super::start_engage_in(bin, dir);
+    let serving = t.elapsed();
+    let channel = super::channel(again.addr).await;
+    let mut schema = proto::schema_service_client::SchemaServiceClient::new(channel.clone());
+    let idle = super::rss_kib(again.child.id());
+    println!(
+        "engage restart: serving {:.0} ms after the start; RSS idle {:.0} MB; data directory {:.0} MB after the stop ({:.0} bytes per event)",
+        serving.as_secs_f64() * 1000.0,
+        idle as f64 / 1024.0,
+        apparent as f64 / 1e6,
+        apparent as f64 / events.max(1) as f64
+    );
+    measure(&channel, &mut schema, as_of).await
 }
 
 /// PostgreSQL's figures: per query with the general indexes and with the covering ones, and

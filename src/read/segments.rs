@@ -315,6 +315,25 @@ mod tests {
     use crate::store::columns::{ColumnWrites, Columns};
     use crate::store::{temp_store, WriteBatch};
 
+    /// A history condition on the `amount` attribute, without `where`.
+    fn amount_history(
+        name: &str,
+        aggregate: Aggregate,
+        op: Operator,
+        value: f64,
+        within_nanos: Option<i128>,
+    ) -> HistoryCondition {
+        HistoryCondition {
+            event_name: name.into(),
+            filter: None,
+            aggregate,
+            attribute: "amount".into(),
+            op,
+            value,
+            within_nanos,
+        }
+    }
+
     fn event(i: u64, user: u64, secs: i64, amount: Option<f64>) -> Event {
         let mut attributes = BTreeMap::new();
         if let Some(a) = amount {
@@ -388,15 +407,7 @@ mod tests {
             third.write(&store, &mut kept).expect("read").is_none(),
             "u003 was erased since"
         );
-        let h = HistoryCondition {
-            event_name: "n".into(),
-            filter: None,
-            aggregate: Aggregate::Sum,
-            attribute: "amount".into(),
-            op: Operator::Gt,
-            value: 250.0,
-            within_nanos: None,
-        };
+        let h = amount_history("n", Aggregate::Sum, Operator::Gt, 250.0, None);
         let mut stale = BTreeSet::new();
         let from_rollup = rollup_history(&store, &h, now, &mut stale)
             .expect("rollup history")
@@ -460,15 +471,7 @@ mod tests {
             (Aggregate::Max, Operator::Gte, 97.0),
             (Aggregate::Avg, Operator::Lt, 45.0),
         ] {
-            let h = HistoryCondition {
-                event_name: "n".into(),
-                filter: None,
-                aggregate,
-                attribute: "amount".into(),
-                op,
-                value,
-                within_nanos: None,
-            };
+            let h = amount_history("n", aggregate, op, value, None);
             for as_of_hour in [100, 101, 104, 106] {
                 let as_of = Timestamp {
                     secs: as_of_hour * 3600,
@@ -694,15 +697,13 @@ mod tests {
             (Aggregate::Count, Operator::Gte, 2.0, Some(6)),
             (Aggregate::Max, Operator::Gte, 90.0, Some(3)),
         ] {
-            let h = HistoryCondition {
-                event_name: "n".into(),
-                filter: None,
+            let h = amount_history(
+                "n",
                 aggregate,
-                attribute: "amount".into(),
                 op,
                 value,
-                within_nanos: within_hours.map(|w: i128| w * 3600 * 1_000_000_000),
-            };
+                within_hours.map(|w: i128| w * 3600 * 1_000_000_000),
+            );
             let (a, b) = (
                 list(history(&staged, &h, as_of).expect("history")),
                 list(history(&direct, &h, as_of).expect("history")),
@@ -731,15 +732,7 @@ mod tests {
         compare("after the rollups");
         for name in names {
             for as_of in [now, at(base + 50 * 3600)] {
-                let h = HistoryCondition {
-                    event_name: name.into(),
-                    filter: None,
-                    aggregate: Aggregate::Sum,
-                    attribute: "amount".into(),
-                    op: Operator::Gt,
-                    value: 1500.0,
-                    within_nanos: None,
-                };
+                let h = amount_history(name, Aggregate::Sum, Operator::Gt, 1500.0, None);
                 let from_rollup = rollup_history(&staged, &h, as_of, &mut BTreeSet::new())
                     .expect("rollup history")
                     .expect("a rollup");
