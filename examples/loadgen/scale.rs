@@ -25,8 +25,8 @@ use std::time::Instant;
 use engage::proto;
 
 use super::segments::{
-    define_numbers, disk_bytes, generate_over, measure, print_table, restart_and_measure, run_pg, wire,
-    write_csv, Generated, Pg, Rng, AS_OF, SPAN,
+    define_numbers, disk_bytes, generate_over, measure, print_table, restart_and_measure, run_pg, send_batch,
+    wire, write_csv, Generated, Pg, Rng, AS_OF, SPAN,
 };
 
 #[derive(clap::Args, Clone)]
@@ -118,16 +118,8 @@ pub async fn run(a: ScaleArgs) {
         for batch in chunk.chunks(1000) {
             latest = latest.max(batch.iter().map(|e| e.at).max().unwrap_or(latest));
             let batch: Vec<proto::Event> = batch.iter().map(|e| wire(e)).collect();
-            let mut client = ingest.clone();
             sent += batch.len() as u64;
-            in_flight.push(tokio::spawn(async move {
-                let r = client
-                    .track_events(proto::TrackEventsRequest { events: batch })
-                    .await
-                    .expect("track events")
-                    .into_inner();
-                assert!(r.results.iter().all(|r| r.accepted), "an event was rejected");
-            }));
+            in_flight.push(send_batch(&ingest, batch));
             if in_flight.len() == 4 {
                 in_flight.remove(0).await.expect("load task");
                 peak_rss = peak_rss.max(super::rss_kib(pid));

@@ -508,16 +508,8 @@ pub async fn run(a: SegmentArgs) {
     let mut in_flight = Vec::new();
     let mut sent = 0u64;
     for batch in batches {
-        let mut client = ingest.clone();
         sent += batch.len() as u64;
-        in_flight.push(tokio::spawn(async move {
-            let r = client
-                .track_events(proto::TrackEventsRequest { events: batch })
-                .await
-                .expect("track events")
-                .into_inner();
-            assert!(r.results.iter().all(|r| r.accepted), "an event was rejected");
-        }));
+        in_flight.push(send_batch(&ingest, batch));
         if in_flight.len() == 4 {
             in_flight.remove(0).await.expect("load task");
         }
@@ -570,6 +562,22 @@ pub async fn run(a: SegmentArgs) {
         }
     }
     print_table(order, &loaded, restarted.as_ref(), &pg);
+}
+
+/// Sends one TrackEvents batch in a task of its own; the task panics if an event is refused.
+pub(crate) fn send_batch(
+    ingest: &proto::event_service_client::EventServiceClient<tonic::transport::Channel>,
+    events: Vec<proto::Event>,
+) -> tokio::task::JoinHandle<()> {
+    let mut client = ingest.clone();
+    tokio::spawn(async move {
+        let r = client
+            .track_events(proto::TrackEventsRequest { events })
+            .await
+            .expect("track events")
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.accepted), "an event was rejected");
+    })
 }
 
 /// Stops `engage` (SIGTERM; its clients must be dropped), starts it again on its data

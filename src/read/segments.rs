@@ -315,6 +315,17 @@ mod tests {
     use crate::store::columns::{ColumnWrites, Columns};
     use crate::store::{temp_store, WriteBatch};
 
+    /// A deterministic generator: `next(n)` is a number below `n`.
+    fn numbers(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut state = seed;
+        move |n| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % n
+        }
+    }
+
     /// A history condition on the `amount` attribute, without `where`.
     fn amount_history(
         name: &str,
@@ -432,13 +443,7 @@ mod tests {
             nanos: 0,
         };
         let mut seq = 0u64;
-        let mut rng = 7u64;
-        let mut next = move |n: u64| {
-            rng = rng
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (rng >> 33) % n
-        };
+        let mut next = numbers(7);
         // Events dated in [from_hour, from_hour + hours), one write group each.
         let mut add = |columns: &mut Columns, count: u64, from_hour: i64, hours: u64| {
             for _ in 0..count {
@@ -528,13 +533,7 @@ mod tests {
         const DRAIN: usize = 100;
         let (_d1, staged) = temp_store();
         let (_d2, direct) = temp_store();
-        let mut rng = 11u64;
-        let mut next = move |n: u64| {
-            rng = rng
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (rng >> 33) % n
-        };
+        let mut next = numbers(11);
         let base = 200 * 3600;
         let names = ["n", "m"];
         let mut seq = 0u64;
