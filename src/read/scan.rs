@@ -32,6 +32,11 @@ impl Span {
         }
     }
 
+    /// The first and last hour the span touches.
+    pub(super) fn hours(self) -> (i64, i64) {
+        (self.from.map_or(i64::MIN, hour_of), hour_of(self.last()))
+    }
+
     /// True when no instant is inside the span.
     pub(super) fn is_empty(self) -> bool {
         self.from.is_some_and(|f| {
@@ -56,8 +61,7 @@ impl Span {
 
 /// The blocks of `name` for the hours `span` touches.
 pub(super) fn blocks(store: &Store, name: &str, span: Span) -> Result<Vec<Block>, Error> {
-    let from_hour = span.from.map_or(i64::MIN, hour_of);
-    let to_hour = hour_of(span.last());
+    let (from_hour, to_hour) = span.hours();
     Ok(store.blocks(name, from_hour, to_hour)?)
 }
 
@@ -77,21 +81,4 @@ pub(super) fn each_row<'a>(
         }
     }
     Ok(())
-}
-
-/// Reads the rows of `name` in `span` and calls `f` with each.
-pub(super) fn for_rows(
-    store: &Store,
-    name: &str,
-    span: Span,
-    f: &mut dyn FnMut(Row<'_>) -> Result<(), Error>,
-) -> Result<(), Error> {
-    if span.is_empty() {
-        // (An hour-aligned chart's partial hours: no read at all.)
-        return Ok(());
-    }
-    // The blocks of every hour at once, with the stage's: hour by hour, a drain between two
-    // reads could move a record of a later hour out of the stage already read. (Spans read
-    // this way are short: the partial hours of a chart, or at most MAX_BUCKETS minutes.)
-    each_row(&blocks(store, name, span)?, span, f)
 }

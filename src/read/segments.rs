@@ -588,9 +588,9 @@ mod tests {
         let at = |secs: i64| Timestamp { secs, nanos: 0 };
         let check_stage = |model: &HashMap<String, BTreeSet<u64>>| {
             for name in names {
-                let (_, stage) = staged.hour_summaries(name, 0, 1).expect("read");
+                let view = staged.index_view(name, 0..0, &[]).expect("read");
                 let mut held = BTreeSet::new();
-                for b in &stage {
+                for b in &view.stage {
                     for r in b.rows(None, at(i64::MAX / 2)).expect("block") {
                         assert!(held.insert(r.sequence), "sequence {} staged twice", r.sequence);
                     }
@@ -644,8 +644,8 @@ mod tests {
         }
         check_stage(&model);
         for name in names {
-            let (hours, _) = staged.hour_summaries(name, 0, i64::MAX / 4).expect("read");
-            assert!(!hours.is_empty(), "no drain of {name} reached the hours");
+            let view = staged.index_view(name, 0..i64::MAX / 4, &[]).expect("read");
+            assert!(!view.summaries.is_empty(), "no drain of {name} reached the hours");
         }
 
         let compare = |what: &str| {

@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 
-use super::scan::{blocks, each_row, for_rows, Span};
+use super::scan::{blocks, each_row, Span};
 use crate::domain::condition::Aggregate;
 use crate::domain::model::{NumberAggregate, Timestamp};
 use crate::error::Error;
@@ -133,35 +133,28 @@ pub(crate) fn event_stats(store: &Store, q: &StatsQuery) -> Result<Stats, Error>
         total.add_event(&q.attribute, number);
         Ok(())
     };
-    if q.granularity == Granularity::Minute || h0 >= h1 {
-        for_rows(
-            store,
-            &q.event_name,
-            Span::until(Some(q.from), q.to),
-            &mut add_record,
-        )?;
+    // The spans read from the hour blocks, and the whole hours read from the summaries.
+    let (partial, whole) = if q.granularity == Granularity::Minute || h0 >= h1 {
+        (vec![Span::until(Some(q.from), q.to)], 0..0)
     } else {
-        for_rows(
-            store,
-            &q.event_name,
-            Span::until(Some(q.from), ts(h0)),
-            &mut add_record,
-        )?;
-        for_rows(
-            store,
-            &q.event_name,
-            Span::until(Some(ts(h1)), q.to),
-            &mut add_record,
-        )?;
-        let (hours, stage) = store.hour_summaries(&q.event_name, h0 / HOUR, h1 / HOUR)?;
-        // Records waiting in the stage are not in the hour summaries yet.
-        each_row(&stage, Span::until(Some(ts(h0)), ts(h1)), &mut add_record)?;
-        for (hour, s) in hours {
-            if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
-                b.merge(&s);
-            }
-            total.merge(&s);
+        let edges = vec![Span::until(Some(q.from), ts(h0)), Span::until(Some(ts(h1)), q.to)];
+        (edges, h0 / HOUR..h1 / HOUR)
+    };
+    let partial: Vec<Span> = partial.into_iter().filter(|s| !s.is_empty()).collect();
+    let hours: Vec<(i64, i64)> = partial.iter().map(|s| s.hours()).collect();
+    // One read: a drain between separate reads of the stage and the hours could count a
+    // record twice or not at all.
+    let view = store.index_view(&q.event_name, whole, &hours)?;
+    for span in &partial {
+        each_row(&view.blocks, *span, &mut add_record)?;
+    }
+    // Records waiting in the stage are in no summary: all of the range's are read.
+    each_row(&view.stage, Span::until(Some(q.from), q.to), &mut add_record)?;
+    for (hour, s) in &view.summaries {
+        if let Some(b) = summaries.get_mut(index(ts(hour * HOUR))) {
+            b.merge(s);
         }
+        total.merge(s);
     }
     let buckets = summaries
         .iter()

@@ -25,12 +25,8 @@ pub(crate) struct WriteBatch {
     /// In order: a key written twice keeps its last value (as in one sled batch).
     ops: Vec<Op>,
     writes: usize,
-    /// Index blocks are rewritten or removed (see `Store::apply`).
-    moves_index: bool,
-    /// Rollup chunks are rewritten (see `Store::apply`).
-    moves_rollups: bool,
-    /// Index records are removed (see `Store::index_content_changes`).
-    changes_content: bool,
+    /// What it moves (see `Store::apply` and `Store::index_content_changes`).
+    moves: Moves,
     /// The action chunk being filled: its first sequence, the chunk, about its bytes.
     open_chunk: Option<(u64, Chunk, usize)>,
 }
@@ -49,38 +45,37 @@ impl WriteBatch {
     /// Marks the batch as one that moves records between index keys: it is applied while no
     /// query collects blocks.
     pub(super) fn moves_index(&mut self) {
-        self.moves_index = true;
+        self.moves.index = true;
     }
 
     /// Marks the batch as one that rewrites a rollup's chunks: it is applied while no query
     /// reads a rollup (readers of blocks and statistics do not wait for it).
     pub(super) fn moves_rollups(&mut self) {
-        self.moves_rollups = true;
+        self.moves.rollups = true;
     }
 
     /// Whether the batch moves index records (for tests).
     #[cfg(test)]
     pub(crate) fn moves_index_records(&self) -> bool {
-        self.moves_index
+        self.moves.index
     }
 
     /// Marks the batch as one that changes what the by-name index holds, not only where (an
     /// erasure removing records): a rollup computed from what was there before is no longer
     /// current. (A rollup replaced is caught by its own meta, see `ComputedRollup::write`.)
     pub(super) fn changes_index_content(&mut self) {
-        self.moves_index = true;
-        self.changes_content = true;
+        // Records leave blocks and rollups alike (an erasure).
+        self.moves = Moves {
+            index: true,
+            rollups: true,
+            content: true,
+        };
     }
 
     /// Takes the writes out, in order, with what they move.
     pub(super) fn into_parts(mut self) -> (Vec<Op>, Moves) {
         self.close_chunk();
-        let moves = Moves {
-            index: self.moves_index,
-            rollups: self.moves_rollups || self.changes_content,
-            content: self.changes_content,
-        };
-        (self.ops, moves)
+        (self.ops, self.moves)
     }
 
     /// True when nothing was added.
