@@ -128,6 +128,7 @@ pub async fn serve(
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
     // Before anyone reads: no user a stop left half erased is ever served.
     ingest.resume_erasures().await?;
+    ingest.keep_rollups();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;

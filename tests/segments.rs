@@ -658,6 +658,74 @@ async fn blocks_merge_into_full_ones_without_losing_events() {
     check_against_oracle(&server, &events, &filters, &stats_queries).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn rollups_are_built_in_the_background_before_any_filter_asks() {
+    // 5 000 events of one name (more than the keeper's threshold of 4 096) and no query: the
+    // server builds the name's rollup on its own, so the first all-history filter finds it.
+    let tmp = tempfile::TempDir::new().unwrap();
+    let server = ChildServer::spawn(tmp.path());
+    engage::proto::schema_service_client::SchemaServiceClient::new(server.channel().await)
+        .define_attribute(proto::DefineAttributeRequest {
+            name: "amount".into(),
+            r#type: proto::AttributeType::Number as i32,
+            description: String::new(),
+        })
+        .await
+        .expect("define");
+    let mut c = server.events().await;
+    let mut rng = Rng(14);
+    let events: Vec<Ev> = (0..5000)
+        .map(|i| Ev {
+            user: format!("u{:04}", rng.below(900)),
+            name: "buy",
+            nanos: (T0 + rng.below(12 * 3600) as i64) as i128 * 1_000_000_000 + i as i128,
+            amount: Some(rng.below(50) as f64),
+            color: None,
+        })
+        .collect();
+    for chunk in events.chunks(250) {
+        let r = c
+            .track_events(proto::TrackEventsRequest {
+                events: chunk.iter().map(wire).collect(),
+            })
+            .await
+            .expect("track")
+            .into_inner();
+        assert!(r.results.iter().all(|r| r.accepted));
+    }
+    let line = server
+        .log
+        .wait_for(|l| l.contains("rollup rebuilt") && l.contains("keeper"));
+    assert!(line.contains("\"buy\""), "{line}");
+    assert!(!server
+        .log
+        .lines()
+        .iter()
+        .any(|l| l.contains("rollup rebuilt") && l.contains("query")));
+    // What the filters answer from it is what the events say.
+    let mut q = QueryServiceClient::new(server.channel().await);
+    let as_of = (T0 + 13 * 3600) as i128 * 1_000_000_000;
+    for (aggregate, op, value) in [
+        (A::Count, O::Gte, 7.0),
+        (A::Sum, O::Gt, 150.0),
+        (A::Max, O::Lt, 40.0),
+    ] {
+        let f = Filter::H(Hist {
+            name: "buy",
+            filter: None,
+            aggregate,
+            op,
+            value,
+            within_secs: None,
+        });
+        let expected = oracle_filter(&events, &f, as_of);
+        assert!(!expected.is_empty());
+        let (got, total) = filter_all(&mut q, f.wire(), Some(proto_ts(as_of)), 1000).await;
+        assert_eq!(got, expected, "{f:?}");
+        assert_eq!(total, expected.len() as u64);
+    }
+}
+
 async fn the_examples_server() -> TestServer {
     let server = TestServer::start().await;
     define(&server, "price", proto::AttributeType::Number).await;

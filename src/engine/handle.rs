@@ -18,6 +18,19 @@ use crate::store::columns::RollupMeta;
 /// Rollup rebuilds computed away from the writer before the writer computes one itself.
 const ROLLUP_ATTEMPTS: u32 = 3;
 
+/// How often the rollup keeper looks at the event counts (see [`Ingest::keep_rollups`]).
+const KEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Events of a name from which the keeper maintains its rollup, and the fewest new events that
+/// make it rebuild one.
+const KEEP_FROM: u64 = 4096;
+
+/// True when a name with `count` events, whose rollup was last rebuilt at `covered`, is due a
+/// rebuild: more than a quarter of `covered` new events, and at least [`KEEP_FROM`].
+fn keep_due(covered: u64, count: u64) -> bool {
+    count.saturating_sub(covered) >= KEEP_FROM.max(covered / 4)
+}
+
 impl Ingest {
     /// Timers pending (as of the last applied write group).
     pub(crate) fn pending_timers(&self) -> u64 {
@@ -269,24 +282,96 @@ impl Ingest {
     /// Asks for `name`'s rollup to be rebuilt (see `store::columns`) unless a rebuild is already
     /// queued; returns at once. See [`Ingest::rebuild_rollup`].
     pub(crate) fn request_rollup(&self, name: String) {
+        let ingest = self.clone();
+        tokio::spawn(async move { ingest.refresh_rollup(name, "query").await });
+    }
+
+    /// Rebuilds `name`'s rollup unless a rebuild of it is already queued or running (then
+    /// returns at once), and logs the outcome; `by` says who asked.
+    async fn refresh_rollup(&self, name: String, by: &'static str) {
         let fresh = self.refreshing.lock().insert(name.clone());
         if !fresh {
             return;
         }
-        let ingest = self.clone();
+        let started = std::time::Instant::now();
+        match self.rebuild_rollup(&name).await {
+            Ok((meta, attempts)) => tracing::info!(
+                name,
+                by,
+                users = meta.users,
+                attempts,
+                ms = started.elapsed().as_millis() as u64,
+                "rollup rebuilt"
+            ),
+            Err(e) => tracing::warn!(name, by, error = %e, "rollup refresh failed"),
+        }
+        self.refreshing.lock().remove(&name);
+    }
+
+    /// Keeps every name's rollup close to its events, in the background, so that the first
+    /// all-history filter of a name finds one right after a load or a restart instead of
+    /// scanning every block (issue 14). Every [`KEEP_EVERY`] it compares each name's event count
+    /// with the count when its rollup was last rebuilt, and rebuilds it (one name at a time, on
+    /// the blocking pool, written by the writer like a query's request) when the events since
+    /// exceed a quarter of those covered, and at least [`KEEP_FROM`]. Names below [`KEEP_FROM`]
+    /// events are not kept (a scan of them costs little). A rollup found at start is trusted to
+    /// cover its events: the keeper kept it within a quarter of them before the restart, and a
+    /// query that finds it lagging more asks for a rebuild itself.
+    ///
+    /// A rebuild reads all the name's blocks but decodes only those newer than the rollup, and
+    /// rewrites its chunks; with rebuilds at every 25% of growth, the rollup chunks written over
+    /// a load add up to about five times the final rollup. The keeper holds only a weak sender:
+    /// it never keeps the writer alive.
+    pub(crate) fn keep_rollups(&self) {
+        let weak = self.downgrade();
         tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            match ingest.rebuild_rollup(&name).await {
-                Ok((meta, attempts)) => tracing::info!(
-                    name,
-                    users = meta.users,
-                    attempts,
-                    ms = started.elapsed().as_millis() as u64,
-                    "rollup rebuilt"
-                ),
-                Err(e) => tracing::warn!(name, error = %e, "rollup refresh failed"),
+            // Per name, its event count when its rollup was last rebuilt (0: none built).
+            let mut built: std::collections::HashMap<String, u64> = Default::default();
+            let mut found: Option<std::collections::BTreeSet<String>> = None;
+            let mut tick = tokio::time::interval(KEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(ingest) = weak.upgrade() else {
+                    return;
+                };
+                // The rollups there were at start (read once, through the writer: the keeper
+                // holds no store of its own, which would keep the database open after a stop).
+                let found = match &found {
+                    Some(found) => found,
+                    None => match ingest
+                        .run(|writer, _group| Ok(writer.store.rollup_names()?))
+                        .await
+                    {
+                        Ok(names) => found.insert(names),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the rollups failed; the keeper stops");
+                            return;
+                        }
+                    },
+                };
+                let counts: Vec<(String, u64)> = ingest
+                    .published
+                    .event_names
+                    .read()
+                    .iter()
+                    .map(|(name, stats)| (name.clone(), stats.count))
+                    .collect();
+                for (name, count) in counts {
+                    let covered = match built.get(&name) {
+                        Some(&covered) => covered,
+                        None => {
+                            let covered = if found.contains(&name) { count } else { 0 };
+                            built.insert(name.clone(), covered);
+                            covered
+                        }
+                    };
+                    if keep_due(covered, count) {
+                        built.insert(name.clone(), count);
+                        ingest.refresh_rollup(name, "keeper").await;
+                    }
+                }
             }
-            ingest.refreshing.lock().remove(&name);
         });
     }
 
@@ -438,5 +523,23 @@ impl Ingest {
     /// Every trigger, by id (creation order).
     pub(crate) fn triggers(&self) -> BTreeMap<String, Arc<Trigger>> {
         self.published.triggers.read().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keeper_rebuilds_at_each_quarter_of_growth_from_keep_from() {
+        assert!(!keep_due(0, KEEP_FROM - 1));
+        assert!(keep_due(0, KEEP_FROM));
+        // Small rollups wait for KEEP_FROM new events, large ones for a quarter more.
+        assert!(!keep_due(5000, 5000 + KEEP_FROM - 1));
+        assert!(keep_due(5000, 5000 + KEEP_FROM));
+        assert!(!keep_due(100_000, 124_999));
+        assert!(keep_due(100_000, 125_000));
+        // Counts that fell (an erasure) never ask.
+        assert!(!keep_due(10_000, 9_000));
     }
 }

@@ -94,6 +94,46 @@ pub(crate) struct Ingest {
     erasures: Arc<AtomicU64>,
 }
 
+/// An [`Ingest`] that does not keep the writer alive (background tasks hold this).
+struct WeakIngest {
+    tx: mpsc::WeakSender<writer::Job>,
+    published: Arc<Published>,
+    failed: Arc<AtomicBool>,
+    limits: Arc<Limits>,
+    durable_actions: watch::Receiver<u64>,
+    refreshing: Arc<Mutex<HashSet<String>>>,
+    erasures: Arc<AtomicU64>,
+}
+
+impl Ingest {
+    fn downgrade(&self) -> WeakIngest {
+        WeakIngest {
+            tx: self.tx.downgrade(),
+            published: self.published.clone(),
+            failed: self.failed.clone(),
+            limits: self.limits.clone(),
+            durable_actions: self.durable_actions.clone(),
+            refreshing: self.refreshing.clone(),
+            erasures: self.erasures.clone(),
+        }
+    }
+}
+
+impl WeakIngest {
+    /// The handle, while any other handle still exists.
+    fn upgrade(&self) -> Option<Ingest> {
+        Some(Ingest {
+            tx: self.tx.upgrade()?,
+            published: self.published.clone(),
+            failed: self.failed.clone(),
+            limits: self.limits.clone(),
+            durable_actions: self.durable_actions.clone(),
+            refreshing: self.refreshing.clone(),
+            erasures: self.erasures.clone(),
+        })
+    }
+}
+
 /// Joins the engine's threads; dropping every [`Ingest`] handle lets them finish.
 pub(crate) struct IngestThreads {
     writer: thread::JoinHandle<()>,

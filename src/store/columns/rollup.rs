@@ -97,6 +97,17 @@ impl Store {
         self.read_index_consistently(true, || self.rollup_view_unlocked(name))
     }
 
+    /// The names that have a rollup.
+    pub(crate) fn rollup_names(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut names = BTreeSet::new();
+        for kv in self.tree.scan_prefix([ROLLUP_META]) {
+            let (key, _) = kv?;
+            let name = std::str::from_utf8(&key[1..]).map_err(|e| StoreError::corrupt(&key, e))?;
+            names.insert(name.to_string());
+        }
+        Ok(names)
+    }
+
     /// [`Store::rollup_view`], for a caller that holds the index lock or is the writer.
     fn rollup_view_unlocked(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
         let meta_key = prefixed(ROLLUP_META, name);
@@ -136,19 +147,6 @@ impl Store {
         let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
         // The latest date covered: a rollup answers any as_of from there on.
         let mut cutoff = old.as_ref().map(|v| v.meta.cutoff);
-        let mut old_chunks = Vec::new();
-        if let Some(view) = &old {
-            for chunk in &view.chunks {
-                for e in chunk.entries()? {
-                    let entry = users.entry(e.user_id.to_string()).or_default();
-                    entry.count += e.count;
-                    for (attr, agg) in e.numbers {
-                        entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
-                    }
-                }
-                old_chunks.push(chunk.key.to_vec());
-            }
-        }
         let blocks = match (&old, &all_blocks) {
             (Some(view), _) => &view.blocks,
             (None, Some(blocks)) => blocks,
@@ -175,6 +173,31 @@ impl Store {
                         entry.numbers.entry(attr.to_string()).or_default().add(n);
                     }
                 }
+            }
+        }
+        // Nothing new since the old rollup: it stands as it is, nothing to write.
+        if let (Some(view), true) = (&old, users.is_empty()) {
+            return Ok(ComputedRollup {
+                name: name.to_string(),
+                old_meta: Some(view.meta),
+                old_chunks: Vec::new(),
+                chunks: Vec::new(),
+                meta: view.meta,
+                changes,
+                unchanged: true,
+            });
+        }
+        let mut old_chunks = Vec::new();
+        if let Some(view) = &old {
+            for chunk in &view.chunks {
+                for e in chunk.entries()? {
+                    let entry = users.entry(e.user_id.to_string()).or_default();
+                    entry.count += e.count;
+                    for (attr, agg) in e.numbers {
+                        entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
+                    }
+                }
+                old_chunks.push(chunk.key.to_vec());
             }
         }
         let all: Vec<(&String, &OwnedEntry)> = users.iter().collect();
@@ -205,6 +228,7 @@ impl Store {
             chunks,
             meta,
             changes,
+            unchanged: false,
         })
     }
 }
@@ -220,6 +244,8 @@ pub(crate) struct ComputedRollup {
     meta: RollupMeta,
     /// [`Store::index_content_changes`] when its blocks were read.
     changes: u64,
+    /// The old rollup covers every event there is: nothing is written.
+    unchanged: bool,
 }
 
 impl ComputedRollup {
@@ -239,6 +265,9 @@ impl ComputedRollup {
         };
         if store.index_content_changes() != self.changes || current != self.old_meta {
             return Ok(None);
+        }
+        if self.unchanged {
+            return Ok(Some(self.meta));
         }
         for key in self.old_chunks {
             batch.remove_raw(key);
