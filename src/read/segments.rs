@@ -445,61 +445,41 @@ mod tests {
         let mut seq = 0u64;
         let mut next = numbers(7);
         // Events dated in [from_hour, from_hour + hours), one write group each.
-        let mut add = |columns: &mut Columns, count: u64, from_hour: i64, hours: u64| {
-            for _ in 0..count {
-                seq += 1;
-                let amount = (next(4) > 0).then(|| next(100) as f64);
-                let secs = from_hour * 3600 + next(hours * 3600) as i64;
-                let mut writes = ColumnWrites::default();
-                writes.add(&event(seq, next(40), secs, amount));
-                let mut batch = WriteBatch::default();
-                columns.write(&store, &mut batch, writes).expect("index");
-                store.apply(batch).expect("apply");
-            }
-            seq
-        };
+        let mut add =
+            |columns: &mut Columns, count: u64, from_hour: i64, hours: u64, users: u64, spread: u64| {
+                for _ in 0..count {
+                    seq += 1;
+                    let amount = (next(4) > 0).then(|| next(100) as f64);
+                    let secs = from_hour * 3600 + next(hours * 3600) as i64;
+                    let mut writes = ColumnWrites::default();
+                    writes.add(&event(seq, next(users) * spread, secs, amount));
+                    let mut batch = WriteBatch::default();
+                    columns.write(&store, &mut batch, writes).expect("index");
+                    store.apply(batch).expect("apply");
+                }
+                seq
+            };
         // Before the rollup: mostly before the cutoff, some dated after it.
-        let last = add(&mut columns, 300, 90, 20);
+        let last = add(&mut columns, 300, 90, 20, 40, 3);
         let mut batch = WriteBatch::default();
         columns
             .refresh_rollup(&store, &mut batch, "n", last, cutoff)
             .expect("rollup");
         store.apply(batch).expect("apply");
         // After it: late-dated and current events.
-        add(&mut columns, 200, 95, 10);
+        let last = add(&mut columns, 200, 95, 10, 40, 3);
         let mut checked = 0;
-        for (aggregate, op, value) in [
-            (Aggregate::Count, Operator::Gte, 8.0),
-            (Aggregate::Count, Operator::Lt, 10.0),
-            (Aggregate::Sum, Operator::Gt, 400.0),
-            (Aggregate::Min, Operator::Lt, 5.0),
-            (Aggregate::Max, Operator::Gte, 97.0),
-            (Aggregate::Avg, Operator::Lt, 45.0),
-        ] {
-            let h = amount_history("n", aggregate, op, value, None);
-            for as_of_hour in [100, 101, 104, 106] {
-                let as_of = Timestamp {
-                    secs: as_of_hour * 3600,
-                    nanos: 0,
-                };
-                let mut stale = BTreeSet::new();
-                let from_rollup = rollup_history(&store, &h, as_of, &mut stale)
-                    .expect("rollup history")
-                    .expect("a rollup exists and covers as_of");
-                let scanned = history(&store, &h, as_of).expect("history");
-                let list = |u: &Users| match u {
-                    Users::Only(v) => (true, v.clone()),
-                    Users::AllBut(v) => (false, v.clone()),
-                };
-                assert_eq!(
-                    list(&from_rollup),
-                    list(&scanned),
-                    "{aggregate:?} {op:?} {value} at hour {as_of_hour}"
-                );
-                checked += 1;
-            }
-        }
-        assert_eq!(checked, 24);
+        check_rollup_against_scan(&store, &mut checked);
+        // Rebuilt from the old rollup and what it did not cover, then more events, of new
+        // users too (u000-u119 between the old u000, u003, ..., u117: the merge interleaves them).
+        let mut batch = WriteBatch::default();
+        columns
+            .refresh_rollup(&store, &mut batch, "n", last, cutoff)
+            .expect("rollup");
+        store.apply(batch).expect("apply");
+        add(&mut columns, 150, 96, 8, 120, 1);
+        check_rollup_against_scan(&store, &mut checked);
+        assert_eq!(checked, 48);
         // Before its cutoff a rollup is not used.
         let h = HistoryCondition {
             event_name: "n".into(),
@@ -517,6 +497,41 @@ mod tests {
         assert!(rollup_history(&store, &h, early, &mut BTreeSet::new())
             .expect("read")
             .is_none());
+    }
+
+    /// Every aggregate of `amount` at a few as_of, from the rollup and from a scan: the same users.
+    fn check_rollup_against_scan(store: &Store, checked: &mut usize) {
+        for (aggregate, op, value) in [
+            (Aggregate::Count, Operator::Gte, 8.0),
+            (Aggregate::Count, Operator::Lt, 10.0),
+            (Aggregate::Sum, Operator::Gt, 400.0),
+            (Aggregate::Min, Operator::Lt, 5.0),
+            (Aggregate::Max, Operator::Gte, 97.0),
+            (Aggregate::Avg, Operator::Lt, 45.0),
+        ] {
+            let h = amount_history("n", aggregate, op, value, None);
+            for as_of_hour in [100, 101, 104, 106] {
+                let as_of = Timestamp {
+                    secs: as_of_hour * 3600,
+                    nanos: 0,
+                };
+                let mut stale = BTreeSet::new();
+                let from_rollup = rollup_history(store, &h, as_of, &mut stale)
+                    .expect("rollup history")
+                    .expect("a rollup exists and covers as_of");
+                let scanned = history(store, &h, as_of).expect("history");
+                let list = |u: &Users| match u {
+                    Users::Only(v) => (true, v.clone()),
+                    Users::AllBut(v) => (false, v.clone()),
+                };
+                assert_eq!(
+                    list(&from_rollup),
+                    list(&scanned),
+                    "{aggregate:?} {op:?} {value} at hour {as_of_hour}"
+                );
+                *checked += 1;
+            }
+        }
     }
 
     /// Events written one per write group out of time order go through the stage and its

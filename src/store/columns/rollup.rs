@@ -4,7 +4,9 @@
 //! events it does not cover yet; the writer rebuilds a rollup when a query finds it missing or
 //! lagging.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,11 +86,36 @@ fn decode_rollup_chunk<'a>(key: &[u8], bytes: &'a [u8]) -> Result<Vec<RollupEntr
     postcard::from_bytes(bytes).map_err(|e| StoreError::corrupt(key, e))
 }
 
-/// Owned aggregates of one user while a rollup is rebuilt.
+/// One user's events not covered by the old rollup, while a rollup is rebuilt (borrowed from
+/// the blocks; a user has few NUMBER attributes, so a list beats a map).
 #[derive(Default)]
-struct OwnedEntry {
+struct Delta<'a> {
     count: u64,
-    numbers: BTreeMap<String, NumberAggregate>,
+    numbers: Vec<(&'a str, NumberAggregate)>,
+}
+
+impl<'a> Delta<'a> {
+    /// Adds these events to a user's old entry.
+    fn merge_into(self, entry: &mut RollupEntry<'a>) {
+        entry.count += self.count;
+        for (attr, agg) in self.numbers {
+            match entry.numbers.iter_mut().find(|(k, _)| *k == attr) {
+                Some((_, old)) => old.merge(&agg),
+                None => entry.numbers.push((attr, agg)),
+            }
+        }
+        entry.numbers.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+
+    /// The entry of a user the old rollup did not hold.
+    fn into_entry(mut self, user_id: &'a str) -> RollupEntry<'a> {
+        self.numbers.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        RollupEntry {
+            user_id,
+            count: self.count,
+            numbers: self.numbers,
+        }
+    }
 }
 
 impl Store {
@@ -144,7 +171,8 @@ impl Store {
             };
             (old, blocks, self.index_content_changes())
         };
-        let mut users: BTreeMap<String, OwnedEntry> = BTreeMap::new();
+        // The events the old rollup does not cover, per user, borrowed from the blocks.
+        let mut delta: FxHashMap<&str, Delta> = FxHashMap::default();
         // The latest date covered: a rollup answers any as_of from there on.
         let mut cutoff = old.as_ref().map(|v| v.meta.cutoff);
         let blocks = match (&old, &all_blocks) {
@@ -166,17 +194,24 @@ impl Store {
                     continue;
                 }
                 cutoff = Some(cutoff.map_or(row.occurred_at, |c| c.max(row.occurred_at)));
-                let entry = users.entry(row.user_id.to_string()).or_default();
+                let entry = delta.entry(row.user_id).or_default();
                 entry.count += 1;
                 for (attr, value) in row.attributes()? {
                     if let ValueRef::Number(n) = value {
-                        entry.numbers.entry(attr.to_string()).or_default().add(n);
+                        match entry.numbers.iter_mut().find(|(k, _)| *k == attr) {
+                            Some((_, agg)) => agg.add(n),
+                            None => {
+                                let mut agg = NumberAggregate::default();
+                                agg.add(n);
+                                entry.numbers.push((attr, agg));
+                            }
+                        }
                     }
                 }
             }
         }
         // Nothing new since the old rollup: it stands as it is, nothing to write.
-        if let (Some(view), true) = (&old, users.is_empty()) {
+        if let (Some(view), true) = (&old, delta.is_empty()) {
             return Ok(ComputedRollup {
                 name: name.to_string(),
                 old_meta: Some(view.meta),
@@ -187,39 +222,43 @@ impl Store {
                 unchanged: true,
             });
         }
+        let mut delta: Vec<(&str, Delta)> = delta.into_iter().collect();
+        delta.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // The old entries (by user, chunk after chunk) and the delta (by user), merged in one
+        // pass into chunks of ROLLUP_CHUNK, all borrowed.
         let mut old_chunks = Vec::new();
+        let mut old_entries: Vec<RollupEntry> = Vec::new();
         if let Some(view) = &old {
             for chunk in &view.chunks {
-                for e in chunk.entries()? {
-                    let entry = users.entry(e.user_id.to_string()).or_default();
-                    entry.count += e.count;
-                    for (attr, agg) in e.numbers {
-                        entry.numbers.entry(attr.to_string()).or_default().merge(&agg);
-                    }
-                }
+                old_entries.extend(chunk.entries()?);
                 old_chunks.push(chunk.key.to_vec());
             }
         }
-        let all: Vec<(&String, &OwnedEntry)> = users.iter().collect();
-        let mut chunks = Vec::with_capacity(all.len().div_ceil(ROLLUP_CHUNK));
-        for chunk in all.chunks(ROLLUP_CHUNK) {
-            let entries: Vec<RollupEntry> = chunk
-                .iter()
-                .map(|(user, e)| RollupEntry {
-                    user_id: user.as_str(),
-                    count: e.count,
-                    numbers: e.numbers.iter().map(|(k, v)| (k.as_str(), v.clone())).collect(),
-                })
-                .collect();
-            if let Some(first) = entries.first() {
-                chunks.push((rollup_chunk_key(name, first.user_id), encode(&entries)));
+        let users = old_entries.len() + delta.len();
+        let mut merged: Vec<RollupEntry> = Vec::with_capacity(users);
+        let mut news = delta.into_iter().peekable();
+        for mut entry in old_entries {
+            while let Some((user_id, d)) = news.next_if(|(user_id, _)| *user_id < entry.user_id) {
+                merged.push(d.into_entry(user_id));
+            }
+            if let Some((_, d)) = news.next_if(|(user_id, _)| *user_id == entry.user_id) {
+                d.merge_into(&mut entry);
+            }
+            merged.push(entry);
+        }
+        merged.extend(news.map(|(user_id, d)| d.into_entry(user_id)));
+        let mut chunks = Vec::with_capacity(merged.len().div_ceil(ROLLUP_CHUNK));
+        for chunk in merged.chunks(ROLLUP_CHUNK) {
+            if let Some(first) = chunk.first() {
+                chunks.push((rollup_chunk_key(name, first.user_id), encode(&chunk)));
             }
         }
+        let users = merged.len();
         let meta = RollupMeta {
             sequence: last_sequence,
             // Covering nothing, it answers any as_of.
             cutoff: cutoff.unwrap_or(Timestamp::from_nanos(i128::MIN)),
-            users: users.len() as u64,
+            users: users as u64,
         };
         Ok(ComputedRollup {
             name: name.to_string(),
