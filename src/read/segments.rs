@@ -214,6 +214,9 @@ fn rollup_history(
     if as_of < view.meta.cutoff {
         return Ok(None);
     }
+    if view.every_block {
+        stale.insert(h.event_name.clone());
+    }
     let mut delta: FxHashMap<&str, Accumulator> = FxHashMap::default();
     let mut delta_events = 0usize;
     for block in &view.blocks {
@@ -444,30 +447,42 @@ mod tests {
         };
         let mut seq = 0u64;
         let mut next = numbers(7);
-        // Events dated in [from_hour, from_hour + hours), one write group each.
-        let mut add =
-            |columns: &mut Columns, count: u64, from_hour: i64, hours: u64, users: u64, spread: u64| {
-                for _ in 0..count {
-                    seq += 1;
-                    let amount = (next(4) > 0).then(|| next(100) as f64);
-                    let secs = from_hour * 3600 + next(hours * 3600) as i64;
-                    let mut writes = ColumnWrites::default();
-                    writes.add(&event(seq, next(users) * spread, secs, amount));
+        // Events dated in [from_hour, from_hour + hours), one write group each (`group`: all in
+        // one group).
+        let mut add = |columns: &mut Columns,
+                       count: u64,
+                       from_hour: i64,
+                       hours: u64,
+                       users: u64,
+                       spread: u64,
+                       group: bool| {
+            let mut writes = ColumnWrites::default();
+            for i in 0..count {
+                seq += 1;
+                let amount = (next(4) > 0).then(|| next(100) as f64);
+                let secs = from_hour * 3600 + next(hours * 3600) as i64;
+                writes.add(&event(seq, next(users) * spread, secs, amount));
+                if !group || i + 1 == count {
                     let mut batch = WriteBatch::default();
-                    columns.write(&store, &mut batch, writes).expect("index");
+                    columns
+                        .write(&store, &mut batch, std::mem::take(&mut writes))
+                        .expect("index");
                     store.apply(batch).expect("apply");
                 }
-                seq
-            };
+            }
+            seq
+        };
         // Before the rollup: mostly before the cutoff, some dated after it.
-        let last = add(&mut columns, 300, 90, 20, 40, 3);
+        let last = add(&mut columns, 300, 90, 20, 40, 3, false);
         let mut batch = WriteBatch::default();
         columns
             .refresh_rollup(&store, &mut batch, "n", last, cutoff)
             .expect("rollup");
         store.apply(batch).expect("apply");
-        // After it: late-dated and current events.
-        let last = add(&mut columns, 200, 95, 10, 40, 3);
+        // After it: late-dated and current events, one group of them large enough for a block
+        // of its own in an hour before the cutoff (not the stage).
+        add(&mut columns, 200, 95, 10, 40, 3, false);
+        let last = add(&mut columns, 12, 92, 1, 40, 3, true);
         let mut checked = 0;
         check_rollup_against_scan(&store, &mut checked);
         // Rebuilt from the old rollup and what it did not cover, then more events, of new
@@ -477,7 +492,8 @@ mod tests {
             .refresh_rollup(&store, &mut batch, "n", last, cutoff)
             .expect("rollup");
         store.apply(batch).expect("apply");
-        add(&mut columns, 150, 96, 8, 120, 1);
+        add(&mut columns, 150, 96, 8, 120, 1, false);
+        add(&mut columns, 10, 93, 1, 120, 1, true);
         check_rollup_against_scan(&store, &mut checked);
         assert_eq!(checked, 48);
         // Before its cutoff a rollup is not used.

@@ -180,6 +180,8 @@ pub(crate) struct Store {
     high_water: Arc<Mutex<HighWater>>,
     /// A backup being taken, if any (see `backup`).
     backup: Arc<Mutex<Option<backup::InProgress>>>,
+    /// The hours of each name with blocks written since the start (see `columns::written`).
+    written: Arc<Mutex<columns::WrittenHours>>,
 }
 
 /// Everything the engine keeps in memory, read once at start-up.
@@ -264,6 +266,7 @@ impl Store {
             compressed,
             high_water: Arc::new(Mutex::new(high_water)),
             backup: Default::default(),
+            written: Arc::new(Mutex::new(columns::WrittenHours::new(found.event_seq))),
         })
     }
 
@@ -351,6 +354,8 @@ impl Store {
             return Ok(());
         }
         let (ops, moves) = batch.into_parts();
+        // Before the blocks are visible, so no reader sees one this does not account for.
+        self.written.lock().note(&ops);
         // A backup in progress gets the writes to keys it has already copied (see `backup`).
         let mut mirror = self.backup.lock();
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));

@@ -44,7 +44,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 mod block;
 mod buckets;
 mod rollup;
+mod written;
 pub(crate) use rollup::RollupMeta;
+pub(crate) use written::WrittenHours;
 
 pub(crate) use block::{Block, Record, Row, ValueRef};
 pub(crate) use buckets::{hour_of, BucketSummary};
@@ -565,6 +567,18 @@ impl Store {
         block_hours: &[(i64, i64)],
     ) -> Result<IndexView, StoreError> {
         self.read_index_consistently(false, || {
+            self.index_view_unlocked(name, summaries.clone(), block_hours)
+        })
+    }
+
+    /// [`Store::index_view`], for a caller that holds the index lock or is the writer.
+    fn index_view_unlocked(
+        &self,
+        name: &str,
+        summaries: std::ops::Range<i64>,
+        block_hours: &[(i64, i64)],
+    ) -> Result<IndexView, StoreError> {
+        {
             let mut view = IndexView::default();
             if summaries.start < summaries.end {
                 let prefix_len = name.len() + 2;
@@ -591,7 +605,29 @@ impl Store {
                 view.stage.push(Block::new(k, v));
             }
             Ok(view)
-        })
+        }
+    }
+
+    /// The blocks of `name` that may hold events a rollup covering up to `sequence` and
+    /// `cutoff` does not: those of the hours written above `sequence` since the start, every
+    /// hour from the cutoff's on, and the stage (see `written`). `None` when the start does not
+    /// know (a rollup older than it): the caller reads every block.
+    fn blocks_after(
+        &self,
+        name: &str,
+        sequence: u64,
+        cutoff: Timestamp,
+    ) -> Result<Option<Vec<Block>>, StoreError> {
+        let Some(hours) = self.written.lock().hours_after(name, sequence) else {
+            return Ok(None);
+        };
+        let from = hour_of(cutoff);
+        let mut ranges: Vec<(i64, i64)> = hours.into_iter().filter(|h| *h < from).map(|h| (h, h)).collect();
+        ranges.push((from, STAGE_HOUR - 1));
+        let view = self.index_view_unlocked(name, 0..0, &ranges)?;
+        let mut blocks = view.blocks;
+        blocks.extend(view.stage);
+        Ok(Some(blocks))
     }
 
     /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order, then its stage's

@@ -41,11 +41,15 @@ pub(crate) struct RollupEntry<'a> {
     pub numbers: Vec<(&'a str, NumberAggregate)>,
 }
 
-/// A consistent view of a name for an all-history query: its rollup and every block.
+/// A consistent view of a name for an all-history query: its rollup and every block that may
+/// hold events it does not cover (see `written`).
 pub(crate) struct RollupView {
     pub meta: RollupMeta,
     pub chunks: Vec<RollupChunk>,
     pub blocks: Vec<Block>,
+    /// Every block of the name had to be read (the rollup is older than the start): a rebuild
+    /// makes the next read cheap.
+    pub every_block: bool,
 }
 
 /// One stored rollup chunk.
@@ -147,8 +151,16 @@ impl Store {
             .scan_prefix(under(ROLLUP, name))
             .map(|kv| kv.map(|(key, bytes)| RollupChunk { key, bytes }))
             .collect::<Result<_, _>>()?;
-        let blocks = self.all_blocks(name)?;
-        Ok(Some(RollupView { meta, chunks, blocks }))
+        let (blocks, every_block) = match self.blocks_after(name, meta.sequence, meta.cutoff)? {
+            Some(blocks) => (blocks, false),
+            None => (self.all_blocks(name)?, true),
+        };
+        Ok(Some(RollupView {
+            meta,
+            chunks,
+            blocks,
+            every_block,
+        }))
     }
 
     /// Computes the rollup of `name` covering every applied event up to `last_sequence` dated
@@ -210,14 +222,18 @@ impl Store {
                 }
             }
         }
-        // Nothing new since the old rollup: it stands as it is, nothing to write.
+        // Nothing new since the old rollup: its chunks stand as they are, nothing to rewrite.
+        // Its sequence moves up to what was read (so the next read skips the blocks read now).
         if let (Some(view), true) = (&old, delta.is_empty()) {
             return Ok(ComputedRollup {
                 name: name.to_string(),
                 old_meta: Some(view.meta),
                 old_chunks: Vec::new(),
                 chunks: Vec::new(),
-                meta: view.meta,
+                meta: RollupMeta {
+                    sequence: view.meta.sequence.max(last_sequence),
+                    ..view.meta
+                },
                 changes,
                 unchanged: true,
             });
@@ -283,7 +299,8 @@ pub(crate) struct ComputedRollup {
     meta: RollupMeta,
     /// [`Store::index_content_changes`] when its blocks were read.
     changes: u64,
-    /// The old rollup covers every event there is: nothing is written.
+    /// The old rollup covers every event there is: only its meta is written, if its sequence
+    /// moved.
     unchanged: bool,
 }
 
@@ -306,6 +323,10 @@ impl ComputedRollup {
             return Ok(None);
         }
         if self.unchanged {
+            if Some(self.meta) != self.old_meta {
+                batch.put_raw(meta_key, encode(&self.meta));
+                batch.moves_rollups();
+            }
             return Ok(Some(self.meta));
         }
         for key in self.old_chunks {
