@@ -128,7 +128,7 @@ pub async fn serve(
     let (ingest, threads) = Ingest::start(store.clone(), args.limits())?;
     // Before anyone reads: no user a stop left half erased is ever served.
     ingest.resume_erasures().await?;
-    ingest.keep_rollups();
+    let keeper = ingest.keep_rollups();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::Serving).await;
@@ -238,6 +238,7 @@ pub async fn serve(
     retention.abort();
     backups.abort();
     reloads.abort();
+    keeper.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }

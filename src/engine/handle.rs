@@ -297,6 +297,14 @@ impl Ingest {
         if !fresh {
             return;
         }
+        // Released however this ends (an aborted keeper included).
+        struct Refreshing<'a>(&'a parking_lot::Mutex<std::collections::HashSet<String>>, &'a str);
+        impl Drop for Refreshing<'_> {
+            fn drop(&mut self) {
+                self.0.lock().remove(self.1);
+            }
+        }
+        let _refreshing = Refreshing(&self.refreshing, &name);
         let started = std::time::Instant::now();
         match self.rebuild_rollup(&name).await {
             Ok((meta, attempts)) => tracing::info!(
@@ -309,7 +317,6 @@ impl Ingest {
             ),
             Err(e) => tracing::warn!(name, by, error = %e, "rollup refresh failed"),
         }
-        self.refreshing.lock().remove(&name);
     }
 
     /// Keeps every name's rollup close to its events, in the background, so that the first
@@ -317,69 +324,52 @@ impl Ingest {
     /// scanning every block (issue 14). Every [`KEEP_EVERY`] it compares each name's event count
     /// with the count when its rollup was last rebuilt, and rebuilds it (one name at a time, on
     /// the blocking pool, written by the writer like a query's request) when the events since
-    /// are as many as those covered, and at least [`KEEP_FROM`] (see [`keep_due`]). Names below [`KEEP_FROM`]
-    /// events are not kept (a scan of them costs little). A rollup found at start is trusted to
-    /// cover its events: the keeper kept it within half of them before the restart, and a
-    /// query that finds it lagging more asks for a rebuild itself.
+    /// are as many as those covered, and at least [`KEEP_FROM`] (see [`keep_due`]). Names below
+    /// [`KEEP_FROM`] events are not kept (a scan of them costs little). Every name is rebuilt
+    /// once after a start: a rollup from before the start reads every block of its name until
+    /// then (see `store::columns::written`), and a rebuild that finds nothing new writes only
+    /// its meta.
     ///
-    /// A rebuild reads all the name's blocks but decodes only those newer than the rollup, and
-    /// rewrites its chunks. The keeper holds only a weak sender:
-    /// it never keeps the writer alive.
-    pub(crate) fn keep_rollups(&self) {
+    /// A rebuild reads the blocks the rollup does not cover and rewrites its chunks. The keeper
+    /// holds a handle only while it looks or rebuilds; the caller aborts it before stopping the
+    /// engine (answered handle).
+    pub(crate) fn keep_rollups(&self) -> tokio::task::JoinHandle<()> {
         let weak = self.downgrade();
         tokio::spawn(async move {
-            // Per name, its event count when its rollup was last rebuilt (0: none built).
+            // Per name, its event count when its rollup was last rebuilt (0: none since start).
             let mut built: std::collections::HashMap<String, u64> = Default::default();
-            let mut found: Option<std::collections::BTreeSet<String>> = None;
             let mut tick = tokio::time::interval(KEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(ingest) = weak.upgrade() else {
-                    return;
+                let counts: Vec<(String, u64)> = match weak.upgrade() {
+                    Some(ingest) => ingest
+                        .published
+                        .event_names
+                        .read()
+                        .iter()
+                        .map(|(name, stats)| (name.clone(), stats.count))
+                        .collect(),
+                    None => return,
                 };
-                // The rollups there were at start (read once, through the writer: the keeper
-                // holds no store of its own, which would keep the database open after a stop).
-                let found = match &found {
-                    Some(found) => found,
-                    None => match ingest
-                        .run(|writer, _group| Ok(writer.store.rollup_names()?))
-                        .await
-                    {
-                        Ok(names) => found.insert(names),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading the rollups failed; the keeper stops");
-                            return;
-                        }
-                    },
-                };
-                let counts: Vec<(String, u64)> = ingest
-                    .published
-                    .event_names
-                    .read()
-                    .iter()
-                    .map(|(name, stats)| (name.clone(), stats.count))
-                    .collect();
                 for (name, count) in counts {
-                    let covered = match built.get(&name) {
-                        Some(&covered) => covered,
-                        None => {
-                            let covered = if found.contains(&name) { count } else { 0 };
-                            built.insert(name.clone(), covered);
-                            covered
-                        }
-                    };
-                    if keep_due(covered, count) {
-                        built.insert(name.clone(), count);
-                        ingest.refresh_rollup(name, "keeper").await;
+                    let covered = built.get(&name).copied().unwrap_or(0);
+                    if !keep_due(covered, count) {
+                        continue;
                     }
+                    built.insert(name.clone(), count);
+                    let Some(ingest) = weak.upgrade() else {
+                        return;
+                    };
+                    ingest.refresh_rollup(name, "keeper").await;
                 }
             }
-        });
+        })
     }
 
-    /// Rebuilds `name`'s rollup. Computing it reads every block of the name (hundreds of
-    /// milliseconds at a million events), so that runs on a blocking thread, not the writer,
+    /// Rebuilds `name`'s rollup. Computing it reads the blocks the old rollup does not cover
+    /// (every block of the name when there is none: hundreds of milliseconds at a million
+    /// events), so that runs on a blocking thread, not the writer,
     /// which would hold every write behind it; the writer only writes the result, alone in its
     /// group. If the index's content changed in between (an erasure, another rollup written),
     /// the result is dropped and computed again; after [`ROLLUP_ATTEMPTS`] such tries the writer computes it

@@ -123,20 +123,10 @@ impl<'a> Delta<'a> {
 }
 
 impl Store {
-    /// The rollup of `name` (if any) with its chunks and all the name's blocks, read together.
+    /// The rollup of `name` (if any) with its chunks and the name's blocks that may hold events
+    /// it does not cover (see [`RollupView`]), read together.
     pub(crate) fn rollup_view(&self, name: &str) -> Result<Option<RollupView>, StoreError> {
         self.read_index_consistently(true, || self.rollup_view_unlocked(name))
-    }
-
-    /// The names that have a rollup.
-    pub(crate) fn rollup_names(&self) -> Result<BTreeSet<String>, StoreError> {
-        let mut names = BTreeSet::new();
-        for kv in self.tree.scan_prefix([ROLLUP_META]) {
-            let (key, _) = kv?;
-            let name = std::str::from_utf8(&key[1..]).map_err(|e| StoreError::corrupt(&key, e))?;
-            names.insert(name.to_string());
-        }
-        Ok(names)
     }
 
     /// [`Store::rollup_view`], for a caller that holds the index lock or is the writer.
@@ -183,6 +173,9 @@ impl Store {
             };
             (old, blocks, self.index_content_changes())
         };
+        // Events dated after `now` wait for a later rebuild; never before the old cutoff, though
+        // (a clock stepped back would leave those between the two treated as covered).
+        let now = old.as_ref().map_or(now, |v| now.max(v.meta.cutoff));
         // The events the old rollup does not cover, per user, borrowed from the blocks.
         let mut delta: FxHashMap<&str, Delta> = FxHashMap::default();
         // The latest date covered: a rollup answers any as_of from there on.

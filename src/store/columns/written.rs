@@ -7,7 +7,8 @@
 //! a reader never sees a block this does not account for. Nothing is known of blocks written
 //! before the store was opened, except that their records' sequences are at most the last
 //! event sequence then (`since`): a rollup older than that reads every block, and is rebuilt.
-//! Memory: one entry per (name, hour) written since the start.
+//! Memory: one entry per (name, hour) written since the start (16 bytes and the map's
+//! overhead; 10 names over 300 days of hours is 72 000 entries), not pruned while it runs.
 
 use std::collections::BTreeMap;
 
@@ -51,7 +52,14 @@ impl WrittenHours {
                     let max = hours.entry(hour).or_default();
                     *max = (*max).max(sequence);
                 }
-                None => self.since = u64::MAX,
+                None => {
+                    if self.since != u64::MAX {
+                        tracing::error!(
+                            "an index block written does not decode; rollup answers read every block until the next start"
+                        );
+                    }
+                    self.since = u64::MAX;
+                }
             }
         }
     }
