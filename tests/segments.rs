@@ -88,6 +88,18 @@ fn wire(e: &Ev) -> proto::Event {
     }
 }
 
+/// Tracks `events` in one TrackEvents call; every one must be accepted.
+async fn send(c: &mut engage::proto::event_service_client::EventServiceClient<Channel>, events: &[Ev]) {
+    let r = c
+        .track_events(proto::TrackEventsRequest {
+            events: events.iter().map(wire).collect(),
+        })
+        .await
+        .expect("track")
+        .into_inner();
+    assert!(r.results.iter().all(|r| r.accepted));
+}
+
 /// Stores the events in groups of 1 to 20, so blocks are written by many groups and merged.
 async fn load(server: &TestServer, rng: &mut Rng, events: &[Ev]) {
     define(server, "amount", proto::AttributeType::Number).await;
@@ -97,14 +109,7 @@ async fn load(server: &TestServer, rng: &mut Rng, events: &[Ev]) {
     while !rest.is_empty() {
         let take = (1 + rng.below(20) as usize).min(rest.len());
         let (now, later) = rest.split_at(take);
-        let r = c
-            .track_events(proto::TrackEventsRequest {
-                events: now.iter().map(wire).collect(),
-            })
-            .await
-            .expect("track")
-            .into_inner();
-        assert!(r.results.iter().all(|r| r.accepted));
+        send(&mut c, now).await;
         rest = later;
     }
 }
@@ -684,14 +689,7 @@ async fn rollups_are_built_in_the_background_before_any_filter_asks() {
         })
         .collect();
     for chunk in events.chunks(250) {
-        let r = c
-            .track_events(proto::TrackEventsRequest {
-                events: chunk.iter().map(wire).collect(),
-            })
-            .await
-            .expect("track")
-            .into_inner();
-        assert!(r.results.iter().all(|r| r.accepted));
+        send(&mut c, chunk).await;
     }
     let line = server
         .log

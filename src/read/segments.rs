@@ -497,15 +497,7 @@ mod tests {
         check_rollup_against_scan(&store, &mut checked);
         assert_eq!(checked, 48);
         // Before its cutoff a rollup is not used.
-        let h = HistoryCondition {
-            event_name: "n".into(),
-            filter: None,
-            aggregate: Aggregate::Count,
-            attribute: String::new(),
-            op: Operator::Gte,
-            value: 1.0,
-            within_nanos: None,
-        };
+        let h = any_event("n");
         let early = Timestamp {
             secs: 99 * 3600,
             nanos: 0,
@@ -513,6 +505,19 @@ mod tests {
         assert!(rollup_history(&store, &h, early, &mut BTreeSet::new())
             .expect("read")
             .is_none());
+    }
+
+    /// "At least one event of `name`, over all history."
+    fn any_event(name: &str) -> HistoryCondition {
+        HistoryCondition {
+            event_name: name.into(),
+            filter: None,
+            aggregate: Aggregate::Count,
+            attribute: String::new(),
+            op: Operator::Gte,
+            value: 1.0,
+            within_nanos: None,
+        }
     }
 
     /// Every aggregate of `amount` at a few as_of, from the rollup and from a scan: the same users.
@@ -810,15 +815,7 @@ mod tests {
                 done.store(true, Ordering::SeqCst);
             })
         };
-        let cond = Condition::History(HistoryCondition {
-            event_name: "n".into(),
-            filter: None,
-            aggregate: Aggregate::Count,
-            attribute: String::new(),
-            op: Operator::Gte,
-            value: 1.0,
-            within_nanos: None,
-        });
+        let cond = Condition::History(any_event("n"));
         let far = Timestamp {
             secs: 2_000_000 * 3600,
             nanos: 0,
