@@ -325,10 +325,12 @@ impl Ingest {
     /// with the count when its rollup was last rebuilt, and rebuilds it (one name at a time, on
     /// the blocking pool, written by the writer like a query's request) when the events since
     /// are as many as those covered, and at least [`KEEP_FROM`] (see [`keep_due`]). Names below
-    /// [`KEEP_FROM`] events are not kept (a scan of them costs little). Every name is rebuilt
-    /// once after a start: a rollup from before the start reads every block of its name until
-    /// then (see `store::columns::written`), and a rebuild that finds nothing new writes only
-    /// its meta.
+    /// [`KEEP_FROM`] events are not kept (a scan of them costs little). The names there are at
+    /// start are counted as covered as they are: rebuilding them all at once at start (tried)
+    /// made the first queries after a restart 3-6x slower while the rebuilds read every block
+    /// from a cold cache. Instead the first query of such a name, which reads every block of it
+    /// (its rollup is older than the start, see `store::columns::written`), asks for a rebuild
+    /// of that name alone; one that finds nothing new writes only its meta.
     ///
     /// A rebuild reads the blocks the rollup does not cover and rewrites its chunks. The keeper
     /// holds a handle only while it looks or rebuilds; the caller aborts it before stopping the
@@ -336,8 +338,9 @@ impl Ingest {
     pub(crate) fn keep_rollups(&self) -> tokio::task::JoinHandle<()> {
         let weak = self.downgrade();
         tokio::spawn(async move {
-            // Per name, its event count when its rollup was last rebuilt (0: none since start).
-            let mut built: std::collections::HashMap<String, u64> = Default::default();
+            // Per name, its event count when its rollup was last rebuilt (at start: its count
+            // then; a name first seen later: 0).
+            let mut built: Option<std::collections::HashMap<String, u64>> = None;
             let mut tick = tokio::time::interval(KEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -351,6 +354,10 @@ impl Ingest {
                         .map(|(name, stats)| (name.clone(), stats.count))
                         .collect(),
                     None => return,
+                };
+                let Some(built) = &mut built else {
+                    built = Some(counts.into_iter().collect());
+                    continue;
                 };
                 for (name, count) in counts {
                     let covered = built.get(&name).copied().unwrap_or(0);
