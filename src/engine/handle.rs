@@ -29,8 +29,8 @@ const KEEP_FROM: u64 = 4096;
 /// rebuild: as many new events as `covered` (the rollup doubles), and at least [`KEEP_FROM`].
 /// Each rebuild rewrites the whole rollup, so rebuilding at every doubling writes about twice
 /// the final rollup over a load; rebuilding at every quarter of growth (measured: 80-90 rebuilds
-/// in a 1M-event load, 31-36 s of CPU, and the data directory 1.3-1.5x larger by the superseded
-/// chunks) cost too much.
+/// in a 1M-event load, 31-36 s of rebuild time logged, and the data directory 1.2-1.5x larger,
+/// likely the superseded chunks) cost too much.
 fn keep_due(covered: u64, count: u64) -> bool {
     count.saturating_sub(covered) >= KEEP_FROM.max(covered)
 }
@@ -326,9 +326,9 @@ impl Ingest {
     /// the blocking pool, written by the writer like a query's request) when the events since
     /// are as many as those covered, and at least [`KEEP_FROM`] (see [`keep_due`]). Names below
     /// [`KEEP_FROM`] events are not kept (a scan of them costs little). The names there are at
-    /// start are counted as covered as they are: rebuilding them all at once at start (tried)
-    /// made the first queries after a restart 3-6x slower while the rebuilds read every block
-    /// from a cold cache. Instead the first query of such a name, which reads every block of it
+    /// start are counted as covered as they are: rebuilding them all at once at start (tried,
+    /// one run each order) made q1's and q5's first calls after a restart 5.6x and 9x slower in
+    /// time order, likely because the rebuilds read every block from a cold cache meanwhile. Instead the first query of such a name, which reads every block of it
     /// (its rollup is older than the start, see `store::columns::written`), asks for a rebuild
     /// of that name alone; one that finds nothing new writes only its meta.
     ///
