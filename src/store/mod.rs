@@ -354,8 +354,6 @@ impl Store {
             return Ok(());
         }
         let (ops, moves) = batch.into_parts();
-        // Before the blocks are visible, so no reader sees one this does not account for.
-        self.written.lock().note(&ops);
         // A backup in progress gets the writes to keys it has already copied (see `backup`).
         let mut mirror = self.backup.lock();
         let mirrored = mirror.as_ref().map(|m| m.mirror(&ops));

@@ -262,7 +262,7 @@ impl Columns {
             let rest = records.split_off(FULL);
             let full = std::mem::replace(&mut records, rest);
             let (blockno, bytes) = encode_block(&full);
-            batch.put_raw(block_key(name, hour, blockno), bytes);
+            put_block(store, batch, name, hour, blockno, bytes);
         }
         if records.is_empty() {
             return Ok(());
@@ -293,7 +293,7 @@ impl Columns {
         let mut i = 0;
         while i < small.len() {
             if let Some(bytes) = small[i].pending.take() {
-                batch.put_raw(block_key(name, hour, small[i].blockno), bytes);
+                put_block(store, batch, name, hour, small[i].blockno, bytes);
             }
             if small[i].len >= FULL {
                 small.swap_remove(i);
@@ -424,6 +424,18 @@ impl Columns {
         );
         Ok(())
     }
+}
+
+/// Puts a block, noting its hour and highest sequence first (see `written`): every block write
+/// that adds records goes through here, before its batch is applied, so no reader sees such a
+/// block not noted. (An erasure rewrites blocks with records removed, whose sequences were
+/// noted when written or are from before the start.)
+fn put_block(store: &Store, batch: &mut WriteBatch, name: &str, hour: i64, blockno: u64, bytes: Vec<u8>) {
+    let key = block_key(name, hour, blockno);
+    // Bytes just built always decode; were they not, the block counts as newer than any rollup.
+    let max_sequence = block::block_max_sequence(&key, &bytes).unwrap_or(u64::MAX);
+    store.written.lock().note(name, hour, max_sequence);
+    batch.put_raw(key, bytes);
 }
 
 /// A block of `records`, numbered by their lowest sequence.
