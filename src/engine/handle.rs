@@ -38,17 +38,17 @@ fn keep_due(covered: u64, count: u64) -> bool {
 impl Ingest {
     /// Timers pending (as of the last applied write group).
     pub(crate) fn pending_timers(&self) -> u64 {
-        self.published.pending_timers.load(Ordering::Relaxed)
+        self.shared.published.pending_timers.load(Ordering::Relaxed)
     }
 
     /// The limits in force.
     pub(crate) fn limits(&self) -> &Limits {
-        &self.limits
+        &self.shared.limits
     }
 
     /// Follows the highest action sequence that is durable (only those may be delivered).
     pub(crate) fn durable_actions(&self) -> watch::Receiver<u64> {
-        self.durable_actions.clone()
+        self.shared.durable_actions.clone()
     }
 
     /// Runs `job` on the writer thread; answers after the group it joined is durable.
@@ -72,7 +72,7 @@ impl Ingest {
         job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
         barrier: bool,
     ) -> Result<T, Error> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.shared.failed.load(Ordering::Acquire) {
             return Err(unavailable());
         }
         let (tx, rx) = oneshot::channel::<Result<T, Error>>();
@@ -273,14 +273,14 @@ impl Ingest {
                 Err(e) => break Err(e),
             }
         };
-        self.erasures.fetch_add(1, Ordering::SeqCst);
+        self.shared.erasures.fetch_add(1, Ordering::SeqCst);
         erased
     }
 
     /// How many erasure jobs have finished since start (whatever their outcome): a cached
     /// query result taken before one is not reused.
     pub(crate) fn erasures(&self) -> u64 {
-        self.erasures.load(Ordering::SeqCst)
+        self.shared.erasures.load(Ordering::SeqCst)
     }
 
     /// Asks for `name`'s rollup to be rebuilt (see `store::columns`) unless a rebuild is already
@@ -293,7 +293,7 @@ impl Ingest {
     /// Rebuilds `name`'s rollup unless a rebuild of it is already queued or running (then
     /// returns at once), and logs the outcome; `by` says who asked.
     async fn refresh_rollup(&self, name: String, by: &'static str) {
-        let fresh = self.refreshing.lock().insert(name.clone());
+        let fresh = self.shared.refreshing.lock().insert(name.clone());
         if !fresh {
             return;
         }
@@ -304,7 +304,7 @@ impl Ingest {
                 self.0.lock().remove(self.1);
             }
         }
-        let _refreshing = Refreshing(&self.refreshing, &name);
+        let _refreshing = Refreshing(&self.shared.refreshing, &name);
         let started = std::time::Instant::now();
         match self.rebuild_rollup(&name).await {
             Ok((meta, attempts)) => tracing::info!(
@@ -347,6 +347,7 @@ impl Ingest {
                 tick.tick().await;
                 let counts: Vec<(String, u64)> = match weak.upgrade() {
                     Some(ingest) => ingest
+                        .shared
                         .published
                         .event_names
                         .read()
@@ -498,12 +499,19 @@ impl Ingest {
 
     /// Every attribute definition, by name.
     pub(crate) fn attributes(&self) -> Vec<AttributeDefinition> {
-        self.published.attributes.read().values().cloned().collect()
+        self.shared
+            .published
+            .attributes
+            .read()
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// The type of one attribute, if defined.
     pub(crate) fn attribute_type(&self, name: &str) -> Option<AttributeType> {
-        self.published
+        self.shared
+            .published
             .attributes
             .read()
             .get(name)
@@ -512,7 +520,8 @@ impl Ingest {
 
     /// Every event name seen, by name.
     pub(crate) fn event_names(&self) -> Vec<(String, EventNameStats)> {
-        self.published
+        self.shared
+            .published
             .event_names
             .read()
             .iter()
@@ -522,7 +531,7 @@ impl Ingest {
 
     /// Every trigger, by id (creation order).
     pub(crate) fn triggers(&self) -> BTreeMap<String, Arc<Trigger>> {
-        self.published.triggers.read().clone()
+        self.shared.published.triggers.read().clone()
     }
 }
 

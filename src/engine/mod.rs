@@ -84,6 +84,12 @@ struct Published {
 #[derive(Clone)]
 pub(crate) struct Ingest {
     tx: mpsc::Sender<Job>,
+    shared: Shared,
+}
+
+/// What every handle shares besides the job sender.
+#[derive(Clone)]
+struct Shared {
     published: Arc<Published>,
     failed: Arc<AtomicBool>,
     limits: Arc<Limits>,
@@ -97,24 +103,14 @@ pub(crate) struct Ingest {
 /// An [`Ingest`] that does not keep the writer alive (background tasks hold this).
 struct WeakIngest {
     tx: mpsc::WeakSender<writer::Job>,
-    published: Arc<Published>,
-    failed: Arc<AtomicBool>,
-    limits: Arc<Limits>,
-    durable_actions: watch::Receiver<u64>,
-    refreshing: Arc<Mutex<HashSet<String>>>,
-    erasures: Arc<AtomicU64>,
+    shared: Shared,
 }
 
 impl Ingest {
     fn downgrade(&self) -> WeakIngest {
         WeakIngest {
             tx: self.tx.downgrade(),
-            published: self.published.clone(),
-            failed: self.failed.clone(),
-            limits: self.limits.clone(),
-            durable_actions: self.durable_actions.clone(),
-            refreshing: self.refreshing.clone(),
-            erasures: self.erasures.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -124,12 +120,7 @@ impl WeakIngest {
     fn upgrade(&self) -> Option<Ingest> {
         Some(Ingest {
             tx: self.tx.upgrade()?,
-            published: self.published.clone(),
-            failed: self.failed.clone(),
-            limits: self.limits.clone(),
-            durable_actions: self.durable_actions.clone(),
-            refreshing: self.refreshing.clone(),
-            erasures: self.erasures.clone(),
+            shared: self.shared.clone(),
         })
     }
 }

@@ -43,12 +43,14 @@ impl Ingest {
             .map_err(|e| Error::Internal(format!("spawn committer: {e}")))?;
         let ingest = Self {
             tx,
-            published,
-            failed,
-            limits: Arc::new(limits),
-            durable_actions: durable_rx,
-            refreshing: Default::default(),
-            erasures: Default::default(),
+            shared: super::Shared {
+                published,
+                failed,
+                limits: Arc::new(limits),
+                durable_actions: durable_rx,
+                refreshing: Default::default(),
+                erasures: Default::default(),
+            },
         };
         let clock_thread = ingest.spawn_clock(clock.clone())?;
         Ok((
