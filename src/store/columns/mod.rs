@@ -103,6 +103,15 @@ pub(crate) struct IndexView {
     pub stage: Vec<Block>,
 }
 
+impl IndexView {
+    /// The hour blocks, then the stage's.
+    fn into_blocks(self) -> Vec<Block> {
+        let mut blocks = self.blocks;
+        blocks.extend(self.stage);
+        blocks
+    }
+}
+
 /// An encoded record with its sort key.
 type Encoded = (Timestamp, u64, Vec<u8>);
 
@@ -590,34 +599,32 @@ impl Store {
         summaries: std::ops::Range<i64>,
         block_hours: &[(i64, i64)],
     ) -> Result<IndexView, StoreError> {
-        {
-            let mut view = IndexView::default();
-            if summaries.start < summaries.end {
-                let prefix_len = name.len() + 2;
-                let (lo, hi) = (
-                    bucket_key(HOUR_BUCKET, name, summaries.start),
-                    bucket_key(HOUR_BUCKET, name, summaries.end),
-                );
-                for kv in self.tree.range(lo..hi) {
-                    let (k, v) = kv?;
-                    view.summaries
-                        .push((decode_bucket(&k, prefix_len)?, decode(&k, &v)?));
-                }
-            }
-            for &(from, to) in block_hours.iter().filter(|(from, to)| from <= to) {
-                let lo = bucket_key(BLOCK, name, from);
-                let hi = bucket_key(BLOCK, name, to.min(STAGE_HOUR - 1) + 1);
-                for kv in self.tree.range(lo..hi) {
-                    let (k, v) = kv?;
-                    view.blocks.push(Block::new(k, v));
-                }
-            }
-            for kv in self.tree.scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR)) {
+        let mut view = IndexView::default();
+        if summaries.start < summaries.end {
+            let prefix_len = name.len() + 2;
+            let (lo, hi) = (
+                bucket_key(HOUR_BUCKET, name, summaries.start),
+                bucket_key(HOUR_BUCKET, name, summaries.end),
+            );
+            for kv in self.tree.range(lo..hi) {
                 let (k, v) = kv?;
-                view.stage.push(Block::new(k, v));
+                view.summaries
+                    .push((decode_bucket(&k, prefix_len)?, decode(&k, &v)?));
             }
-            Ok(view)
         }
+        for &(from, to) in block_hours.iter().filter(|(from, to)| from <= to) {
+            let lo = bucket_key(BLOCK, name, from);
+            let hi = bucket_key(BLOCK, name, to.min(STAGE_HOUR - 1) + 1);
+            for kv in self.tree.range(lo..hi) {
+                let (k, v) = kv?;
+                view.blocks.push(Block::new(k, v));
+            }
+        }
+        for kv in self.tree.scan_prefix(bucket_key(BLOCK, name, STAGE_HOUR)) {
+            let (k, v) = kv?;
+            view.stage.push(Block::new(k, v));
+        }
+        Ok(view)
     }
 
     /// The blocks of `name` that may hold events a rollup covering up to `sequence` and
@@ -636,20 +643,16 @@ impl Store {
         let from = hour_of(cutoff);
         let mut ranges: Vec<(i64, i64)> = hours.into_iter().filter(|h| *h < from).map(|h| (h, h)).collect();
         ranges.push((from, STAGE_HOUR - 1));
-        let view = self.index_view_unlocked(name, 0..0, &ranges)?;
-        let mut blocks = view.blocks;
-        blocks.extend(view.stage);
-        Ok(Some(blocks))
+        Ok(Some(self.index_view_unlocked(name, 0..0, &ranges)?.into_blocks()))
     }
 
     /// The blocks of `name` for the hours `from_hour..=to_hour`, in hour order, then its stage's
     /// blocks (which may hold records of any hour): a consistent set (see
     /// [`Store::index_view`]).
     pub(crate) fn blocks(&self, name: &str, from_hour: i64, to_hour: i64) -> Result<Vec<Block>, StoreError> {
-        let view = self.index_view(name, 0..0, &[(from_hour, to_hour)])?;
-        let mut blocks = view.blocks;
-        blocks.extend(view.stage);
-        Ok(blocks)
+        Ok(self
+            .index_view(name, 0..0, &[(from_hour, to_hour)])?
+            .into_blocks())
     }
 
     /// Every block of `name`, its stage's included (the caller holds the index lock for

@@ -98,15 +98,27 @@ struct Delta<'a> {
     numbers: Vec<(&'a str, NumberAggregate)>,
 }
 
+/// The aggregate of `attr` in a user's list, added empty when missing.
+fn number_slot<'l, 'a>(
+    numbers: &'l mut Vec<(&'a str, NumberAggregate)>,
+    attr: &'a str,
+) -> &'l mut NumberAggregate {
+    let i = match numbers.iter().position(|(k, _)| *k == attr) {
+        Some(i) => i,
+        None => {
+            numbers.push((attr, NumberAggregate::default()));
+            numbers.len() - 1
+        }
+    };
+    &mut numbers[i].1
+}
+
 impl<'a> Delta<'a> {
     /// Adds these events to a user's old entry.
     fn merge_into(self, entry: &mut RollupEntry<'a>) {
         entry.count += self.count;
         for (attr, agg) in self.numbers {
-            match entry.numbers.iter_mut().find(|(k, _)| *k == attr) {
-                Some((_, old)) => old.merge(&agg),
-                None => entry.numbers.push((attr, agg)),
-            }
+            number_slot(&mut entry.numbers, attr).merge(&agg);
         }
         entry.numbers.sort_unstable_by(|a, b| a.0.cmp(b.0));
     }
@@ -203,14 +215,7 @@ impl Store {
                 entry.count += 1;
                 for (attr, value) in row.attributes()? {
                     if let ValueRef::Number(n) = value {
-                        match entry.numbers.iter_mut().find(|(k, _)| *k == attr) {
-                            Some((_, agg)) => agg.add(n),
-                            None => {
-                                let mut agg = NumberAggregate::default();
-                                agg.add(n);
-                                entry.numbers.push((attr, agg));
-                            }
-                        }
+                        number_slot(&mut entry.numbers, attr).add(n);
                     }
                 }
             }
@@ -221,14 +226,12 @@ impl Store {
             return Ok(ComputedRollup {
                 name: name.to_string(),
                 old_meta: Some(view.meta),
-                old_chunks: Vec::new(),
-                chunks: Vec::new(),
+                chunks: None,
                 meta: RollupMeta {
                     sequence: view.meta.sequence.max(last_sequence),
                     ..view.meta
                 },
                 changes,
-                unchanged: true,
             });
         }
         let mut delta: Vec<(&str, Delta)> = delta.into_iter().collect();
@@ -272,29 +275,27 @@ impl Store {
         Ok(ComputedRollup {
             name: name.to_string(),
             old_meta: old.as_ref().map(|v| v.meta),
-            old_chunks,
-            chunks,
+            chunks: Some((old_chunks, chunks)),
             meta,
             changes,
-            unchanged: false,
         })
     }
 }
+
+/// The keys of a rollup's old chunks and its new chunks (key, bytes).
+type ChunkRewrite = (Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// A rollup computed by [`Store::compute_rollup`], waiting to be written by the writer.
 pub(crate) struct ComputedRollup {
     name: String,
     /// What the rollup it replaces covered (`None`: there was none).
     old_meta: Option<RollupMeta>,
-    /// The chunk keys of the rollup it replaces.
-    old_chunks: Vec<Vec<u8>>,
-    chunks: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The chunks to rewrite: the keys of the old ones and the new ones; `None` when the old
+    /// rollup covers every event there is (only its meta is written, if its sequence moved).
+    chunks: Option<ChunkRewrite>,
     meta: RollupMeta,
     /// [`Store::index_content_changes`] when its blocks were read.
     changes: u64,
-    /// The old rollup covers every event there is: only its meta is written, if its sequence
-    /// moved.
-    unchanged: bool,
 }
 
 impl ComputedRollup {
@@ -315,22 +316,20 @@ impl ComputedRollup {
         if store.index_content_changes() != self.changes || current != self.old_meta {
             return Ok(None);
         }
-        if self.unchanged {
-            if Some(self.meta) != self.old_meta {
-                batch.put_raw(meta_key, encode(&self.meta));
-                batch.moves_rollups();
+        let rewrites = self.chunks.is_some();
+        if let Some((old, new)) = self.chunks {
+            for key in old {
+                batch.remove_raw(key);
             }
-            return Ok(Some(self.meta));
+            for (key, value) in new {
+                batch.put_raw(key, value);
+            }
         }
-        for key in self.old_chunks {
-            batch.remove_raw(key);
+        if rewrites || Some(self.meta) != self.old_meta {
+            batch.put_raw(meta_key, encode(&self.meta));
+            // Moves records between chunk keys; another name's rollup being computed stays true.
+            batch.moves_rollups();
         }
-        for (key, value) in self.chunks {
-            batch.put_raw(key, value);
-        }
-        batch.put_raw(meta_key, encode(&self.meta));
-        // Moves records between chunk keys; another name's rollup being computed stays true.
-        batch.moves_rollups();
         Ok(Some(self.meta))
     }
 }
