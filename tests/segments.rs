@@ -604,6 +604,18 @@ async fn filters_and_stats_match_the_oracle_across_restart_erasure_and_rebuild()
     }
 }
 
+/// `aggregate` of "buy" events (their amount) `op` `value`, over `within_secs` or all history.
+fn buy(aggregate: A, op: O, value: f64, within_secs: Option<i64>) -> Filter {
+    Filter::H(Hist {
+        name: "buy",
+        filter: None,
+        aggregate,
+        op,
+        value,
+        within_secs,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn blocks_merge_into_full_ones_without_losing_events() {
     // 1 500 events of one name in one hour, in 150 write groups: small blocks merge tier by
@@ -637,14 +649,7 @@ async fn blocks_merge_into_full_ones_without_losing_events() {
     ]
     .into_iter()
     .map(|(aggregate, op, value)| {
-        let f = Filter::H(Hist {
-            name: "buy",
-            filter: None,
-            aggregate,
-            op,
-            value,
-            within_secs: Some(1800),
-        });
+        let f = buy(aggregate, op, value, Some(1800));
         (f, (T0 + 2400) as i128 * 1_000_000_000)
     })
     .collect();
@@ -703,14 +708,7 @@ async fn rollups_are_built_in_the_background_before_any_filter_asks() {
         (A::Sum, O::Gt, 150.0),
         (A::Max, O::Lt, 40.0),
     ] {
-        let f = Filter::H(Hist {
-            name: "buy",
-            filter: None,
-            aggregate,
-            op,
-            value,
-            within_secs: None,
-        });
+        let f = buy(aggregate, op, value, None);
         let expected = oracle_filter(&events, &f, as_of);
         assert!(!expected.is_empty());
         let (got, total) = filter_all(&mut q, f.wire(), Some(proto_ts(as_of)), 1000).await;
