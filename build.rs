@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "engage/v1/triggers.proto",
     "engage/v1/actions.proto",
     "engage/v1/query.proto",
+    "engage/v1/destinations.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -253,6 +253,26 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at GET /metrics on this address (no keys: bind it privately).
     #[arg(long, env = "ENGAGE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Let destinations reach loopback, private and link-local addresses (refused by default, at
+    /// creation and at every delivery: a webhook must not become a way into the private network).
+    #[arg(long, env = "ENGAGE_ALLOW_PRIVATE_DESTINATIONS")]
+    pub allow_private_destinations: bool,
+    /// The first retry's nominal delay of a delivery, in milliseconds (SPEC: 1 s; for tests).
+    #[arg(
+        long,
+        env = "ENGAGE_DELIVERY_BACKOFF_BASE_MS",
+        default_value_t = 1000,
+        hide = true
+    )]
+    pub delivery_backoff_base_ms: u64,
+    /// How long a destination fails before it is suspended, in seconds (SPEC: 5 min; for tests).
+    #[arg(
+        long,
+        env = "ENGAGE_DELIVERY_SUSPEND_AFTER_SECS",
+        default_value_t = 300,
+        hide = true
+    )]
+    pub delivery_suspend_after_secs: u64,
     /// How far in the future occurred_at may be, in seconds.
     #[arg(long, env = "ENGAGE_MAX_FUTURE_SKEW_SECS", default_value_t = 24 * 3600)]
     pub max_future_skew_secs: i64,
@@ -351,6 +371,15 @@ impl ServeArgs {
             retention_secs: self.action_retention_secs,
             buffer_bytes: self.max_subscriber_buffer_bytes,
             total_buffer_bytes: self.max_subscribers_buffer_bytes,
+        }
+    }
+
+    /// The settings of the delivery engine (destinations).
+    pub(crate) fn destinations(&self) -> crate::deliver::DeliverySettings {
+        crate::deliver::DeliverySettings {
+            allow_private: self.allow_private_destinations,
+            backoff_base_ms: self.delivery_backoff_base_ms.max(1),
+            suspend_after: std::time::Duration::from_secs(self.delivery_suspend_after_secs),
         }
     }
 

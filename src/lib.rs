@@ -7,7 +7,8 @@
 //!    sled or tonic.
 //! 3. `store`: the only code that knows sled and the key layouts.
 //! 4. `engine`: the write path (one writer thread, group commit, triggers, timers, erasure).
-//! 5. `read`: the read paths (timelines, segments, statistics, delivery of actions).
+//! 5. `read`: the read paths (timelines, segments, statistics, delivery of actions);
+//!    `deliver`, beside it: the webhooks engage delivers to destinations itself.
 //! 6. `api`: the gRPC handlers, thin: convert, check, call, map errors.
 //! 7. [`server`]: wires everything together and serves it; [`config`] holds its flags.
 //!
@@ -18,6 +19,7 @@
 mod access;
 mod api;
 pub mod config;
+mod deliver;
 mod domain;
 mod engine;
 pub mod error;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::access::tls::TlsFiles;
 use crate::access::Access;
 use crate::api::actions::ActionApi;
+use crate::api::destinations::DestinationApi;
 use crate::api::events::EventApi;
 use crate::api::gate::GateLayer;
 use crate::api::query::QueryApi;
@@ -24,6 +25,7 @@ use crate::config::ServeArgs;
 use crate::engine::{Ingest, IngestThreads};
 use crate::proto;
 use crate::proto::action_service_server::ActionServiceServer;
+use crate::proto::destination_service_server::DestinationServiceServer;
 use crate::proto::event_service_server::EventServiceServer;
 use crate::proto::query_service_server::QueryServiceServer;
 use crate::proto::schema_service_server::SchemaServiceServer;
@@ -41,6 +43,7 @@ const SERVICE_NAMES: &[&str] = &[
     <TriggerServiceServer<TriggerApi> as NamedService>::NAME,
     <ActionServiceServer<ActionApi> as NamedService>::NAME,
     <QueryServiceServer<QueryApi> as NamedService>::NAME,
+    <DestinationServiceServer<DestinationApi> as NamedService>::NAME,
 ];
 
 /// A generated service server with the largest message accepted and sent set to `max` bytes.
@@ -142,6 +145,12 @@ pub async fn serve(
         &args.delivery(),
         streams_stopped.clone(),
     );
+    let (deliveries, delivery_engine) = crate::deliver::Deliveries::start(
+        &ingest,
+        store.clone(),
+        args.destinations(),
+        streams_stopped.clone(),
+    )?;
     let retention = tokio::spawn(expire_actions(
         log.clone(),
         Duration::from_secs(args.retention_check_secs.max(1)),
@@ -216,8 +225,16 @@ pub async fn serve(
         .add_service(reflection_v1alpha);
     // `log` moves into the action service: no handle to the engine outlives the services here
     // but `ingest`, which `stop_engine` drops.
-    let server = engage_services(server, &ingest, &store, log, &access, args.max_message_bytes)
-        .serve_with_incoming_shutdown(crate::net::incoming(listener, tls), on_shutdown);
+    let server = engage_services(
+        server,
+        &ingest,
+        &store,
+        log,
+        &deliveries,
+        &access,
+        args.max_message_bytes,
+    )
+    .serve_with_incoming_shutdown(crate::net::incoming(listener, tls), on_shutdown);
 
     // One grace period for the whole shutdown, calls and engine together.
     let grace = Duration::from_secs(args.shutdown_grace_secs);
@@ -236,6 +253,8 @@ pub async fn serve(
     }
 
     retention.abort();
+    delivery_engine.abort();
+    deliveries.stop();
     backups.abort();
     reloads.abort();
     keeper.abort();
@@ -317,6 +336,7 @@ fn engage_services<L>(
     ingest: &Ingest,
     store: &Store,
     log: ActionLog,
+    deliveries: &crate::deliver::Deliveries,
     access: &Arc<Access>,
     max: usize,
 ) -> Router<L> {
@@ -356,7 +376,17 @@ fn engage_services<L>(
         QueryApi::new(ingest.clone(), store.clone()),
         max
     );
+    let destinations = limited!(
+        DestinationServiceServer,
+        DestinationApi {
+            ingest: ingest.clone(),
+            store: store.clone(),
+            deliveries: deliveries.clone(),
+        },
+        max
+    );
     router
+        .add_service(destinations)
         .add_service(events)
         .add_service(schema)
         .add_service(triggers)

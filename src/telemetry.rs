@@ -35,6 +35,12 @@ pub(crate) const GRPC_REQUESTS: &str = "engage_grpc_requests_total";
 pub(crate) const GRPC_DURATION: &str = "engage_grpc_request_duration_seconds";
 pub(crate) const STORAGE_BYTES: &str = "engage_storage_bytes";
 pub(crate) const HTTP_REQUESTS: &str = "engage_http_requests_total";
+pub(crate) const DELIVERIES: &str = "engage_deliveries_total";
+pub(crate) const DEAD_LETTERS: &str = "engage_dead_letters";
+/// Actions of a destination read and not yet delivered or dead-lettered (retries included).
+pub(crate) const DELIVERY_QUEUE: &str = "engage_delivery_queue";
+/// From an action's firing to its delivery (2xx), per destination.
+pub(crate) const DELIVERY_LATENCY: &str = "engage_delivery_latency_seconds";
 
 /// Why an event was refused, as `engage_events_rejected_total` labels it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -93,6 +99,13 @@ pub(crate) fn enabled() -> bool {
     HANDLE.get().is_some()
 }
 
+/// Zeroes the gauges of a deleted destination (the exporter keeps a series once it exists).
+pub(crate) fn forget_destination(id: &str) {
+    let labels = [("destination_id", id.to_string())];
+    metrics::gauge!(DELIVERY_QUEUE, &labels).set(0.0);
+    metrics::gauge!(DEAD_LETTERS, &labels).set(0.0);
+}
+
 /// A moment to time a write stage from; `None` without a recorder, so the write path reads no
 /// clock for metrics nobody collects.
 pub(crate) fn stamp() -> Option<std::time::Instant> {
@@ -127,6 +140,15 @@ pub(crate) fn install() -> Result<PrometheusHandle, String> {
             b.set_buckets_for_metric(
                 metrics_exporter_prometheus::Matcher::Full(GRPC_DURATION.into()),
                 &seconds,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(DELIVERY_LATENCY.into()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0, 600.0, 3600.0,
+                ],
             )
         })
         .and_then(|b| {

@@ -354,7 +354,9 @@ async fn a_data_directory_of_the_previous_release_opens_and_answers_the_same() {
         .collect();
     assert!(want.len() > 80, "the fixture answers {} lines", want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "line {} of answers.txt", i + 1);
+        // Fields added to the API since the release, at their default (empty) value.
+        let g = g.replace(", destination_id: \"\"", "");
+        assert_eq!(&g, w, "line {} of answers.txt", i + 1);
     }
     assert_eq!(got.len(), want.len(), "number of answer lines");
     server.stop().await;

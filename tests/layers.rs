@@ -76,6 +76,10 @@ fn each_layer_names_only_the_layers_before_it() {
             "read",
             &["crate::api", "crate::server", "crate::proto", "sled::", "tonic::"],
         ),
+        (
+            "deliver",
+            &["crate::api", "crate::server", "crate::proto", "sled::", "tonic::"],
+        ),
         ("api", &["crate::server", "sled::"]),
         (
             "access",

@@ -257,6 +257,7 @@ async fn pause_update_and_delete_change_what_fires() {
     v2.action = Some(proto::ActionTemplate {
         r#type: "ping".into(),
         payload_template: "v2".into(),
+        destination_id: String::new(),
     });
     v2.event_name = "tap".into();
     t.update_trigger(proto::UpdateTriggerRequest { trigger: Some(v2) })

@@ -75,6 +75,7 @@ async fn prepare(channel: &Channel, history: u64) {
                 action: Some(proto::ActionTemplate {
                     r#type: "x".into(),
                     payload_template: String::new(),
+                    destination_id: String::new(),
                 }),
                 ..Default::default()
             }),

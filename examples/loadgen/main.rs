@@ -468,6 +468,7 @@ async fn create_triggers(addr: SocketAddr, matching: usize, other: usize) {
                         r#type: "webhook".into(),
                         payload_template:
                             "{\"user\": \"{{ user_id }}\", \"sku\": \"{{ event.attributes.sku }}\"}".into(),
+                        destination_id: String::new(),
                     }),
                     ..Default::default()
                 };

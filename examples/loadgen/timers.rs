@@ -47,6 +47,7 @@ fn delayed_trigger(delay: prost_types::Duration) -> proto::Trigger {
         action: Some(proto::ActionTemplate {
             r#type: "send_email".into(),
             payload_template: "{{ user_id }}".into(),
+            destination_id: String::new(),
         }),
         ..Default::default()
     }

@@ -365,6 +365,7 @@ pub(crate) fn to_proto_trigger(t: &Trigger) -> proto::Trigger {
         action: Some(proto::ActionTemplate {
             r#type: t.action.action_type.clone(),
             payload_template: t.action.payload_template.clone(),
+            destination_id: t.destination_id.clone(),
         }),
         delay: t.delay_nanos.map(to_proto_duration),
         unless: t.unless.as_ref().map(|u| proto::AbsenceCheck {
@@ -447,6 +448,7 @@ mod tests {
                 sequence: 1,
                 attributes,
             }),
+            destination_id: String::new(),
         }
     }
 

@@ -35,6 +35,13 @@ pub(crate) const METHOD_ROLES: &[(&str, Role)] = &[
     ("engage.v1.ActionService/ListFiredActions", Role::Read),
     ("engage.v1.QueryService/FilterUsers", Role::Read),
     ("engage.v1.QueryService/GetEventStats", Role::Read),
+    ("engage.v1.DestinationService/CreateDestination", Role::Admin),
+    ("engage.v1.DestinationService/GetDestination", Role::Read),
+    ("engage.v1.DestinationService/ListDestinations", Role::Read),
+    ("engage.v1.DestinationService/UpdateDestination", Role::Admin),
+    ("engage.v1.DestinationService/DeleteDestination", Role::Admin),
+    ("engage.v1.DestinationService/ListDeadLetters", Role::Read),
+    ("engage.v1.DestinationService/RedriveDeadLetters", Role::Admin),
 ];
 
 /// The HTTP endpoints (SPEC §7), with the role each needs.

@@ -4,6 +4,7 @@
 pub(crate) mod actions;
 pub(crate) mod codec;
 pub(crate) mod convert;
+pub(crate) mod destinations;
 pub(crate) mod events;
 #[cfg(test)]
 mod fuzz;

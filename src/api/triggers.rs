@@ -72,6 +72,7 @@ impl TriggerApi {
             updated_at: epoch,
             delay_nanos,
             unless,
+            destination_id: action.destination_id,
         })
     }
 

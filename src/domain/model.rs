@@ -312,6 +312,9 @@ pub(crate) struct Trigger {
     pub delay_nanos: Option<i128>,
     /// Fire `within` after the triggering event unless the user tracks the named event.
     pub unless: Option<AbsenceCheck>,
+    /// The destination every action of the trigger is delivered to (empty: none). Last, so a
+    /// trigger stored before destinations existed decodes as the older form (`store::migrate`).
+    pub destination_id: String,
 }
 
 impl Trigger {
@@ -369,6 +372,11 @@ pub(crate) struct FiredAction {
     pub fired_at: Timestamp,
     pub payload: String,
     pub event: Option<Event>,
+    /// The destination the action is delivered to, as its trigger said when it fired (empty:
+    /// none). Kept by the action log's chunks, not by this record's own encoding (the layout
+    /// of the log before chunks stored this record).
+    #[serde(skip)]
+    pub destination_id: String,
 }
 
 impl FiredAction {

@@ -28,6 +28,8 @@ pub(super) struct Group {
     pub(super) firing: HashMap<(String, String), FiringState>,
     pub(super) consumers: HashMap<String, u64>,
     pub(super) triggers_changed: bool,
+    /// The destinations changed: published after the group is applied.
+    pub(super) destinations_changed: bool,
     /// What the group's events add to the by-name index and statistics.
     pub(super) columns: ColumnWrites,
     /// The timers this group reads, arms, cancels or fires (see `store::timers`).
@@ -141,6 +143,7 @@ impl Group {
             firing: HashMap::new(),
             consumers: HashMap::new(),
             triggers_changed: false,
+            destinations_changed: false,
             columns: ColumnWrites::default(),
             timers: TimerOverlay::default(),
             reads: Reads::default(),

@@ -52,7 +52,7 @@ impl Ingest {
     }
 
     /// Runs `job` on the writer thread; answers after the group it joined is durable.
-    async fn run<T: Send + 'static>(
+    pub(super) async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {

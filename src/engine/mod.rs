@@ -41,10 +41,11 @@
 //! loop and the application of a group), [`group`] (one write group), [`track`] (events and
 //! attributes), [`triggers`] (evaluation and firing), [`timers`] (timed triggers), [`clock`]
 //! (the thread that wakes due timers), [`erase`] (DeleteUser), [`committer`] (the shared
-//! flush), [`start`] (loading, migrations, the threads).
+//! flush), [`destinations`] (destinations and the delivery records), [`start`] (loading, migrations, the threads).
 
 mod clock;
 mod committer;
+mod destinations;
 mod erase;
 mod group;
 mod handle;
@@ -62,10 +63,12 @@ use std::thread;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 
+use crate::domain::destination::Destination;
 use crate::domain::model::{AttributeDefinition, EventNameStats, Trigger};
 use crate::domain::rules::Limits;
 use crate::error::Error;
 use clock::TimerClock;
+pub(crate) use destinations::{Outcome, Position};
 use group::Group;
 use writer::{Job, Writer};
 
@@ -78,6 +81,9 @@ struct Published {
     triggers: RwLock<BTreeMap<String, Arc<Trigger>>>,
     /// Timers pending once the last applied group is (what `engage_timers_pending` shows).
     pending_timers: AtomicU64,
+    destinations: RwLock<BTreeMap<String, Arc<Destination>>>,
+    /// Bumped after each applied change of the destinations (the delivery engine follows it).
+    destinations_changed: watch::Sender<u64>,
 }
 
 /// The handle callers use; cheap to clone.
@@ -101,13 +107,14 @@ struct Shared {
 }
 
 /// An [`Ingest`] that does not keep the writer alive (background tasks hold this).
-struct WeakIngest {
+#[derive(Clone)]
+pub(crate) struct WeakIngest {
     tx: mpsc::WeakSender<writer::Job>,
     shared: Shared,
 }
 
 impl Ingest {
-    fn downgrade(&self) -> WeakIngest {
+    pub(crate) fn downgrade(&self) -> WeakIngest {
         WeakIngest {
             tx: self.tx.downgrade(),
             shared: self.shared.clone(),
@@ -117,7 +124,7 @@ impl Ingest {
 
 impl WeakIngest {
     /// The handle, while any other handle still exists.
-    fn upgrade(&self) -> Option<Ingest> {
+    pub(crate) fn upgrade(&self) -> Option<Ingest> {
         Some(Ingest {
             tx: self.tx.upgrade()?,
             shared: self.shared.clone(),

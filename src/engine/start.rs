@@ -113,7 +113,13 @@ impl Writer {
             .into_iter()
             .map(|t| (t.id.clone(), Arc::new(t)))
             .collect();
+        let destinations: BTreeMap<String, Arc<crate::domain::destination::Destination>> = store
+            .destinations()?
+            .into_iter()
+            .map(|d| (d.id.clone(), Arc::new(d)))
+            .collect();
         let published = Published::default();
+        *published.destinations.write() = destinations.clone();
         *published.attributes.write() = attributes.clone();
         *published.event_names.write() = event_names.clone();
         *published.triggers.write() = triggers.clone();
@@ -139,6 +145,7 @@ impl Writer {
             columns: Columns::default(),
             unless_by_name: HashMap::new(),
             clock: Arc::new(TimerClock::default()),
+            destinations,
         };
         let migrated = store.migrate(&mut writer.columns)?;
         if migrated.dropped_timer_keys > 0 {

@@ -49,6 +49,7 @@ impl Writer {
     /// another generation is dropped when it falls due (so a change costs nothing per timer,
     /// even with a million pending).
     pub(super) fn put_trigger(&mut self, trigger: Trigger, group: &mut Group) -> Result<(), Error> {
+        self.check_destination("trigger.action.destination_id", &trigger.destination_id)?;
         group.batch.put_trigger(&trigger);
         self.templates.set(&trigger.id, &trigger.action.payload_template);
         self.triggers.insert(trigger.id.clone(), Arc::new(trigger));
@@ -319,6 +320,7 @@ impl Writer {
                 ),
                 // Stored once per event by the log, not once per action.
                 event: None,
+                destination_id: trigger.destination_id.clone(),
             };
             group.batch.put_action(action, Some(event));
             *group.counts.fired.entry(trigger.id.clone()).or_default() += 1;

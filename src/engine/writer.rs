@@ -81,6 +81,7 @@ pub(super) struct Writer {
     pub(super) unless_by_name: HashMap<String, Vec<Arc<Trigger>>>,
     /// Wakes the writer when the earliest timer is due.
     pub(super) clock: Arc<TimerClock>,
+    pub(super) destinations: BTreeMap<String, Arc<crate::domain::destination::Destination>>,
 }
 
 /// The next job, waiting for one. After a group of many jobs (many callers waiting one write
@@ -259,6 +260,10 @@ impl Writer {
         }
         if group.triggers_changed {
             *self.published.triggers.write() = self.triggers.clone();
+        }
+        if group.destinations_changed {
+            *self.published.destinations.write() = self.destinations.clone();
+            self.published.destinations_changed.send_modify(|v| *v += 1);
         }
     }
 

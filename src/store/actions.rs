@@ -35,6 +35,31 @@ pub(super) struct Chunk {
     /// The events that fired the actions, each once.
     events: Vec<Event>,
     actions: Vec<Entry>,
+    /// The actions delivered to a destination: their position in `actions` (ascending) and the
+    /// destination's id. Last, so a chunk written before destinations decodes as [`ChunkV1`].
+    destinations: Vec<(u32, String)>,
+}
+
+/// A chunk as written before destinations existed.
+#[derive(Deserialize)]
+struct ChunkV1 {
+    events: Vec<Event>,
+    actions: Vec<Entry>,
+}
+
+/// Decodes a chunk stored under `key`, in its current form or the one before destinations.
+pub(super) fn decode_chunk(key: &[u8], bytes: &[u8]) -> Result<Chunk, StoreError> {
+    match decode::<Chunk>(key, bytes) {
+        Ok(c) => Ok(c),
+        Err(e) => match postcard::take_from_bytes::<ChunkV1>(bytes) {
+            Ok((old, [])) => Ok(Chunk {
+                events: old.events,
+                actions: old.actions,
+                destinations: Vec::new(),
+            }),
+            _ => Err(e),
+        },
+    }
 }
 
 /// An action as a chunk stores it: its event by position in [`Chunk::events`].
@@ -70,6 +95,10 @@ impl Chunk {
             }
             (self.events.len() - 1) as u32
         });
+        if !action.destination_id.is_empty() {
+            self.destinations
+                .push((self.actions.len() as u32, action.destination_id));
+        }
         self.actions.push(Entry {
             action_id: action.action_id,
             trigger_id: action.trigger_id,
@@ -109,7 +138,19 @@ impl Chunk {
             fired_at: e.fired_at,
             payload: e.payload.clone(),
             event,
+            destination_id: self.destination_of(offset).to_string(),
         }))
+    }
+
+    /// The destination of the action at `offset` (empty: none).
+    fn destination_of(&self, offset: usize) -> &str {
+        match self
+            .destinations
+            .binary_search_by_key(&(offset as u32), |(at, _)| *at)
+        {
+            Ok(i) => &self.destinations[i].1,
+            Err(_) => "",
+        }
     }
 
     /// Every action, in order.
@@ -203,7 +244,7 @@ impl Store {
         };
         let (k, v) = kv?;
         let first = seq_of_chunk_key(&k)?;
-        let chunk: Chunk = decode(&k, &v)?;
+        let chunk = decode_chunk(&k, &v)?;
         if seq - first >= chunk.len() as u64 {
             return Ok(None);
         }
@@ -211,7 +252,7 @@ impl Store {
     }
 
     /// The actions of `seqs` (ascending; absent ones skipped), reading each chunk once per run.
-    fn actions_at(&self, seqs: &[u64]) -> Result<Vec<FiredAction>, StoreError> {
+    pub(super) fn actions_at(&self, seqs: &[u64]) -> Result<Vec<FiredAction>, StoreError> {
         let mut out = Vec::with_capacity(seqs.len());
         let mut held: Option<(u64, Vec<u8>, Chunk)> = None;
         for &seq in seqs {
@@ -291,7 +332,7 @@ impl Store {
         for kv in self.tree.range(chunk_key(start)..=chunk_key(to)) {
             let (k, v) = kv?;
             let first = seq_of_chunk_key(&k)?;
-            let chunk: Chunk = decode(&k, &v)?;
+            let chunk = decode_chunk(&k, &v)?;
             let skip = from.saturating_sub(first);
             for offset in skip..chunk.len() as u64 {
                 if first + offset > to {
@@ -318,7 +359,7 @@ impl Store {
         match self.tree.scan_prefix([ACTION_CHUNK]).next() {
             Some(kv) => {
                 let (k, v) = kv?;
-                let chunk: Chunk = decode(&k, &v)?;
+                let chunk = decode_chunk(&k, &v)?;
                 chunk.action(&k, seq_of_chunk_key(&k)?, 0)
             }
             None => Ok(None),
@@ -341,7 +382,7 @@ impl Store {
                 for kv in self.tree.range(chunk_key(0)..chunk_key(before)).rev() {
                     let (k, v) = kv?;
                     let first = seq_of_chunk_key(&k)?;
-                    let chunk: Chunk = decode(&k, &v)?;
+                    let chunk = decode_chunk(&k, &v)?;
                     // Only the actions listed are built (each with a copy of its event).
                     let below = (before - first).min(chunk.len() as u64) as usize;
                     for offset in (0..below).rev() {
@@ -391,7 +432,7 @@ impl Store {
             }
             let (k, v) = kv?;
             let first = seq_of_chunk_key(&k)?;
-            let chunk: Chunk = decode(&k, &v)?;
+            let chunk = decode_chunk(&k, &v)?;
             // Retention keeps a chunk while any of its actions is young enough.
             if chunk.actions.iter().any(|a| a.fired_at >= cutoff) {
                 break;
@@ -406,6 +447,7 @@ impl Store {
     }
 
     /// Adds to `batch` the removal of `user`'s data from the action log: the user's index keys,
+    /// pending deliveries and dead letters,
     /// and the user's id, payloads and events from every chunk holding the user's actions
     /// (sequences, action ids and triggers stay, so the log keeps no gap). Answers how many
     /// actions were stripped.
@@ -419,6 +461,9 @@ impl Store {
             chunks.extend(seqs);
             batch.remove_raw(k.to_vec());
         }
+        // The user's pending deliveries and dead letters go with the actions' data.
+        let seqs: Vec<u64> = chunks.iter().copied().collect();
+        self.remove_deliveries_of(batch, &seqs)?;
         let mut done: Option<(u64, u64)> = None;
         for seq in chunks {
             if matches!(done, Some((first, len)) if seq >= first && seq < first + len) {
@@ -493,7 +538,40 @@ pub(super) mod tests {
             fired_at: Timestamp { secs: 2, nanos: 0 },
             payload: format!("p-{user}"),
             event: None,
+            destination_id: String::new(),
         }
+    }
+
+    #[test]
+    fn a_chunk_keeps_each_actions_destination_and_one_written_before_destinations_decodes() {
+        #[derive(Serialize)]
+        struct ChunkV1Out<'a> {
+            events: &'a Vec<Event>,
+            actions: &'a Vec<Entry>,
+        }
+        let mut c = Chunk::default();
+        c.push(action("a", "t1"), None);
+        c.push(
+            FiredAction {
+                destination_id: "d1".into(),
+                ..action("b", "t2")
+            },
+            None,
+        );
+        let again = decode_chunk(b"N", &encode(&c)).expect("decodes");
+        let all = again.all(b"N", 10).expect("actions");
+        assert_eq!(
+            all.iter().map(|a| a.destination_id.as_str()).collect::<Vec<_>>(),
+            vec!["", "d1"]
+        );
+        let old = encode(&ChunkV1Out {
+            events: &c.events,
+            actions: &c.actions,
+        });
+        let read = decode_chunk(b"N", &old).expect("the older form decodes");
+        assert_eq!(read.len(), 2);
+        assert!(read.destinations.is_empty());
+        assert!(decode_chunk(b"N", &old[..old.len() - 1]).is_err());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub(super) const ROLLUP_META: u8 = b'X';
 pub(crate) const TIMER_BUCKET: u8 = b'P';
 pub(super) const DUE: u8 = b'Q';
 pub(super) const ERASING: u8 = b'D';
+pub(super) const DESTINATION: u8 = b'O';
+pub(super) const DELIVERY_POSITION: u8 = b'J';
+pub(super) const RETRY: u8 = b'j';
+pub(super) const DEAD_LETTER: u8 = b'o';
 pub(super) const META_EVENT_SEQ: &[u8] = b"Mevent_seq";
 pub(super) const META_ACTION_SEQ: &[u8] = b"Maction_seq";
 /// Present once the by-name index is built.

@@ -6,6 +6,8 @@
 //! | layout | how it is recognised | what happens |
 //! |---|---|---|
 //! | triggers stored before timers existed | the record decodes as [`TriggerV1`] with no bytes left | read as a trigger without `delay`/`unless`; rewritten in the current form by its next change |
+//! | triggers stored before destinations existed | the record decodes as [`TriggerV2`] with no bytes left | read as a trigger without a destination; rewritten by its next change |
+//! | action chunks written before destinations existed | the chunk decodes as `ChunkV1` with no bytes left | read as a chunk whose actions go to no destination |
 //! | timers of pre-release builds (one key per timer) | `Q` keys longer than 10 bytes, `P` keys other than 3 bytes, any `Z` key | removed (they would never fire, and erasure does not look for them) |
 //! | a data directory from before the by-name index | no `Mcolumns` key | the index is built from the stored events, 10 000 at a time, then marked built |
 //! | per-minute statistics buckets (before minutes were computed from blocks) | any `K` key | removed, 10 000 per batch (nothing reads them) |
@@ -50,6 +52,47 @@ impl From<TriggerV1> for Trigger {
             updated_at: t.updated_at,
             delay_nanos: None,
             unless: None,
+            destination_id: String::new(),
+        }
+    }
+}
+
+/// A trigger as stored before destinations existed (read once, then rewritten in the current
+/// form by its next change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(super) struct TriggerV2 {
+    id: String,
+    name: String,
+    paused: bool,
+    event_name: String,
+    raw_condition: Option<crate::domain::condition::RawCondition>,
+    condition: Option<crate::domain::condition::Condition>,
+    action: ActionTemplate,
+    cooldown_nanos: Option<i128>,
+    once_per_user: bool,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    delay_nanos: Option<i128>,
+    unless: Option<crate::domain::model::AbsenceCheck>,
+}
+
+impl From<TriggerV2> for Trigger {
+    fn from(t: TriggerV2) -> Self {
+        Trigger {
+            id: t.id,
+            name: t.name,
+            paused: t.paused,
+            event_name: t.event_name,
+            raw_condition: t.raw_condition,
+            condition: t.condition,
+            action: t.action,
+            cooldown_nanos: t.cooldown_nanos,
+            once_per_user: t.once_per_user,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+            delay_nanos: t.delay_nanos,
+            unless: t.unless,
+            destination_id: String::new(),
         }
     }
 }
@@ -60,9 +103,12 @@ pub(super) fn decode_trigger(key: &[u8], bytes: &[u8]) -> Result<Trigger, StoreE
     // form with nothing left over, and nothing else does.
     match decode::<Trigger>(key, bytes) {
         Ok(t) => Ok(t),
-        Err(e) => match postcard::take_from_bytes::<TriggerV1>(bytes) {
+        Err(e) => match postcard::take_from_bytes::<TriggerV2>(bytes) {
             Ok((old, [])) => Ok(old.into()),
-            _ => Err(e),
+            _ => match postcard::take_from_bytes::<TriggerV1>(bytes) {
+                Ok((old, [])) => Ok(old.into()),
+                _ => Err(e),
+            },
         },
     }
 }
@@ -279,6 +325,42 @@ mod tests {
             ("t1", Some(7), None, None)
         );
         assert!(decode_trigger(b"Rt1", &bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_trigger_of_the_layout_before_destinations_decodes_without_one() {
+        let at = Timestamp { secs: 5, nanos: 0 };
+        let old = TriggerV2 {
+            id: "t2".into(),
+            name: "n".into(),
+            paused: true,
+            event_name: "e".into(),
+            raw_condition: None,
+            condition: None,
+            action: ActionTemplate {
+                action_type: "email".into(),
+                payload_template: "hi".into(),
+            },
+            cooldown_nanos: None,
+            once_per_user: false,
+            created_at: at,
+            updated_at: at,
+            delay_nanos: Some(9),
+            unless: None,
+        };
+        let bytes = super::super::codec::encode(&old);
+        let t = decode_trigger(b"Rt2", &bytes).expect("decodes");
+        assert_eq!(
+            (t.id.as_str(), t.paused, t.delay_nanos, t.destination_id.as_str()),
+            ("t2", true, Some(9), "")
+        );
+        // The current form round-trips with its destination.
+        let now = Trigger {
+            destination_id: "d1".into(),
+            ..t
+        };
+        let again = decode_trigger(b"Rt2", &super::super::codec::encode(&now)).expect("decodes");
+        assert_eq!(again, now);
     }
 
     /// Writes `n` actions in the layout before chunks (a record and two empty index keys each),

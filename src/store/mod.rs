@@ -10,7 +10,7 @@
 //! Rooms: [`keys`] (every key layout), [`codec`] (value encodings), [`batch`] (the write
 //! batch), [`events`] (timelines and per-user reads), [`actions`] (the action log, consumers,
 //! firing state), [`columns`] (the by-name index, statistics buckets, rollups), [`timers`]
-//! (pending timers), [`migrate`] (older on-disk layouts, brought up to date at start), [`redo`]
+//! (pending timers), [`destinations`] (destinations, delivery positions, retries, dead letters), [`migrate`] (older on-disk layouts, brought up to date at start), [`redo`]
 //! (atomic groups, completed at start after a crash).
 //!
 //! Key layouts of the `engage` tree (built in [`keys`]; integers big-endian so byte order is
@@ -38,6 +38,10 @@
 //! | `P`    | `P` bucket(2)                                    | postcard list of [`Timer`](crate::domain::model::Timer)s: the pending timers of users hashing there ([`timers`]) |
 //! | `Q`    | `Q` minute(8) part(1)                            | buckets with a timer due in that minute ([`timers`]) |
 //! | `D`    | `D` user_id                                      | empty: an erasure between two of its slices |
+//! | `O`    | `O` destination_id                               | postcard [`Destination`](crate::domain::destination::Destination) ([`destinations`]) |
+//! | `J`    | `J` destination_id                               | delivery position(8): every action up to it is delivered, retried or dead-lettered |
+//! | `j`    | `j` destination_id 0x00 action sequence(8)       | postcard [`DeliveryState`](crate::domain::destination::DeliveryState): a pending retry |
+//! | `o`    | `o` destination_id 0x00 action sequence(8)       | postcard `DeliveryState`: a dead letter |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
 //!
 //! Event names, trigger ids and user ids never contain NUL, so 0x00 separates key parts and
@@ -63,6 +67,7 @@ mod batch;
 mod codec;
 pub(crate) mod columns;
 mod compact;
+mod destinations;
 mod events;
 mod integrity;
 mod keys;

@@ -521,6 +521,7 @@ pub fn trigger(event_name: &str, action_type: &str, template: &str) -> proto::Tr
         action: Some(proto::ActionTemplate {
             r#type: action_type.into(),
             payload_template: template.into(),
+            destination_id: String::new(),
         }),
         ..Default::default()
     }
