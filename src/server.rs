@@ -254,7 +254,6 @@ pub async fn serve(
 
     retention.abort();
     delivery_engine.abort();
-    deliveries.stop();
     backups.abort();
     reloads.abort();
     keeper.abort();
@@ -262,9 +261,14 @@ pub async fn serve(
         m.abort();
     }
     drop(pid_file);
-    let left = started_rx.borrow().map_or(grace, |at| {
-        (at + grace).saturating_duration_since(tokio::time::Instant::now())
-    });
+    let left = || {
+        started_rx.borrow().map_or(grace, |at| {
+            (at + grace).saturating_duration_since(tokio::time::Instant::now())
+        })
+    };
+    // Destinations record what they delivered before the engine stops.
+    deliveries.stop(left()).await;
+    let left = left();
     stop_engine(ingest, threads, &store, left).await?;
     tracing::info!("engage stopped");
     Ok(())

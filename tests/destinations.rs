@@ -834,3 +834,126 @@ async fn after_kill_9_during_deliveries_every_action_is_delivered() {
     );
     drop(child);
 }
+
+#[tokio::test]
+async fn at_most_concurrency_deliveries_run_at_once() {
+    let receiver = Receiver::start(|_, _| Answer::Hang(Duration::from_millis(30))).await;
+    let server = server().await;
+    let mut c = destinations(server.channel().await).await;
+    let d = create(
+        &mut c,
+        proto::Destination {
+            concurrency: 3,
+            ..destination(&receiver.url)
+        },
+    )
+    .await;
+    deliver_buys(&server, &d.id).await;
+    let batch = (0..30)
+        .map(|i| event(&format!("u{i}"), "buy", &[("sku", s("x"))]))
+        .collect();
+    server
+        .events()
+        .await
+        .track_events(proto::TrackEventsRequest { events: batch })
+        .await
+        .unwrap();
+    let got = receiver.wait_for(30).await;
+    let most = got.iter().map(|r| r.concurrent).max().unwrap();
+    assert_eq!(most, 3, "at most `concurrency` at once, and that many used");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deliveries_and_dead_letters_are_in_the_metrics() {
+    let ok = Receiver::start(|_, _| Answer::Status(200)).await;
+    let gone = Receiver::start(|_, _| Answer::Status(410)).await;
+    let tmp = tempfile::TempDir::new().unwrap();
+    let child = ChildServer::spawn_with(
+        &data_dir(&tmp),
+        &["--allow-private-destinations", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let start: serde_json::Value =
+        serde_json::from_str(&child.log.wait_for(|l| l.contains("engage started"))).unwrap();
+    let metrics = start["metrics_listen"].as_str().unwrap().to_string();
+    let channel = child.channel().await;
+    let mut c = DestinationServiceClient::new(channel.clone());
+    let mut triggers = engage::proto::trigger_service_client::TriggerServiceClient::new(channel);
+    let good = create(&mut c, destination(&ok.url)).await;
+    let bad = create(&mut c, destination(&gone.url)).await;
+    for (name, d) in [("buy", &good), ("sell", &bad)] {
+        let mut t = trigger(name, "webhook", "{{ user_id }}");
+        t.action.as_mut().unwrap().destination_id = d.id.clone();
+        create_trigger(&mut triggers, t).await.unwrap();
+    }
+    let mut events = child.events().await;
+    fired(&mut events, event("ann", "buy", &[])).await;
+    fired(&mut events, event("ann", "sell", &[])).await;
+    ok.wait_for(1).await;
+    gone.wait_for(1).await;
+    let want = [
+        format!(
+            "engage_deliveries_total{{destination_id=\"{}\",outcome=\"delivered\"}} 1",
+            good.id
+        ),
+        format!(
+            "engage_deliveries_total{{destination_id=\"{}\",outcome=\"dead_letter\"}} 1",
+            bad.id
+        ),
+        format!("engage_dead_letters{{destination_id=\"{}\"}} 1", bad.id),
+        format!("engage_delivery_queue{{destination_id=\"{}\"}} 0", good.id),
+        format!(
+            "engage_delivery_latency_seconds_count{{destination_id=\"{}\"}} 1",
+            good.id
+        ),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = tokio::task::spawn_blocking({
+            let metrics = metrics.clone();
+            move || {
+                ureq::get(&format!("http://{metrics}/metrics"))
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let missing: Vec<&String> = want
+            .iter()
+            .filter(|w| !text.lines().any(|l| l == w.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "missing {missing:?} in\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_clean_restart_sends_nothing_twice() {
+    let receiver = Receiver::start(|_, _| Answer::Status(200)).await;
+    let flags = |a: &mut engage::config::ServeArgs| a.allow_private_destinations = true;
+    let server = TestServer::start_with(flags).await;
+    let mut c = destinations(server.channel().await).await;
+    let d = create(&mut c, destination(&receiver.url)).await;
+    deliver_buys(&server, &d.id).await;
+    for i in 0..5 {
+        buy(&server, &format!("u{i}"), "x").await;
+    }
+    receiver.wait_for(5).await;
+    let dir = server.stop().await;
+    let mut restarted = args(dir.path());
+    flags(&mut restarted);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = TestServer::start_on(listener, dir, restarted);
+    // What the stop recorded is not sent again: the next request is the new action's.
+    buy(&server, "after", "y").await;
+    let got = receiver.wait_for(6).await;
+    assert!(got[5].body.contains("after"), "{:?}", got[5].body);
+    let ids: HashSet<&str> = got.iter().map(|r| header(r, "webhook-id")).collect();
+    assert_eq!(ids.len(), 6);
+}

@@ -22,6 +22,7 @@
 // A benchmark tool: a failed setup step aborts the run with its message.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod deliveries;
 mod history;
 mod http;
 mod rollup;
@@ -80,6 +81,9 @@ enum Cmd {
     /// TrackEvent latency at a fixed rate while all-history queries make the server build and
     /// refresh a rollup over the stored events.
     RollupStall(rollup::RollupArgs),
+    /// Destinations: deliveries per second to a local receiver, event -> webhook latency, and
+    /// ingest with a failing destination against none.
+    Deliveries(deliveries::DeliveryArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -510,12 +514,38 @@ fn quantiles(h: &Histogram<u64>) -> String {
 /// that latency is measured too, from the same due time. The echo server has no actions: without
 /// `subscribe` only the answers are measured, the floor this client and the transport put under
 /// every figure.
-async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe: bool) -> OpenLoop {
+/// Where an open-loop run learns that an event's action arrived: nowhere, a subscriber of the
+/// server's action stream, or the event ids a webhook receiver reports.
+enum Arrivals {
+    None,
+    Subscriber,
+    Ids(tokio::sync::mpsc::UnboundedReceiver<String>),
+}
+
+impl From<bool> for Arrivals {
+    fn from(subscribe: bool) -> Self {
+        if subscribe {
+            Arrivals::Subscriber
+        } else {
+            Arrivals::None
+        }
+    }
+}
+
+async fn open_loop(
+    addr: SocketAddr,
+    secs: u64,
+    rate: f64,
+    users: u64,
+    arrivals: impl Into<Arrivals>,
+) -> OpenLoop {
     use proto::action_service_client::ActionServiceClient;
     use std::sync::{Arc, Mutex};
+    let arrivals = arrivals.into();
+    let subscribe = !matches!(arrivals, Arrivals::None);
     let due_of: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut stream = if subscribe {
-        Some(
+    let mut stream = match &arrivals {
+        Arrivals::Subscriber => Some(
             ActionServiceClient::new(channel(addr).await)
                 .subscribe_actions(proto::SubscribeActionsRequest {
                     start: proto::StartFrom::Latest as i32,
@@ -524,9 +554,12 @@ async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe
                 .await
                 .expect("subscribe")
                 .into_inner(),
-        )
-    } else {
-        None
+        ),
+        _ => None,
+    };
+    let mut ids = match arrivals {
+        Arrivals::Ids(rx) => Some(rx),
+        _ => None,
     };
     let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
     let receiver = {
@@ -534,20 +567,26 @@ async fn open_loop(addr: SocketAddr, secs: u64, rate: f64, users: u64, subscribe
         tokio::spawn(async move {
             let mut hist = histogram();
             loop {
-                let Some(stream) = stream.as_mut() else {
-                    let _ = (&mut done).await;
-                    return hist;
+                let next = async {
+                    match (stream.as_mut(), ids.as_mut()) {
+                        (Some(stream), _) => match stream.message().await {
+                            Ok(Some(action)) => Some(action.event_id),
+                            _ => None,
+                        },
+                        (None, Some(ids)) => ids.recv().await,
+                        (None, None) => std::future::pending().await,
+                    }
                 };
                 tokio::select! {
                     _ = &mut done => return hist,
-                    msg = stream.message() => match msg {
-                        Ok(Some(action)) => {
-                            let due = due_of.lock().expect("due map").remove(&action.event_id);
+                    id = next => match id {
+                        Some(id) => {
+                            let due = due_of.lock().expect("due map").remove(&id);
                             if let Some(due) = due {
                                 let _ = hist.record(due.elapsed().as_micros().max(1) as u64);
                             }
                         }
-                        _ => return hist,
+                        None => return hist,
                     },
                 }
             }
@@ -996,5 +1035,6 @@ fn main() {
         Cmd::History(args) => rt.block_on(history::run(args)),
         Cmd::OpenLoop(args) => rt.block_on(open_loop_run(args)),
         Cmd::RollupStall(args) => rt.block_on(rollup::run(args)),
+        Cmd::Deliveries(args) => rt.block_on(deliveries::run(args)),
     }
 }

@@ -312,7 +312,17 @@ impl DestinationService for DestinationApi {
         let id = r.destination_id.clone();
         let result = async {
             self.known("destination_id", &id)?;
-            Ok::<_, Status>(self.ingest.redrive(id.clone(), r.sequences).await?)
+            // In a task of its own: a client that gives up after the redrive is written does
+            // not leave the moved dead letters unknown to the delivery engine until a restart.
+            let (ingest, deliveries, task_id) = (self.ingest.clone(), self.deliveries.clone(), id.clone());
+            let moved = tokio::spawn(async move {
+                let moved = ingest.redrive(task_id.clone(), r.sequences).await?;
+                deliveries.redriven(&task_id, moved.clone());
+                Ok::<_, Error>(moved)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("redrive task: {e}")))??;
+            Ok::<_, Status>(moved)
         }
         .await;
         let target = match &result {
@@ -325,9 +335,7 @@ impl DestinationService for DestinationApi {
             &target,
             &result,
         );
-        let moved = result?;
-        let redriven = moved.len() as u32;
-        self.deliveries.redriven(&id, moved);
+        let redriven = result?.len() as u32;
         Ok(Response::new(proto::RedriveDeadLettersResponse { redriven }))
     }
 }

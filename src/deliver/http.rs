@@ -139,7 +139,11 @@ impl Sender {
         };
         let timeout = Duration::from_millis(d.timeout_ms.max(1));
         let attempt = async {
-            let answer = self.client.request(request).await.map_err(|e| chain(&e))?;
+            let answer = self.client.request(request).await.map_err(|e| {
+                // A host resolving to a private address is refused, not retried.
+                let refused = refused_by_resolver(&e);
+                (chain(&e), refused)
+            })?;
             let status = answer.status().as_u16();
             let retry_after = answer
                 .headers()
@@ -150,7 +154,7 @@ impl Sender {
                 Ok(b) => b.to_bytes(),
                 Err(_) => Bytes::new(),
             };
-            Ok::<_, String>((status, retry_after, body))
+            Ok::<_, (String, bool)>((status, retry_after, body))
         };
         match tokio::time::timeout(timeout, attempt).await {
             Err(_) => Attempt::Failed {
@@ -158,9 +162,10 @@ impl Sender {
                 error: format!("no answer within {} ms (timeout)", d.timeout_ms),
                 retry_after: None,
             },
-            Ok(Err(e)) => Attempt::Failed {
+            Ok(Err((error, true))) => Attempt::Refused { status: 0, error },
+            Ok(Err((error, false))) => Attempt::Failed {
                 status: 0,
-                error: e,
+                error,
                 retry_after: None,
             },
             Ok(Ok((status, retry_after, body))) => {
@@ -175,6 +180,20 @@ impl Sender {
             }
         }
     }
+}
+
+/// Whether the connection was refused by [`Resolver`] (a private address).
+fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// An error with its causes, one line.

@@ -60,7 +60,7 @@ struct WorkerHandle {
     config: watch::Sender<Arc<Destination>>,
     redriven: mpsc::UnboundedSender<Vec<u64>>,
     status: Arc<Mutex<Status>>,
-    task: tokio::task::AbortHandle,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What a worker shows of itself.
@@ -72,9 +72,45 @@ pub(crate) struct Status {
     pub dead_letters: u64,
 }
 
+/// How often the supervisor restarts a destination's task that ended on an error.
+const RESTART_EVERY: Duration = Duration::from_secs(5);
+
+/// What the supervisor needs to start a destination's task.
+struct Spawner {
+    weak: crate::engine::WeakIngest,
+    store: Store,
+    settings: DeliverySettings,
+    sender: http::Sender,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Spawner {
+    fn spawn(&self, id: &str, d: &Arc<Destination>) -> WorkerHandle {
+        let (config, config_rx) = watch::channel(d.clone());
+        let (redriven, redriven_rx) = mpsc::unbounded_channel();
+        let status = Arc::new(Mutex::new(Status::default()));
+        let worker = Worker {
+            id: id.to_string(),
+            ingest: self.weak.clone(),
+            store: self.store.clone(),
+            sender: self.sender.clone(),
+            settings: self.settings.clone(),
+            status: status.clone(),
+        };
+        let task = tokio::spawn(worker.run(config_rx, redriven_rx, self.stopped.clone()));
+        WorkerHandle {
+            config,
+            redriven,
+            status,
+            task: Some(task),
+        }
+    }
+}
+
 impl Deliveries {
     /// Starts the engine: a task per destination, following the destinations as they change,
-    /// until every [`Ingest`] handle but the engine's own is gone or `stopped` turns true.
+    /// until every [`Ingest`] handle but the engine's own is gone or `stopped` turns true (then
+    /// each task records what finished and ends; [`Deliveries::stop`] waits for them).
     pub(crate) fn start(
         ingest: &Ingest,
         store: Store,
@@ -85,10 +121,14 @@ impl Deliveries {
             workers: Arc::default(),
             sender: http::Sender::new(settings.allow_private)?,
         };
-        let task = tokio::spawn(
-            this.clone()
-                .supervise(ingest.downgrade(), store, settings, stopped),
-        );
+        let spawner = Spawner {
+            weak: ingest.downgrade(),
+            store,
+            settings,
+            sender: this.sender.clone(),
+            stopped,
+        };
+        let task = tokio::spawn(this.clone().supervise(spawner));
         Ok((this, task))
     }
 
@@ -106,10 +146,28 @@ impl Deliveries {
             .unwrap_or_default()
     }
 
-    /// Stops every destination's task (attempts in flight are abandoned: they repeat after the
-    /// next start, as after a crash).
-    pub(crate) fn stop(&self) {
-        self.workers.lock().clear();
+    /// Waits up to `grace` for every destination's task to record what finished (they stop on
+    /// the `stopped` signal; attempts in flight are abandoned and repeat after the next start,
+    /// as after a crash), then ends the rest.
+    pub(crate) async fn stop(&self, grace: Duration) {
+        let tasks: Vec<tokio::task::JoinHandle<()>> = self
+            .workers
+            .lock()
+            .drain()
+            .filter_map(|(_, mut w)| w.task.take())
+            .collect();
+        let aborts: Vec<tokio::task::AbortHandle> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("destination tasks still recording after the grace period");
+        }
+        for a in aborts {
+            a.abort();
+        }
     }
 
     /// Tells a destination's task that dead letters went back to its queue.
@@ -119,84 +177,68 @@ impl Deliveries {
         }
     }
 
-    async fn supervise(
-        self,
-        weak: crate::engine::WeakIngest,
-        store: Store,
-        settings: DeliverySettings,
-        mut stopped: watch::Receiver<bool>,
-    ) {
-        let Some(mut changed) = weak.upgrade().map(|i| i.destinations_changed()) else {
+    async fn supervise(self, mut spawner: Spawner) {
+        let Some(mut changed) = spawner.weak.upgrade().map(|i| i.destinations_changed()) else {
             return;
         };
+        let mut restarts = tokio::time::interval(RESTART_EVERY);
         loop {
-            let Some(ingest) = weak.upgrade() else {
+            let Some(ingest) = spawner.weak.upgrade() else {
                 break;
             };
             let now = ingest.destinations();
             drop(ingest);
             {
                 let mut workers = self.workers.lock();
-                workers.retain(|id, w| {
+                workers.retain(|id, _| {
                     let keep = now.contains_key(id);
                     if !keep {
-                        w.task.abort();
                         telemetry::forget_destination(id);
                     }
                     keep
                 });
                 for (id, d) in &now {
+                    let ended = workers
+                        .get(id)
+                        .is_some_and(|w| w.task.as_ref().is_none_or(|t| t.is_finished()));
                     match workers.get(id) {
-                        Some(w) => {
+                        Some(w) if !ended => {
                             if !Arc::ptr_eq(&w.config.borrow(), d) {
                                 let _ = w.config.send(d.clone());
                             }
                         }
-                        None => {
-                            let (config, config_rx) = watch::channel(d.clone());
-                            let (redriven, redriven_rx) = mpsc::unbounded_channel();
-                            let status = Arc::new(Mutex::new(Status::default()));
-                            let worker = Worker {
-                                id: id.clone(),
-                                ingest: weak.clone(),
-                                store: store.clone(),
-                                sender: self.sender.clone(),
-                                settings: settings.clone(),
-                                status: status.clone(),
-                            };
-                            let task = tokio::spawn(worker.run(config_rx, redriven_rx)).abort_handle();
-                            workers.insert(
-                                id.clone(),
-                                WorkerHandle {
-                                    config,
-                                    redriven,
-                                    status,
-                                    task,
-                                },
-                            );
+                        _ => {
+                            workers.insert(id.clone(), spawner.spawn(id, d));
                         }
                     }
                 }
             }
             tokio::select! {
                 c = changed.changed() => if c.is_err() { break },
-                _ = stopped.wait_for(|s| *s) => break,
+                _ = spawner.stopped.wait_for(|s| *s) => break,
+                _ = restarts.tick() => {}
             }
         }
-        self.stop();
     }
 }
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
     }
 }
 
-/// The most actions a worker reads ahead of its attempts.
+/// The most actions a worker holds read and not yet attempted.
 const READ_AHEAD: usize = 512;
+/// The furthest a worker reads past its position (one attempt that hangs holds the position
+/// back; what is settled after it is listed with the position, so this bounds that list).
+const MAX_AHEAD: u64 = 4096;
 /// How often a worker writes its position when only actions of other destinations passed.
 const POSITION_EVERY: Duration = Duration::from_secs(1);
+/// The longest a worker sleeps on a due time (a clock step cannot make it sleep for ever).
+const MAX_SLEEP: Duration = Duration::from_secs(600);
 
 /// A worker's bookkeeping of the log, shared with the writer thread (see `Position`).
 #[derive(Default)]
@@ -205,8 +247,12 @@ struct Progress {
     read: u64,
     /// Actions read for this destination without an outcome recorded.
     open: BTreeSet<u64>,
-    /// The position last handed to the writer.
+    /// Actions after the position with an outcome recorded (written with the position, so a
+    /// restart does not attempt them again).
+    settled: BTreeSet<u64>,
+    /// The position last handed to the writer, and whether `settled` changed since.
     written: u64,
+    dirty: bool,
 }
 
 impl Progress {
@@ -222,13 +268,22 @@ impl Progress {
         self.position() > self.written
     }
 
-    /// The new position, if it moved.
-    fn advance(&mut self) -> Option<u64> {
+    /// Records `seqs` as settled; answers the new position and the settled actions after it,
+    /// if they changed.
+    fn settle(&mut self, seqs: Vec<u64>) -> Option<(u64, Vec<u64>)> {
+        for s in seqs {
+            self.open.remove(&s);
+            self.settled.insert(s);
+            self.dirty = true;
+        }
         let at = self.position();
-        (at > self.written).then(|| {
-            self.written = at;
-            at
-        })
+        self.settled = self.settled.split_off(&(at + 1));
+        if at <= self.written && !self.dirty {
+            return None;
+        }
+        self.written = self.written.max(at);
+        self.dirty = false;
+        Some((self.written, self.settled.iter().copied().collect()))
     }
 }
 
@@ -277,65 +332,86 @@ struct Worker {
     status: Arc<Mutex<Status>>,
 }
 
+/// What a worker keeps between its loop's turns.
+struct State {
+    progress: Arc<Mutex<Progress>>,
+    /// Pending retries: due time, then sequence; and each one's state.
+    due: BTreeSet<(Timestamp, u64)>,
+    retries: HashMap<u64, DeliveryState>,
+    /// Actions after the position that already had an outcome at start.
+    recorded: HashSet<u64>,
+    buffer: VecDeque<FiredAction>,
+    inflight: JoinSet<Done>,
+    /// What each attempt in flight is, by task (to settle one whose task failed).
+    attempts: HashMap<tokio::task::Id, (u64, bool, String, Option<DeliveryState>, bool)>,
+    outcomes: Vec<Outcome>,
+    settled_fresh: Vec<u64>,
+    writing: Option<tokio::task::JoinHandle<bool>>,
+    health: HealthState,
+    last_position: Instant,
+    dead: u64,
+}
+
 impl Worker {
+    /// Reads where the destination stands: its position, retries and dead letters.
+    fn load(&self) -> Result<State, crate::store::StoreError> {
+        let (start, settled) = self.store.delivery_position(&self.id)?.unwrap_or((0, Vec::new()));
+        let mut due = BTreeSet::new();
+        let mut retries = HashMap::new();
+        for (seq, state) in self.store.retries(&self.id)? {
+            due.insert((state.next_at, seq));
+            retries.insert(seq, state);
+        }
+        // Actions after the position that already have an outcome (a crash came before the
+        // position caught up with them): listed with it, a retry (scheduled above) or a dead
+        // letter.
+        let mut recorded: HashSet<u64> = settled.into_iter().collect();
+        recorded.extend(
+            self.store
+                .dead_letters(&self.id, start + 1, usize::MAX)?
+                .into_iter()
+                .map(|(seq, _)| seq),
+        );
+        recorded.extend(retries.keys().filter(|s| **s > start));
+        let progress = Progress {
+            read: start,
+            written: start,
+            ..Progress::default()
+        };
+        Ok(State {
+            progress: Arc::new(Mutex::new(progress)),
+            due,
+            retries,
+            recorded,
+            buffer: VecDeque::new(),
+            inflight: JoinSet::new(),
+            attempts: HashMap::new(),
+            outcomes: Vec::new(),
+            settled_fresh: Vec::new(),
+            writing: None,
+            health: HealthState::default(),
+            last_position: Instant::now(),
+            dead: self.store.count_dead_letters(&self.id)?,
+        })
+    }
+
     async fn run(
         self,
         mut config: watch::Receiver<Arc<Destination>>,
         mut redriven: mpsc::UnboundedReceiver<Vec<u64>>,
+        mut stopped: watch::Receiver<bool>,
     ) {
-        let Some(ingest) = self.ingest.upgrade() else {
+        let Some(mut durable) = self.ingest.upgrade().map(|i| i.durable_actions()) else {
             return;
         };
-        let mut durable = ingest.durable_actions();
-        drop(ingest);
-        let progress = Arc::new(Mutex::new(Progress::default()));
-        let start = match self.store.delivery_position(&self.id) {
-            Ok(p) => p.unwrap_or(0),
+        let mut st = match self.load() {
+            Ok(st) => st,
             Err(e) => {
-                tracing::error!(destination = %self.id, error = %e, "cannot read the delivery position; not delivering");
+                tracing::error!(destination = %self.id, error = %e, "cannot read the delivery state; not delivering (retried in a while)");
                 return;
             }
         };
-        {
-            let mut p = progress.lock();
-            p.read = start;
-            p.written = start;
-        }
-        // Pending retries: due time, then sequence; and each one's state.
-        let mut due: BTreeSet<(Timestamp, u64)> = BTreeSet::new();
-        let mut retries: HashMap<u64, DeliveryState> = HashMap::new();
-        match self.store.retries(&self.id) {
-            Ok(all) => {
-                for (seq, state) in all {
-                    due.insert((state.next_at, seq));
-                    retries.insert(seq, state);
-                }
-            }
-            Err(e) => {
-                tracing::error!(destination = %self.id, error = %e, "cannot read the pending retries; not delivering");
-                return;
-            }
-        }
-        // Actions after the position that already have an outcome (a crash came before the
-        // position caught up with them): a retry (scheduled above) or a dead letter.
-        let mut recorded: HashSet<u64> = match self.store.dead_letters(&self.id, start + 1, usize::MAX) {
-            Ok(found) => found.into_iter().map(|(seq, _)| seq).collect(),
-            Err(e) => {
-                tracing::error!(destination = %self.id, error = %e, "cannot read the dead letters; not delivering");
-                return;
-            }
-        };
-        recorded.extend(retries.keys().filter(|s| **s > start));
-        let mut dead = self.store.count_dead_letters(&self.id).unwrap_or(0);
-        let mut buffer: VecDeque<FiredAction> = VecDeque::new();
-        let mut inflight: JoinSet<Done> = JoinSet::new();
-        let mut outcomes: Vec<Outcome> = Vec::new();
-        let mut settled_fresh: Vec<u64> = Vec::new();
-        let mut writing: Option<tokio::task::JoinHandle<bool>> = None;
-        let mut health = HealthState::default();
-        let mut last_position = Instant::now();
         let mut erasures = self.ingest.upgrade().map_or(0, |i| i.erasures());
-        let mut dead_counted_at = erasures;
         let labels = [("destination_id", self.id.clone())];
         loop {
             let d = config.borrow().clone();
@@ -346,204 +422,314 @@ impl Worker {
             let now_erasures = ingest.erasures();
             if now_erasures != erasures {
                 erasures = now_erasures;
-                for a in buffer.iter_mut() {
+                for a in st.buffer.iter_mut() {
                     match self.store.action_at(a.sequence) {
                         Ok(Some(fresh)) => *a = fresh,
-                        Ok(None) | Err(_) => a.user_id.clear(),
+                        Ok(None) => a.user_id.clear(),
+                        // Kept as read: the attempt's outcome is checked on the writer thread.
+                        Err(_) => {}
                     }
                 }
-            }
-            // Read ahead from the log, up to the durable head.
-            let head = *durable.borrow();
-            let read = progress.lock().read;
-            if buffer.len() < READ_AHEAD && read < head {
-                match self.store.actions(read + 1, head, READ_AHEAD, 4 * 1024 * 1024) {
-                    Ok(actions) => {
-                        let mut p = progress.lock();
-                        for a in actions {
-                            p.read = a.sequence;
-                            if a.destination_id == self.id && !recorded.remove(&a.sequence) {
-                                p.open.insert(a.sequence);
-                                buffer.push_back(a);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(destination = %self.id, error = %e, "cannot read the action log");
-                    }
+                if st.dead > 0 {
+                    st.dead = self.store.count_dead_letters(&self.id).unwrap_or(st.dead);
                 }
             }
-            // Start attempts.
-            let now = Timestamp::now();
-            let instant = Instant::now();
-            let limit = if health.suspended {
-                1
-            } else {
-                d.concurrency.max(1) as usize
-            };
-            let probe_due = health.next_probe.is_none_or(|at| at <= instant);
-            while !d.paused && inflight.len() < limit && (!health.suspended || probe_due) {
-                // Retries first when due, then fresh actions (erased ones settle at once).
-                let next_retry = due.first().copied().filter(|(at, _)| *at <= now);
-                let (action, before, fresh) = if let Some((at, seq)) = next_retry {
-                    due.remove(&(at, seq));
-                    let Some(state) = retries.get(&seq).cloned() else {
-                        continue;
-                    };
-                    match self.store.action_at(seq) {
-                        Ok(Some(a)) if !a.user_id.is_empty() => (a, Some(state), false),
-                        Ok(_) => {
-                            // Expired from the log or erased: nothing left to deliver.
-                            retries.remove(&seq);
-                            outcomes.push(Outcome::Settled { seq });
-                            continue;
-                        }
-                        Err(e) => {
-                            tracing::error!(destination = %self.id, seq, error = %e, "cannot read an action to retry");
-                            due.insert((now.plus_secs(1), seq));
-                            break;
-                        }
-                    }
-                } else if let Some(a) = buffer.pop_front() {
-                    if a.user_id.is_empty() {
-                        settled_fresh.push(a.sequence);
-                        continue;
-                    }
-                    (a, None, true)
-                } else {
-                    break;
-                };
-                let sender = self.sender.clone();
-                let dest = d.clone();
-                let probe = health.suspended;
-                inflight.spawn(async move {
-                    let started = Timestamp::now();
-                    let attempt = sender.post(&dest, &action).await;
-                    Done {
-                        seq: action.sequence,
-                        fresh,
-                        user: action.user_id,
-                        fired_at: action.fired_at,
-                        attempt,
-                        before,
-                        started,
-                        probe,
-                    }
-                });
-                if health.suspended {
-                    // One probe at a time; the next waits for this one's outcome.
-                    health.next_probe = Some(Instant::now() + Duration::from_secs(24 * 3600));
-                    break;
-                }
+            self.read_ahead(&mut st, *durable.borrow());
+            self.start_attempts(&d, &mut st);
+            if st.writing.is_none() {
+                self.write(&ingest, &mut st, false);
             }
-            // Hand finished outcomes to the writer, one write at a time.
-            let moved = progress.lock().moved();
-            if writing.is_none() {
-                let position_due = moved && last_position.elapsed() >= POSITION_EVERY;
-                if !outcomes.is_empty() || !settled_fresh.is_empty() || position_due {
-                    last_position = Instant::now();
-                    let batch = std::mem::take(&mut outcomes);
-                    let settled = std::mem::take(&mut settled_fresh);
-                    let p = progress.clone();
-                    let position: crate::engine::Position = Box::new(move || {
-                        let mut p = p.lock();
-                        for s in settled {
-                            p.open.remove(&s);
-                        }
-                        p.advance()
-                    });
-                    let ingest = ingest.clone();
-                    let id = self.id.clone();
-                    writing = Some(tokio::spawn(async move {
-                        match ingest.record_deliveries(id.clone(), batch, position).await {
-                            Ok(()) => true,
-                            Err(e) => {
-                                tracing::error!(destination = %id, error = %e, "recording deliveries failed");
-                                false
-                            }
-                        }
-                    }));
-                }
-            }
-            if dead_counted_at != erasures {
-                dead_counted_at = erasures;
-                dead = self.store.count_dead_letters(&self.id).unwrap_or(dead);
-            }
+            let queued = (st.buffer.len() + st.retries.len() + st.inflight.len()) as u64;
             {
-                let queued = (buffer.len() + retries.len() + inflight.len()) as u64;
                 let mut s = self.status.lock();
-                s.health = health.health();
+                s.health = st.health.health();
                 s.queued = queued;
-                s.dead_letters = dead;
-                metrics::gauge!(telemetry::DELIVERY_QUEUE, &labels).set(queued as f64);
-                metrics::gauge!(telemetry::DEAD_LETTERS, &labels).set(dead as f64);
+                s.dead_letters = st.dead;
             }
+            metrics::gauge!(telemetry::DELIVERY_QUEUE, &labels).set(queued as f64);
+            metrics::gauge!(telemetry::DEAD_LETTERS, &labels).set(st.dead as f64);
             drop(ingest);
 
-            // Wait for something to do.
-            let next_retry = due.first().map(|(at, _)| *at);
-            let wake = match (health.suspended, health.next_probe) {
-                (true, Some(at)) => Some(at),
-                _ => next_retry.map(|at| {
-                    let ms = (at.as_nanos() - Timestamp::now().as_nanos()).max(0) / 1_000_000;
-                    Instant::now() + Duration::from_millis(ms as u64)
-                }),
-            };
-            // A position that only foreign actions moved is written a little later.
-            let wake = match (wake, moved && writing.is_none()) {
-                (Some(w), true) => Some(w.min(last_position + POSITION_EVERY)),
-                (None, true) => Some(last_position + POSITION_EVERY),
-                (w, false) => w,
-            };
-            let can_read = buffer.len() < READ_AHEAD;
+            let wake = self.wake(&d, &st, *durable.borrow());
             tokio::select! {
-                Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    let Ok(done) = done else { continue };
-                    self.settle(&d, done, &mut health, &mut retries, &mut due, &mut outcomes, &mut settled_fresh, &mut dead, &labels);
+                done = st.inflight.join_next_with_id(), if !st.inflight.is_empty() => {
+                    if let Some(done) = done {
+                        self.finished(&d, &mut st, done, &labels);
+                    }
                     // Take every other attempt that finished meanwhile.
-                    while let Some(Ok(done)) = inflight.try_join_next() {
-                            self.settle(&d, done, &mut health, &mut retries, &mut due, &mut outcomes, &mut settled_fresh, &mut dead, &labels);
+                    while let Some(done) = st.inflight.try_join_next_with_id() {
+                        self.finished(&d, &mut st, done, &labels);
                     }
                 }
-                ok = finished(&mut writing), if writing.is_some() => {
-                    writing = None;
+                ok = written(&mut st.writing), if st.writing.is_some() => {
+                    st.writing = None;
                     if !ok {
                         // The engine refuses writes: nothing more can be recorded.
                         return;
                     }
                 }
-                c = durable.changed(), if can_read => if c.is_err() { return },
+                c = durable.changed() => if c.is_err() { return },
                 c = config.changed() => if c.is_err() { return },
                 Some(seqs) = redriven.recv() => {
                     for seq in seqs {
                         if let Ok(Some(state)) = self.store.retry(&self.id, seq) {
-                            if let Some(old) = retries.insert(seq, state.clone()) {
-                                due.remove(&(old.next_at, seq));
+                            if let Some(old) = st.retries.insert(seq, state.clone()) {
+                                st.due.remove(&(old.next_at, seq));
                             }
-                            due.insert((state.next_at, seq));
+                            st.due.insert((state.next_at, seq));
                         }
                     }
-                    dead = self.store.count_dead_letters(&self.id).unwrap_or(dead);
+                    st.dead = self.store.count_dead_letters(&self.id).unwrap_or(st.dead);
+                }
+                _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                    self.stop(&d, st, &labels).await;
+                    return;
                 }
                 _ = sleep_until(wake) => {}
             }
         }
     }
 
-    /// Takes one attempt's result into the worker's state and queues its outcome record.
-    #[allow(clippy::too_many_arguments)]
-    fn settle(
+    /// Reads actions after what was read, up to the durable `head`, keeping this destination's.
+    fn read_ahead(&self, st: &mut State, head: u64) {
+        let (read, position) = {
+            let p = st.progress.lock();
+            (p.read, p.position())
+        };
+        if st.buffer.len() >= READ_AHEAD || read >= head || read - position >= MAX_AHEAD {
+            return;
+        }
+        match self.store.actions(read + 1, head, READ_AHEAD, 4 * 1024 * 1024) {
+            Ok(actions) => {
+                let mut p = st.progress.lock();
+                for a in actions {
+                    p.read = a.sequence;
+                    if a.destination_id == self.id && !st.recorded.remove(&a.sequence) {
+                        p.open.insert(a.sequence);
+                        st.buffer.push_back(a);
+                    }
+                }
+            }
+            Err(e) => tracing::error!(destination = %self.id, error = %e, "cannot read the action log"),
+        }
+    }
+
+    /// How many attempts may start now.
+    fn slots(&self, d: &Destination, st: &State) -> usize {
+        if d.paused {
+            return 0;
+        }
+        if st.health.suspended {
+            let probe_due = st.health.next_probe.is_none_or(|at| at <= Instant::now());
+            return usize::from(probe_due && st.inflight.is_empty());
+        }
+        (d.concurrency.max(1) as usize).saturating_sub(st.inflight.len())
+    }
+
+    /// Starts attempts: due retries first, then fresh actions (erased ones settle at once).
+    fn start_attempts(&self, d: &Arc<Destination>, st: &mut State) {
+        while self.slots(d, st) > 0 {
+            let now = Timestamp::now();
+            let next_retry = st.due.first().copied().filter(|(at, _)| *at <= now);
+            let (action, before, fresh) = if let Some((at, seq)) = next_retry {
+                st.due.remove(&(at, seq));
+                let Some(state) = st.retries.get(&seq).cloned() else {
+                    continue;
+                };
+                match self.store.action_at(seq) {
+                    Ok(Some(a)) if !a.user_id.is_empty() => (a, Some(state), false),
+                    Ok(Some(_)) => {
+                        // Erased: nothing left to deliver.
+                        st.retries.remove(&seq);
+                        st.outcomes.push(Outcome::Settled { seq });
+                        continue;
+                    }
+                    Ok(None) => {
+                        // Retention holds the log for pending retries; this one was gone anyway
+                        // (a data directory from before that rule): dead-lettered, not dropped.
+                        st.retries.remove(&seq);
+                        st.outcomes.push(Outcome::Dead {
+                            seq,
+                            user: String::new(),
+                            state: DeliveryState {
+                                last_error: "the action expired from the log before it was delivered".into(),
+                                ..state
+                            },
+                        });
+                        st.dead += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(destination = %self.id, seq, error = %e, "cannot read an action to retry");
+                        st.due.insert((now.plus_secs(1), seq));
+                        break;
+                    }
+                }
+            } else if let Some(a) = st.buffer.pop_front() {
+                if a.user_id.is_empty() {
+                    st.settled_fresh.push(a.sequence);
+                    continue;
+                }
+                (a, None, true)
+            } else {
+                break;
+            };
+            let sender = self.sender.clone();
+            let dest = d.clone();
+            let probe = st.health.suspended;
+            let seq = action.sequence;
+            let user = action.user_id.clone();
+            let kept = before.clone();
+            let task = st.inflight.spawn(async move {
+                let started = Timestamp::now();
+                let attempt = sender.post(&dest, &action).await;
+                Done {
+                    seq: action.sequence,
+                    fresh,
+                    user: action.user_id,
+                    fired_at: action.fired_at,
+                    attempt,
+                    before,
+                    started,
+                    probe,
+                }
+            });
+            st.attempts.insert(task.id(), (seq, fresh, user, kept, probe));
+            if probe {
+                // One probe at a time; the next waits for this one's outcome.
+                st.health.next_probe = Some(Instant::now() + MAX_SLEEP);
+            }
+        }
+    }
+
+    /// Takes a finished attempt task's result (a task that failed counts as a failed attempt).
+    fn finished(
         &self,
         d: &Destination,
-        done: Done,
-        health: &mut HealthState,
-        retries: &mut HashMap<u64, DeliveryState>,
-        due: &mut BTreeSet<(Timestamp, u64)>,
-        outcomes: &mut Vec<Outcome>,
-        settled_fresh: &mut Vec<u64>,
-        dead: &mut u64,
+        st: &mut State,
+        done: Result<(tokio::task::Id, Done), tokio::task::JoinError>,
         labels: &[(&'static str, String); 1],
     ) {
+        let done = match done {
+            Ok((id, done)) => {
+                st.attempts.remove(&id);
+                done
+            }
+            Err(e) => {
+                let Some((seq, fresh, user, before, probe)) = st.attempts.remove(&e.id()) else {
+                    return;
+                };
+                let now = Timestamp::now();
+                Done {
+                    seq,
+                    fresh,
+                    user,
+                    fired_at: now,
+                    attempt: Attempt::Failed {
+                        status: 0,
+                        error: "the attempt failed inside engage".into(),
+                        retry_after: None,
+                    },
+                    before,
+                    started: now,
+                    probe,
+                }
+            }
+        };
+        self.settle(d, done, st, labels);
+    }
+
+    /// Hands the outcomes collected so far (and the position, if due or `now`) to the writer.
+    fn write(&self, ingest: &Ingest, st: &mut State, now: bool) {
+        let moved = st.progress.lock().moved();
+        let position_due = moved && (now || st.last_position.elapsed() >= POSITION_EVERY);
+        if st.outcomes.is_empty() && st.settled_fresh.is_empty() && !position_due {
+            return;
+        }
+        st.last_position = Instant::now();
+        let batch = std::mem::take(&mut st.outcomes);
+        let settled = std::mem::take(&mut st.settled_fresh);
+        let progress = st.progress.clone();
+        let position: crate::engine::Position = Box::new(move || progress.lock().settle(settled));
+        let ingest = ingest.clone();
+        let id = self.id.clone();
+        st.writing = Some(tokio::spawn(async move {
+            match ingest.record_deliveries(id.clone(), batch, position).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(destination = %id, error = %e, "recording deliveries failed");
+                    false
+                }
+            }
+        }));
+    }
+
+    /// When to look again without news: a due retry or probe that could start, a position
+    /// to write, more of the log to read.
+    fn wake(&self, d: &Destination, st: &State, head: u64) -> Option<Instant> {
+        let now = Instant::now();
+        let (read, moved, position) = {
+            let p = st.progress.lock();
+            (p.read, p.moved(), p.position())
+        };
+        let mut wake: Option<Instant> = None;
+        let mut at = |w: Instant| wake = Some(wake.map_or(w, |x| x.min(w)));
+        if read < head && st.buffer.len() < READ_AHEAD && read - position < MAX_AHEAD {
+            at(now);
+        }
+        if moved && st.writing.is_none() {
+            at(st.last_position + POSITION_EVERY);
+        }
+        let can_start = !d.paused
+            && if st.health.suspended {
+                st.inflight.is_empty()
+            } else {
+                st.inflight.len() < d.concurrency.max(1) as usize
+            };
+        if can_start {
+            let retry_at = st.due.first().map(|(at, _)| {
+                let ms = (at.as_nanos() - Timestamp::now().as_nanos()).max(0) / 1_000_000;
+                now + Duration::from_millis(ms as u64).min(MAX_SLEEP)
+            });
+            let work_at = if st.buffer.is_empty() { retry_at } else { Some(now) };
+            match (st.health.suspended, work_at) {
+                (true, Some(w)) => at(w.max(st.health.next_probe.unwrap_or(w))),
+                (false, Some(w)) => at(w),
+                (_, None) => {}
+            }
+        }
+        wake
+    }
+
+    /// On shutdown: starts nothing more, lets the attempts in flight finish (the server's
+    /// grace period bounds the wait: see [`Deliveries::stop`]; an attempt cut off then repeats
+    /// after the next start, as after a crash) and records every outcome.
+    async fn stop(&self, d: &Destination, mut st: State, labels: &[(&'static str, String); 1]) {
+        while let Some(done) = st.inflight.join_next_with_id().await {
+            self.finished(d, &mut st, done, labels);
+        }
+        if let Some(w) = st.writing.take() {
+            let _ = w.await;
+        }
+        if let Some(ingest) = self.ingest.upgrade() {
+            self.write(&ingest, &mut st, true);
+            if let Some(w) = st.writing.take() {
+                let _ = w.await;
+            }
+        }
+    }
+
+    /// Takes one attempt's result into the worker's state and queues its outcome record.
+    fn settle(&self, d: &Destination, done: Done, st: &mut State, labels: &[(&'static str, String); 1]) {
+        let State {
+            health,
+            retries,
+            due,
+            outcomes,
+            settled_fresh,
+            dead,
+            ..
+        } = st;
         let now = Timestamp::now();
         let seq = done.seq;
         if done.fresh {
@@ -668,7 +854,7 @@ impl Worker {
 }
 
 /// The result of the write in flight (`false` if it failed or is gone).
-async fn finished(writing: &mut Option<tokio::task::JoinHandle<bool>>) -> bool {
+async fn written(writing: &mut Option<tokio::task::JoinHandle<bool>>) -> bool {
     match writing {
         Some(w) => w.await.unwrap_or(false),
         None => std::future::pending().await,
@@ -679,5 +865,30 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_position_stops_below_the_first_open_action_and_lists_what_is_settled_after_it() {
+        let mut p = Progress {
+            read: 10,
+            written: 0,
+            ..Progress::default()
+        };
+        p.open.extend([3, 5, 8]);
+        // 5 and 8 settle first: the position stays at 2 and lists them.
+        assert_eq!(p.settle(vec![5, 8]), Some((2, vec![5, 8])));
+        assert!(!p.moved());
+        assert_eq!(p.settle(vec![]), None);
+        // 3 settles: everything read is settled.
+        assert_eq!(p.settle(vec![3]), Some((10, vec![])));
+        assert_eq!(p.settle(vec![]), None);
+        p.read = 12;
+        assert!(p.moved());
+        assert_eq!(p.settle(vec![]), Some((12, vec![])));
     }
 }

@@ -196,17 +196,32 @@ pub(crate) fn is_private(ip: IpAddr) -> bool {
                 || v4.is_multicast()
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            let s = v6.segments();
+            if v6.is_loopback() || v6.is_unspecified() {
+                return true;
+            }
+            // IPv4-mapped and -compatible (::ffff:a.b.c.d, ::a.b.c.d), NAT64 (64:ff9b::/96)
+            // and 6to4 (2002::/16) addresses reach the IPv4 address they embed.
+            if let Some(v4) = v6.to_ipv4() {
                 return is_private(IpAddr::V4(v4));
             }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return is_private(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
+            }
+            if s[0] == 0x2002 {
+                let [a, b] = s[1].to_be_bytes();
+                let [c, d] = s[2].to_be_bytes();
+                return is_private(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
+            }
+            v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
         }
     }
 }
@@ -421,6 +436,11 @@ mod tests {
             "fe80::1",
             "fd00::1",
             "::ffff:127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:c0a8:101::1",
+            "fec0::1",
+            "198.18.0.1",
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }

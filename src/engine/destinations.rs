@@ -33,9 +33,10 @@ pub(crate) enum Outcome {
 }
 
 /// Called by the writer while it records outcomes: answers the destination's new delivery
-/// position, if it moved (it reads the delivery engine's own bookkeeping at that moment, so the
-/// position written never passes an outcome not yet in this or an earlier batch).
-pub(crate) type Position = Box<dyn FnOnce() -> Option<u64> + Send>;
+/// position and the actions after it that have an outcome, if they changed (it reads the
+/// delivery engine's own bookkeeping at that moment, so the position written never passes an
+/// outcome not yet in this or an earlier batch).
+pub(crate) type Position = Box<dyn FnOnce() -> Option<(u64, Vec<u64>)> + Send>;
 
 impl Ingest {
     /// Every destination, by id.
@@ -60,7 +61,9 @@ impl Ingest {
                 ..d
             };
             group.batch.put_destination(&d);
-            group.batch.put_delivery_position(&d.id, writer.last_action_seq);
+            group
+                .batch
+                .put_delivery_position(&d.id, writer.last_action_seq, &[]);
             writer.destinations.insert(d.id.clone(), Arc::new(d.clone()));
             group.destinations_changed = true;
             Ok(d)
@@ -98,7 +101,8 @@ impl Ingest {
     /// Deletes a destination with its queue and dead letters; FAILED_PRECONDITION while a
     /// trigger delivers to it.
     pub(crate) async fn delete_destination(&self, id: String) -> Result<(), Error> {
-        self.run(move |writer, group| {
+        // Alone: no outcome of the destination is in the group the removal scans past.
+        self.run_alone(move |writer, group| {
             if !writer.destinations.contains_key(&id) {
                 return Err(Error::NotFound(format!("id: no destination {id:?}")));
             }
@@ -117,10 +121,10 @@ impl Ingest {
     }
 
     /// Records attempts' outcomes at destination `id` and its new position (see [`Position`]).
-    /// An outcome of an action whose user was erased since (a user without events), or of a
-    /// destination deleted since, writes nothing: erasure already dropped its records. (The
-    /// check is the user registry's one key, not the action's chunk: it runs for every failed
-    /// attempt, on the writer thread.)
+    /// An outcome of an action whose user was erased since (the action is gone from the
+    /// user's action index), or of a destination deleted since, writes nothing: erasure already
+    /// dropped its records. (The check is one index read, not the action's chunk: it runs for
+    /// every failed attempt, on the writer thread.)
     pub(crate) async fn record_deliveries(
         &self,
         id: String,
@@ -136,20 +140,20 @@ impl Ingest {
                 match o {
                     Outcome::Settled { seq } => group.batch.remove_retry(&id, seq),
                     Outcome::Retry { seq, user, state } => {
-                        if writer.store.has_user(&user)? {
+                        if writer.store.user_has_action(&user, seq)? {
                             group.batch.put_retry(&id, seq, &state);
                         }
                     }
                     Outcome::Dead { seq, user, state } => {
                         group.batch.remove_retry(&id, seq);
-                        if writer.store.has_user(&user)? {
+                        if writer.store.user_has_action(&user, seq)? {
                             group.batch.put_dead_letter(&id, seq, &state);
                         }
                     }
                 }
             }
-            if let Some(p) = position {
-                group.batch.put_delivery_position(&id, p);
+            if let Some((p, settled)) = position {
+                group.batch.put_delivery_position(&id, p, &settled);
             }
             Ok(())
         })

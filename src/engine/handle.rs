@@ -60,7 +60,7 @@ impl Ingest {
     }
 
     /// Like [`Ingest::run`], as a barrier (see [`Job`]).
-    async fn run_alone<T: Send + 'static>(
+    pub(super) async fn run_alone<T: Send + 'static>(
         &self,
         job: impl FnOnce(&mut Writer, &mut Group) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {

@@ -228,7 +228,7 @@ impl Chunk {
 }
 
 /// The sequences an index entry names: its key's, plus each distance in its value.
-fn index_sequences(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
+pub(super) fn index_sequences(key: &[u8], value: &[u8]) -> Result<Vec<u64>, StoreError> {
     let start = seq_of_index_key(key)?;
     if value.is_empty() {
         return Ok(vec![start]);
@@ -418,13 +418,17 @@ impl Store {
     }
 
     /// Adds to `batch` the deletion of the chunks at the start of the log fired before
-    /// `cutoff`, with their index keys, until at least `max` actions. Returns how many actions.
+    /// `cutoff`, with their index keys, until at least `max` actions; a chunk holding an action
+    /// a destination still has to deliver (see [`Store::delivery_floor`]) and every chunk after
+    /// it stay. Returns how many actions.
     pub(crate) fn expire_actions(
         &self,
         batch: &mut WriteBatch,
         cutoff: Timestamp,
         max: usize,
     ) -> Result<usize, StoreError> {
+        // Nothing a destination still has to deliver expires.
+        let floor = self.delivery_floor()?;
         let mut n = 0;
         for kv in self.tree.scan_prefix([ACTION_CHUNK]) {
             if n >= max {
@@ -434,7 +438,7 @@ impl Store {
             let first = seq_of_chunk_key(&k)?;
             let chunk = decode_chunk(&k, &v)?;
             // Retention keeps a chunk while any of its actions is young enough.
-            if chunk.actions.iter().any(|a| a.fired_at >= cutoff) {
+            if chunk.actions.iter().any(|a| a.fired_at >= cutoff) || first + chunk.len() as u64 > floor {
                 break;
             }
             for (key, _) in chunk.index_entries(first) {
@@ -461,9 +465,6 @@ impl Store {
             chunks.extend(seqs);
             batch.remove_raw(k.to_vec());
         }
-        // The user's pending deliveries and dead letters go with the actions' data.
-        let seqs: Vec<u64> = chunks.iter().copied().collect();
-        self.remove_deliveries_of(batch, &seqs)?;
         let mut done: Option<(u64, u64)> = None;
         for seq in chunks {
             if matches!(done, Some((first, len)) if seq >= first && seq < first + len) {
@@ -471,6 +472,13 @@ impl Store {
             }
             if let Some((first, key, mut chunk)) = self.chunk_holding(seq)? {
                 done = Some((first, chunk.len() as u64));
+                // The user's pending deliveries and dead letters go with the actions' data.
+                for (offset, e) in chunk.actions.iter().enumerate() {
+                    let destination = chunk.destination_of(offset);
+                    if e.user_id == user && !destination.is_empty() {
+                        self.remove_delivery_records(batch, destination, first + offset as u64);
+                    }
+                }
                 if chunk.strip_user(&key, user)? {
                     batch.put_raw(key, encode(&chunk));
                 }
