@@ -957,3 +957,45 @@ async fn a_clean_restart_sends_nothing_twice() {
     let ids: HashSet<&str> = got.iter().map(|r| header(r, "webhook-id")).collect();
     assert_eq!(ids.len(), 6);
 }
+
+#[tokio::test]
+async fn a_failing_destination_gets_one_attempt_at_a_time_not_every_new_action() {
+    let receiver = Receiver::start(|_, _| Answer::Status(503)).await;
+    let server = server().await;
+    let mut c = destinations(server.channel().await).await;
+    let d = create(
+        &mut c,
+        proto::Destination {
+            max_attempts: 100,
+            ..destination(&receiver.url)
+        },
+    )
+    .await;
+    deliver_buys(&server, &d.id).await;
+    let batch = (0..200)
+        .map(|i| event(&format!("u{i}"), "buy", &[("sku", s("x"))]))
+        .collect();
+    server
+        .events()
+        .await
+        .track_events(proto::TrackEventsRequest { events: batch })
+        .await
+        .unwrap();
+    wait_health(&mut c, &d.id, proto::DestinationHealth::Failing).await;
+    let at_failing = receiver.got().len();
+    let got = receiver.wait_for(at_failing + 4).await;
+    // The attempts in flight when it turned FAILING (at most 8) had arrived; after them, one
+    // at a time, each at least half its nominal wait (20 ms, 40 ms, ...) after the one before.
+    let throttled = &got[got.len() - 3..];
+    for (i, pair) in throttled.windows(2).enumerate() {
+        assert_eq!(pair[1].concurrent, 1, "an attempt overlapped another");
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            gap >= Duration::from_millis(10),
+            "attempt {} came {gap:?} after the one before",
+            i + 2
+        );
+    }
+    // Far fewer requests than the 200 actions waiting.
+    assert!(receiver.got().len() < 100, "{} requests", receiver.got().len());
+}

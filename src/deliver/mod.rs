@@ -15,8 +15,10 @@
 //!
 //! Retries wait 1 s, 2 s, 4 s, ... at most 10 min, each within ±50 % (never sooner than a
 //! `Retry-After` up to that cap), until `max_attempts` or `max_retry_age`. Health: 5 failures
-//! in a row make a destination FAILING, 5 minutes of failing SUSPENDED: then one probe attempt
-//! at a time, with the same backoff between probes, until one succeeds. Health lives in memory
+//! in a row make a destination FAILING: from then on one attempt at a time, at most about one
+//! a second (a dead endpoint is not sent every new action; they wait in the log, nothing is
+//! dropped); 5 minutes of failing make it SUSPENDED: one probe attempt at a time, the wait
+//! between probes doubling up to 10 minutes, until one succeeds. Health lives in memory
 //! (a restart starts HEALTHY and re-learns it within 5 attempts). A paused destination keeps
 //! its position and retries and attempts nothing. Each destination has its own task and
 //! connections, so a slow or dead endpoint holds only its own `concurrency` slots; its writes
@@ -237,6 +239,9 @@ const READ_AHEAD: usize = 512;
 const MAX_AHEAD: u64 = 4096;
 /// How often a worker writes its position when only actions of other destinations passed.
 const POSITION_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait between the attempts of a FAILING destination (SUSPENDED ones wait up to
+/// 10 minutes).
+const FAILING_SPACING: Duration = Duration::from_secs(1);
 /// The longest a worker sleeps on a due time (a clock step cannot make it sleep for ever).
 const MAX_SLEEP: Duration = Duration::from_secs(600);
 
@@ -298,6 +303,11 @@ struct HealthState {
 }
 
 impl HealthState {
+    /// One attempt at a time, paced (FAILING or SUSPENDED).
+    fn throttled(&self) -> bool {
+        self.failing_since.is_some()
+    }
+
     fn health(&self) -> Health {
         if self.suspended {
             Health::Suspended
@@ -519,7 +529,7 @@ impl Worker {
         if d.paused {
             return 0;
         }
-        if st.health.suspended {
+        if st.health.throttled() {
             let probe_due = st.health.next_probe.is_none_or(|at| at <= Instant::now());
             return usize::from(probe_due && st.inflight.is_empty());
         }
@@ -576,7 +586,7 @@ impl Worker {
             };
             let sender = self.sender.clone();
             let dest = d.clone();
-            let probe = st.health.suspended;
+            let probe = st.health.throttled();
             let seq = action.sequence;
             let user = action.user_id.clone();
             let kept = before.clone();
@@ -681,7 +691,7 @@ impl Worker {
             at(st.last_position + POSITION_EVERY);
         }
         let can_start = !d.paused
-            && if st.health.suspended {
+            && if st.health.throttled() {
                 st.inflight.is_empty()
             } else {
                 st.inflight.len() < d.concurrency.max(1) as usize
@@ -692,7 +702,7 @@ impl Worker {
                 now + Duration::from_millis(ms as u64).min(MAX_SLEEP)
             });
             let work_at = if st.buffer.is_empty() { retry_at } else { Some(now) };
-            match (st.health.suspended, work_at) {
+            match (st.health.throttled(), work_at) {
                 (true, Some(w)) => at(w.max(st.health.next_probe.unwrap_or(w))),
                 (false, Some(w)) => at(w),
                 (_, None) => {}
@@ -763,20 +773,33 @@ impl Worker {
             health.failing_since = Some(instant);
         }
         if let Some(since) = health.failing_since {
-            // Suspended on a failure once failing long enough; each failed probe doubles the
-            // wait before the next (failures of attempts started before do not count).
-            let suspends = !health.suspended && instant.duration_since(since) >= self.settings.suspend_after;
-            if suspends || (health.suspended && done.probe) {
+            // Throttled while failing: one attempt at a time, the next after a wait that
+            // doubles with each failure in a row, up to FAILING_SPACING; suspended once failing
+            // long enough, the same with waits up to 10 minutes, doubling with each failed probe
+            // (failures of attempts started before the throttle do not count).
+            if !health.suspended && instant.duration_since(since) >= self.settings.suspend_after {
+                health.suspended = true;
+            }
+            let ms = if health.suspended {
                 if done.probe {
                     health.probes_failed += 1;
                 }
-                health.suspended = true;
-                let ms = backoff_ms(
+                backoff_ms(
                     health.probes_failed + 1,
                     self.settings.backoff_base_ms,
                     0.5 + fastrand::f64(),
                     None,
-                );
+                )
+            } else {
+                backoff_ms(
+                    health.failures_in_a_row + 1 - FAILING_AFTER,
+                    self.settings.backoff_base_ms,
+                    0.5 + fastrand::f64(),
+                    None,
+                )
+                .min(FAILING_SPACING.as_millis() as u64)
+            };
+            if !health.suspended || done.probe || health.next_probe.is_none() {
                 health.next_probe = Some(instant + Duration::from_millis(ms));
             }
         }
