@@ -206,6 +206,19 @@ async fn buy(server: &TestServer, user: &str, sku: &str) {
     assert_eq!(fired, 1);
 }
 
+/// `n` users buy at once (one TrackEvents), each firing one action.
+async fn buys(server: &TestServer, n: usize) {
+    let batch = (0..n)
+        .map(|i| event(&format!("u{i}"), "buy", &[("sku", s("x"))]))
+        .collect();
+    server
+        .events()
+        .await
+        .track_events(proto::TrackEventsRequest { events: batch })
+        .await
+        .unwrap();
+}
+
 async fn dead_letters(c: &mut DestinationServiceClient<Channel>, id: &str) -> Vec<proto::DeadLetter> {
     c.list_dead_letters(proto::ListDeadLettersRequest {
         destination_id: id.into(),
@@ -523,9 +536,7 @@ async fn a_suspended_destination_is_probed_one_attempt_at_a_time_and_recovers() 
     )
     .await;
     deliver_buys(&server, &d.id).await;
-    for i in 0..20 {
-        buy(&server, &format!("u{i:02}"), "x").await;
-    }
+    buys(&server, 20).await;
     wait_health(&mut c, &d.id, proto::DestinationHealth::Suspended).await;
     let at_suspension = receiver.got().len();
     // The attempts in flight when it was suspended had arrived (loopback) and end; after them,
@@ -849,15 +860,7 @@ async fn at_most_concurrency_deliveries_run_at_once() {
     )
     .await;
     deliver_buys(&server, &d.id).await;
-    let batch = (0..30)
-        .map(|i| event(&format!("u{i}"), "buy", &[("sku", s("x"))]))
-        .collect();
-    server
-        .events()
-        .await
-        .track_events(proto::TrackEventsRequest { events: batch })
-        .await
-        .unwrap();
+    buys(&server, 30).await;
     let got = receiver.wait_for(30).await;
     let most = got.iter().map(|r| r.concurrent).max().unwrap();
     assert_eq!(most, 3, "at most `concurrency` at once, and that many used");
@@ -890,6 +893,11 @@ async fn deliveries_and_dead_letters_are_in_the_metrics() {
     fired(&mut events, event("ann", "sell", &[])).await;
     ok.wait_for(1).await;
     gone.wait_for(1).await;
+    // Changes are audited.
+    let line = child
+        .log
+        .wait_for(|l| l.contains("\"audit\"") && l.contains("DestinationService/CreateDestination"));
+    assert!(line.contains(&good.id) && line.contains("\"OK\""), "{line}");
     let want = [
         format!(
             "engage_deliveries_total{{destination_id=\"{}\",outcome=\"delivered\"}} 1",
@@ -972,15 +980,7 @@ async fn a_failing_destination_gets_one_attempt_at_a_time_not_every_new_action()
     )
     .await;
     deliver_buys(&server, &d.id).await;
-    let batch = (0..200)
-        .map(|i| event(&format!("u{i}"), "buy", &[("sku", s("x"))]))
-        .collect();
-    server
-        .events()
-        .await
-        .track_events(proto::TrackEventsRequest { events: batch })
-        .await
-        .unwrap();
+    buys(&server, 200).await;
     wait_health(&mut c, &d.id, proto::DestinationHealth::Failing).await;
     let at_failing = receiver.got().len();
     let got = receiver.wait_for(at_failing + 4).await;
