@@ -266,8 +266,9 @@ pub async fn serve(
             (at + grace).saturating_duration_since(tokio::time::Instant::now())
         })
     };
-    // Destinations record what they delivered before the engine stops.
-    deliveries.stop(left()).await;
+    // Destinations record what they delivered before the engine stops, in at most half of
+    // what is left of the grace period (an attempt cut off repeats after the next start).
+    deliveries.stop(left() / 2).await;
     let left = left();
     stop_engine(ingest, threads, &store, left).await?;
     tracing::info!("engage stopped");

@@ -52,10 +52,10 @@ impl tower_service::Service<Name> for Resolver {
                 if let Some(a) = addrs.iter().find(|a| is_private(a.ip())) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::PermissionDenied,
-                        format!(
+                        PrivateAddress(format!(
                             "{host} resolves to the private address {} (see --allow-private-destinations)",
                             a.ip()
-                        ),
+                        )),
                     ));
                 }
             }
@@ -63,6 +63,18 @@ impl tower_service::Service<Name> for Resolver {
         })
     }
 }
+
+/// The resolver's refusal of a private address (told apart from other I/O errors).
+#[derive(Debug)]
+struct PrivateAddress(String);
+
+impl std::fmt::Display for PrivateAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PrivateAddress {}
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
 
@@ -186,8 +198,10 @@ impl Sender {
 fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if s.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        if s.downcast_ref::<PrivateAddress>().is_some()
+            || s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<PrivateAddress>().is_some())
         {
             return true;
         }

@@ -152,12 +152,11 @@ impl Deliveries {
     /// the `stopped` signal; attempts in flight are abandoned and repeat after the next start,
     /// as after a crash), then ends the rest.
     pub(crate) async fn stop(&self, grace: Duration) {
-        let tasks: Vec<tokio::task::JoinHandle<()>> = self
-            .workers
-            .lock()
-            .drain()
-            .filter_map(|(_, mut w)| w.task.take())
-            .collect();
+        // The handles stay alive until their tasks end: a worker whose config sender is gone
+        // would stop without recording.
+        let mut handles: Vec<WorkerHandle> = self.workers.lock().drain().map(|(_, w)| w).collect();
+        let tasks: Vec<tokio::task::JoinHandle<()>> =
+            handles.iter_mut().filter_map(|w| w.task.take()).collect();
         let aborts: Vec<tokio::task::AbortHandle> = tasks.iter().map(|t| t.abort_handle()).collect();
         let all = async {
             for t in tasks {
@@ -170,6 +169,7 @@ impl Deliveries {
         for a in aborts {
             a.abort();
         }
+        drop(handles);
     }
 
     /// Tells a destination's task that dead letters went back to its queue.
@@ -185,10 +185,15 @@ impl Deliveries {
         };
         let mut restarts = tokio::time::interval(RESTART_EVERY);
         loop {
+            if *spawner.stopped.borrow() {
+                break;
+            }
             let Some(ingest) = spawner.weak.upgrade() else {
                 break;
             };
             let now = ingest.destinations();
+            // A worker cannot record anything once storage failed: none is restarted then.
+            let failed = ingest.failed();
             drop(ingest);
             {
                 let mut workers = self.workers.lock();
@@ -205,13 +210,15 @@ impl Deliveries {
                         .is_some_and(|w| w.task.as_ref().is_none_or(|t| t.is_finished()));
                     match workers.get(id) {
                         Some(w) if !ended => {
-                            if !Arc::ptr_eq(&w.config.borrow(), d) {
+                            let changed = !Arc::ptr_eq(&w.config.borrow(), d);
+                            if changed {
                                 let _ = w.config.send(d.clone());
                             }
                         }
-                        _ => {
+                        _ if !failed => {
                             workers.insert(id.clone(), spawner.spawn(id, d));
                         }
+                        _ => {}
                     }
                 }
             }
@@ -360,6 +367,8 @@ struct State {
     health: HealthState,
     last_position: Instant,
     dead: u64,
+    /// When reading the log last failed (the next read waits a second).
+    read_failed: Option<Instant>,
 }
 
 impl Worker {
@@ -383,9 +392,11 @@ impl Worker {
                 .map(|(seq, _)| seq),
         );
         recorded.extend(retries.keys().filter(|s| **s > start));
+        // Kept in the list written with the position until the position passes them.
         let progress = Progress {
             read: start,
             written: start,
+            settled: recorded.iter().copied().collect(),
             ..Progress::default()
         };
         Ok(State {
@@ -402,6 +413,7 @@ impl Worker {
             health: HealthState::default(),
             last_position: Instant::now(),
             dead: self.store.count_dead_letters(&self.id)?,
+            read_failed: None,
         })
     }
 
@@ -425,6 +437,10 @@ impl Worker {
         let labels = [("destination_id", self.id.clone())];
         loop {
             let d = config.borrow().clone();
+            if *stopped.borrow() {
+                self.stop(&d, st, &labels).await;
+                return;
+            }
             let Some(ingest) = self.ingest.upgrade() else {
                 return;
             };
@@ -479,7 +495,10 @@ impl Worker {
                     }
                 }
                 c = durable.changed() => if c.is_err() { return },
-                c = config.changed() => if c.is_err() { return },
+                c = config.changed() => if c.is_err() {
+                    self.stop(&d, st, &labels).await;
+                    return;
+                },
                 Some(seqs) = redriven.recv() => {
                     for seq in seqs {
                         if let Ok(Some(state)) = self.store.retry(&self.id, seq) {
@@ -509,9 +528,20 @@ impl Worker {
         if st.buffer.len() >= READ_AHEAD || read >= head || read - position >= MAX_AHEAD {
             return;
         }
+        if st
+            .read_failed
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
         match self.store.actions(read + 1, head, READ_AHEAD, 4 * 1024 * 1024) {
             Ok(actions) => {
+                st.read_failed = None;
                 let mut p = st.progress.lock();
+                if actions.is_empty() {
+                    // Nothing left in the range (expired before this rule held it): past it.
+                    p.read = head;
+                }
                 for a in actions {
                     p.read = a.sequence;
                     if a.destination_id == self.id && !st.recorded.remove(&a.sequence) {
@@ -520,7 +550,10 @@ impl Worker {
                     }
                 }
             }
-            Err(e) => tracing::error!(destination = %self.id, error = %e, "cannot read the action log"),
+            Err(e) => {
+                tracing::error!(destination = %self.id, error = %e, "cannot read the action log; trying again in a second");
+                st.read_failed = Some(Instant::now());
+            }
         }
     }
 
@@ -560,7 +593,7 @@ impl Worker {
                         st.retries.remove(&seq);
                         st.outcomes.push(Outcome::Dead {
                             seq,
-                            user: String::new(),
+                            user: None,
                             state: DeliveryState {
                                 last_error: "the action expired from the log before it was delivered".into(),
                                 ..state
@@ -685,7 +718,7 @@ impl Worker {
         let mut wake: Option<Instant> = None;
         let mut at = |w: Instant| wake = Some(wake.map_or(w, |x| x.min(w)));
         if read < head && st.buffer.len() < READ_AHEAD && read - position < MAX_AHEAD {
-            at(now);
+            at(st.read_failed.map_or(now, |f| f + Duration::from_secs(1)));
         }
         if moved && st.writing.is_none() {
             at(st.last_position + POSITION_EVERY);
@@ -839,7 +872,7 @@ impl Worker {
                 due.insert((at, seq));
                 outcomes.push(Outcome::Retry {
                     seq,
-                    user: done.user,
+                    user: Some(done.user),
                     state,
                 });
                 metrics::counter!(telemetry::DELIVERIES, "destination_id" => self.id.clone(), "outcome" => "retry").increment(1);
@@ -851,7 +884,7 @@ impl Worker {
                 tracing::warn!(destination = %self.id, seq, attempts = state.attempts, status = state.last_status, error = %state.last_error, "action dead-lettered");
                 outcomes.push(Outcome::Dead {
                     seq,
-                    user: done.user,
+                    user: Some(done.user),
                     state,
                 });
                 *dead += 1;

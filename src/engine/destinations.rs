@@ -18,16 +18,17 @@ use crate::error::{invalid, Error};
 pub(crate) enum Outcome {
     /// Delivered, or given up without a record (its action is gone): any retry is removed.
     Settled { seq: u64 },
-    /// Failed, to be attempted again (`user`: the action's).
+    /// Failed, to be attempted again (`user`: the action's; `None` when the action is gone
+    /// from the log, so no erasure can be racing it).
     Retry {
         seq: u64,
-        user: String,
+        user: Option<String>,
         state: DeliveryState,
     },
     /// Failed for good.
     Dead {
         seq: u64,
-        user: String,
+        user: Option<String>,
         state: DeliveryState,
     },
 }
@@ -140,13 +141,13 @@ impl Ingest {
                 match o {
                     Outcome::Settled { seq } => group.batch.remove_retry(&id, seq),
                     Outcome::Retry { seq, user, state } => {
-                        if writer.store.user_has_action(&user, seq)? {
+                        if writer.live(user.as_deref(), seq)? {
                             group.batch.put_retry(&id, seq, &state);
                         }
                     }
                     Outcome::Dead { seq, user, state } => {
                         group.batch.remove_retry(&id, seq);
-                        if writer.store.user_has_action(&user, seq)? {
+                        if writer.live(user.as_deref(), seq)? {
                             group.batch.put_dead_letter(&id, seq, &state);
                         }
                     }
@@ -184,6 +185,10 @@ impl Ingest {
             let now = Timestamp::now();
             let mut moved = Vec::with_capacity(found.len());
             for (seq, state) in found {
+                // One whose action expired from the log cannot be delivered: it stays.
+                if writer.store.action_at(seq)?.is_none() {
+                    continue;
+                }
                 group.batch.remove_dead_letter(&id, seq);
                 group.batch.put_retry(
                     &id,
@@ -204,6 +209,15 @@ impl Ingest {
 }
 
 impl Writer {
+    /// Whether an outcome of action `seq` of `user` may still be recorded (the user was not
+    /// erased since); one of an action gone from the log may.
+    fn live(&self, user: Option<&str>, seq: u64) -> Result<bool, Error> {
+        match user {
+            Some(user) => Ok(self.store.user_has_action(user, seq)?),
+            None => Ok(true),
+        }
+    }
+
     /// Checks a trigger's destination (`f` names the field).
     pub(super) fn check_destination(&self, f: &str, id: &str) -> Result<(), Error> {
         if !id.is_empty() && !self.destinations.contains_key(id) {

@@ -41,6 +41,11 @@ impl Ingest {
         self.shared.published.pending_timers.load(Ordering::Relaxed)
     }
 
+    /// Whether storage failed (the engine refuses every write until a restart).
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
     /// The limits in force.
     pub(crate) fn limits(&self) -> &Limits {
         &self.shared.limits
