@@ -999,3 +999,24 @@ async fn a_failing_destination_gets_one_attempt_at_a_time_not_every_new_action()
     // Far fewer requests than the 200 actions waiting.
     assert!(receiver.got().len() < 100, "{} requests", receiver.got().len());
 }
+
+#[tokio::test]
+async fn a_hanging_destination_does_not_hold_up_another() {
+    let stuck = Receiver::start(|_, _| Answer::Hang(Duration::from_secs(30))).await;
+    let fine = Receiver::start(|_, _| Answer::Status(200)).await;
+    let server = server().await;
+    let mut c = destinations(server.channel().await).await;
+    let slow = create(&mut c, destination(&stuck.url)).await;
+    let fast = create(&mut c, destination(&fine.url)).await;
+    deliver_buys(&server, &slow.id).await;
+    let mut other = trigger("buy", "notify", "{{ user_id }}");
+    other.action.as_mut().unwrap().destination_id = fast.id.clone();
+    create_trigger(&mut server.triggers().await, other).await.unwrap();
+    // Every slot of the stuck destination is taken, and more of its actions wait.
+    buys(&server, 20).await;
+    stuck.wait_for(8).await;
+    // The other destination gets all of its actions meanwhile.
+    let got = fine.wait_for(20).await;
+    assert_eq!(got.len(), 20);
+    assert_eq!(stuck.got().len(), 8, "the stuck one holds only its own 8 slots");
+}
