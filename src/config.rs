@@ -31,6 +31,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Manages the API keys file: create (prints the new secret once), list, revoke.
     Keys(KeysArgs),
+    #[command(flatten)]
+    Client(crate::cli::ClientCommand),
 }
 
 /// `engage keys`.

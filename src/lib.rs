@@ -11,6 +11,8 @@
 //!    `deliver`, beside it: the webhooks engage delivers to destinations itself.
 //! 6. `api`: the gRPC handlers, thin: convert, check, call, map errors.
 //! 7. [`server`]: wires everything together and serves it; [`config`] holds its flags.
+//! 8. [`cli`]: the command-line client (`engage track`, `triggers`, `tail`, ...), over the
+//!    generated gRPC client only.
 //!
 //! The library exports what the binary, the tests and the benchmarks need, no more.
 
@@ -18,6 +20,7 @@
 
 mod access;
 mod api;
+pub mod cli;
 pub mod config;
 mod deliver;
 mod domain;

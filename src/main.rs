@@ -61,6 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Backup(args) => report(engage::server::backup(&args), "engage backup"),
         Command::Restore(args) => report(engage::server::restore(&args), "engage restore"),
         Command::Keys(args) => report(engage::server::keys(&args), "engage keys"),
+        Command::Client(command) => engage::cli::run(command),
         Command::Serve(args) => {
             logging(args.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
