@@ -373,6 +373,7 @@ fn engage_services<L>(
         ActionApi {
             ingest: ingest.clone(),
             log,
+            store: store.clone(),
         },
         max
     );

@@ -55,7 +55,7 @@ async fn each_role_may_call_exactly_its_rpcs() {
     let server = TestServer::start_with(|a| a.api_keys_file = Some(file.clone())).await;
     let channel = server.channel().await;
     let methods = every_method();
-    assert_eq!(methods.len(), 24);
+    assert_eq!(methods.len(), 26);
     for (path, method) in &methods {
         let need = needed(method);
         for (role, secret) in [("ingest", &ingest), ("read", &read), ("admin", &admin)] {

@@ -1,4 +1,5 @@
-//! ActionService: SubscribeActions, AckActions, ListFiredActions.
+//! ActionService: SubscribeActions, AckActions, ListFiredActions, and the operator reads
+//! ListConsumers and GetActionStats (SPEC §11).
 
 use std::pin::Pin;
 
@@ -18,6 +19,7 @@ use crate::read::actions::{ActionLog, Filter, StartFrom};
 pub(crate) struct ActionApi {
     pub(crate) ingest: Ingest,
     pub(crate) log: ActionLog,
+    pub(crate) store: crate::store::Store,
 }
 
 #[tonic::async_trait]
@@ -115,6 +117,53 @@ impl ActionService for ActionApi {
         Ok(Response::new(proto::ListFiredActionsResponse {
             actions,
             next_page_token,
+        }))
+    }
+
+    async fn list_consumers(
+        &self,
+        _request: Request<proto::ListConsumersRequest>,
+    ) -> Result<Response<proto::ListConsumersResponse>, Status> {
+        let store = self.store.clone();
+        let records = crate::api::blocking(move || Ok(store.consumer_records()?)).await?;
+        let head = *self.ingest.durable_actions().borrow();
+        let consumers = records
+            .into_iter()
+            .map(|c| proto::Consumer {
+                lag: head.saturating_sub(c.acked),
+                acked_sequence: c.acked,
+                created_at: c.created_at.map(convert::to_proto_ts),
+                last_acked_at: c.last_acked_at.map(convert::to_proto_ts),
+                name: c.name,
+            })
+            .collect();
+        Ok(Response::new(proto::ListConsumersResponse { consumers }))
+    }
+
+    async fn get_action_stats(
+        &self,
+        request: Request<proto::GetActionStatsRequest>,
+    ) -> Result<Response<proto::GetActionStatsResponse>, Status> {
+        let r = request.into_inner();
+        let (from, to, granularity) = crate::api::query::stats_range(&r.from, &r.to, r.granularity)?;
+        let store = self.store.clone();
+        let trigger = r.trigger_id;
+        let stats = crate::api::blocking(move || {
+            let trigger = (!trigger.is_empty()).then_some(trigger.as_str());
+            crate::read::stats::action_stats(&store, trigger, from, to, granularity)
+        })
+        .await?;
+        Ok(Response::new(proto::GetActionStatsResponse {
+            buckets: stats
+                .buckets
+                .into_iter()
+                .map(|b| proto::StatsBucket {
+                    start: Some(convert::to_proto_ts(b.start)),
+                    value: b.value,
+                    events: b.events,
+                })
+                .collect(),
+            total: stats.total,
         }))
     }
 }

@@ -33,6 +33,8 @@ pub(crate) const METHOD_ROLES: &[(&str, Role)] = &[
     ("engage.v1.ActionService/SubscribeActions", Role::Read),
     ("engage.v1.ActionService/AckActions", Role::Read),
     ("engage.v1.ActionService/ListFiredActions", Role::Read),
+    ("engage.v1.ActionService/ListConsumers", Role::Read),
+    ("engage.v1.ActionService/GetActionStats", Role::Read),
     ("engage.v1.QueryService/FilterUsers", Role::Read),
     ("engage.v1.QueryService/GetEventStats", Role::Read),
     ("engage.v1.DestinationService/CreateDestination", Role::Admin),

@@ -34,6 +34,38 @@ pub(crate) struct QueryApi {
     permits: Arc<Semaphore>,
 }
 
+/// The range and bucket size of a statistics request (GetEventStats, GetActionStats):
+/// `from` and `to` required, `from` before `to`, at most [`MAX_BUCKETS`] buckets.
+pub(crate) fn stats_range(
+    from: &Option<prost_types::Timestamp>,
+    to: &Option<prost_types::Timestamp>,
+    granularity: i32,
+) -> Result<(Timestamp, Timestamp, Granularity), Error> {
+    let from = convert::opt_timestamp("from", from)?.ok_or_else(|| invalid("from: required"))?;
+    let to = convert::opt_timestamp("to", to)?.ok_or_else(|| invalid("to: required"))?;
+    if from >= to {
+        return Err(invalid(format!("from: {from} must be before to: {to}")));
+    }
+    let granularity = match proto::Granularity::try_from(granularity) {
+        Ok(proto::Granularity::Unspecified | proto::Granularity::Hour) => Granularity::Hour,
+        Ok(proto::Granularity::Minute) => Granularity::Minute,
+        Ok(proto::Granularity::Day) => Granularity::Day,
+        Err(_) => {
+            return Err(invalid(format!(
+                "granularity: unknown granularity {}",
+                granularity
+            )))
+        }
+    };
+    let (_, buckets) = stats::bucket_span(from, to, granularity);
+    if buckets > MAX_BUCKETS {
+        return Err(invalid(format!(
+            "to: [from, to) spans {buckets} buckets of this granularity, at most {MAX_BUCKETS} allowed"
+        )));
+    }
+    Ok((from, to, granularity))
+}
+
 impl QueryApi {
     pub(crate) fn new(ingest: Ingest, store: Store) -> Self {
         Self {
@@ -46,28 +78,7 @@ impl QueryApi {
 
     fn stats_query(&self, r: proto::GetEventStatsRequest) -> Result<StatsQuery, Error> {
         let event_name = rules::normalize_event_name("event_name", &r.event_name)?;
-        let from = convert::opt_timestamp("from", &r.from)?.ok_or_else(|| invalid("from: required"))?;
-        let to = convert::opt_timestamp("to", &r.to)?.ok_or_else(|| invalid("to: required"))?;
-        if from >= to {
-            return Err(invalid(format!("from: {from} must be before to: {to}")));
-        }
-        let granularity = match proto::Granularity::try_from(r.granularity) {
-            Ok(proto::Granularity::Unspecified | proto::Granularity::Hour) => Granularity::Hour,
-            Ok(proto::Granularity::Minute) => Granularity::Minute,
-            Ok(proto::Granularity::Day) => Granularity::Day,
-            Err(_) => {
-                return Err(invalid(format!(
-                    "granularity: unknown granularity {}",
-                    r.granularity
-                )))
-            }
-        };
-        let (_, buckets) = stats::bucket_span(from, to, granularity);
-        if buckets > MAX_BUCKETS {
-            return Err(invalid(format!(
-                "to: [from, to) spans {buckets} buckets of this granularity, at most {MAX_BUCKETS} allowed"
-            )));
-        }
+        let (from, to, granularity) = stats_range(&r.from, &r.to, r.granularity)?;
         let aggregate = convert::aggregate("aggregate", r.aggregate)?.unwrap_or(Aggregate::Count);
         let attribute = match aggregate {
             Aggregate::Count | Aggregate::DistinctUsers => String::new(),

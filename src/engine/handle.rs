@@ -473,7 +473,7 @@ impl Ingest {
             if let Some(pos) = writer.consumer(&name, group)? {
                 return Ok(pos);
             }
-            group.batch.put_consumer(&name, initial);
+            group.batch.put_consumer(&name, initial, Timestamp::now(), None);
             group.consumers.insert(name, initial);
             Ok(initial)
         })
@@ -495,7 +495,14 @@ impl Ingest {
             if up_to <= current {
                 return Ok(current);
             }
-            group.batch.put_consumer(&name, up_to);
+            let now = Timestamp::now();
+            // Created in this group: its record is not stored yet, and now is its time too.
+            let created = writer
+                .store
+                .consumer_record(&name)?
+                .and_then(|c| c.created_at)
+                .unwrap_or(now);
+            group.batch.put_consumer(&name, up_to, created, Some(now));
             group.consumers.insert(name, up_to);
             Ok(up_to)
         })

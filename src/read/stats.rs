@@ -75,6 +75,37 @@ pub(crate) fn bucket_span(from: Timestamp, to: Timestamp, g: Granularity) -> (i6
     (first, (last - first) / w + 1)
 }
 
+/// Actions fired per bucket of `[from, to)` (all triggers, or one): GetActionStats.
+pub(crate) fn action_stats(
+    store: &Store,
+    trigger: Option<&str>,
+    from: Timestamp,
+    to: Timestamp,
+    g: Granularity,
+) -> Result<Stats, Error> {
+    let (first, n) = bucket_span(from, to, g);
+    let w = g.seconds();
+    let mut counts = vec![0u64; n.max(0) as usize];
+    for t in store.action_times(trigger, from, to)? {
+        if let Some(c) = counts.get_mut(((t.secs - first) / w) as usize) {
+            *c += 1;
+        }
+    }
+    let total = counts.iter().sum::<u64>() as f64;
+    Ok(Stats {
+        buckets: counts
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| StatsBucket {
+                start: ts(first + i as i64 * w),
+                value: c as f64,
+                events: c,
+            })
+            .collect(),
+        total,
+    })
+}
+
 fn ts(secs: i64) -> Timestamp {
     Timestamp::from_nanos(secs as i128 * 1_000_000_000)
 }

@@ -47,6 +47,55 @@ struct ChunkV1 {
     actions: Vec<Entry>,
 }
 
+/// A named consumer as stored: `C` name → position(8), then (from this release on) postcard
+/// (created_at, last_acked_at).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ConsumerRecord {
+    pub name: String,
+    pub acked: u64,
+    pub created_at: Option<Timestamp>,
+    pub last_acked_at: Option<Timestamp>,
+}
+
+type ConsumerTimes = (Timestamp, Option<Timestamp>);
+
+fn decode_consumer(key: &[u8], name: &str, v: &[u8]) -> Result<ConsumerRecord, StoreError> {
+    if v.len() < 8 {
+        return Err(StoreError::corrupt(
+            key,
+            "a consumer position shorter than 8 bytes",
+        ));
+    }
+    let acked = decode_u64(key, &v[..8])?;
+    let (created_at, last_acked_at) = if v.len() > 8 {
+        let (c, l): ConsumerTimes = decode(key, &v[8..])?;
+        (Some(c), l)
+    } else {
+        (None, None)
+    };
+    Ok(ConsumerRecord {
+        name: name.to_string(),
+        acked,
+        created_at,
+        last_acked_at,
+    })
+}
+
+impl WriteBatch {
+    /// Stores a named consumer's position with when it was created and last acknowledged.
+    pub(crate) fn put_consumer(
+        &mut self,
+        name: &str,
+        acked: u64,
+        created_at: Timestamp,
+        last_acked_at: Option<Timestamp>,
+    ) {
+        let mut value = acked.to_be_bytes().to_vec();
+        value.extend_from_slice(&encode(&(created_at, last_acked_at)));
+        self.put_raw(prefixed(CONSUMER, name), value);
+    }
+}
+
 /// Decodes a chunk stored under `key`, in its current form or the one before destinations.
 pub(super) fn decode_chunk(key: &[u8], bytes: &[u8]) -> Result<Chunk, StoreError> {
     match decode::<Chunk>(key, bytes) {
@@ -296,16 +345,88 @@ impl Store {
 
     /// A consumer's acknowledged position.
     pub(crate) fn consumer(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.consumer_record(name)?.map(|c| c.acked))
+    }
+
+    /// A consumer's record: its position and, when known, when it was created and last acked.
+    pub(crate) fn consumer_record(&self, name: &str) -> Result<Option<ConsumerRecord>, StoreError> {
         let key = prefixed(CONSUMER, name);
-        self.tree.get(&key)?.map(|v| decode_u64(&key, &v)).transpose()
+        self.tree
+            .get(&key)?
+            .map(|v| decode_consumer(&key, name, &v))
+            .transpose()
     }
 
     /// Every named consumer with its acknowledged position, by name.
     pub(crate) fn consumers(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .consumer_records()?
+            .into_iter()
+            .map(|c| (c.name, c.acked))
+            .collect())
+    }
+
+    /// Every named consumer's record, by name.
+    pub(crate) fn consumer_records(&self) -> Result<Vec<ConsumerRecord>, StoreError> {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([CONSUMER]) {
             let (k, v) = kv?;
-            out.push((String::from_utf8_lossy(&k[1..]).into_owned(), decode_u64(&k, &v)?));
+            let name = String::from_utf8_lossy(&k[1..]).into_owned();
+            out.push(decode_consumer(&k, &name, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// When the actions of the log (all, or one trigger's) fired in `[from, to)`, read newest
+    /// first and stopping at the first chunk fired wholly before `from` (actions fire in
+    /// sequence order, so the log is in `fired_at` order).
+    pub(crate) fn action_times(
+        &self,
+        trigger: Option<&str>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<Timestamp>, StoreError> {
+        let mut out = Vec::new();
+        let keep = |t: Timestamp, out: &mut Vec<Timestamp>| {
+            if t >= from && t < to {
+                out.push(t);
+            }
+        };
+        match trigger {
+            None => {
+                for kv in self.tree.scan_prefix([ACTION_CHUNK]).rev() {
+                    let (k, v) = kv?;
+                    let chunk = decode_chunk(&k, &v)?;
+                    for e in &chunk.actions {
+                        keep(e.fired_at, &mut out);
+                    }
+                    if chunk.actions.iter().all(|e| e.fired_at < from) {
+                        break;
+                    }
+                }
+            }
+            Some(t) => {
+                let mut held: Option<(u64, Vec<u8>, Chunk)> = None;
+                'keys: for kv in self.tree.scan_prefix(under(TRIGGER_ACTION, t)).rev() {
+                    let (k, v) = kv?;
+                    for seq in index_sequences(&k, &v)?.into_iter().rev() {
+                        let hit = matches!(&held, Some((first, _, c)) if seq >= *first && seq - first < c.len() as u64);
+                        if !hit {
+                            held = self.chunk_holding(seq)?;
+                        }
+                        let Some((first, _, chunk)) = &held else {
+                            continue;
+                        };
+                        let Some(e) = chunk.actions.get((seq - first) as usize) else {
+                            continue;
+                        };
+                        if e.fired_at < from {
+                            break 'keys;
+                        }
+                        keep(e.fired_at, &mut out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -548,6 +669,24 @@ pub(super) mod tests {
             event: None,
             destination_id: String::new(),
         }
+    }
+
+    #[test]
+    fn a_consumer_of_the_layout_before_its_times_reads_without_them() {
+        let (_dir, store) = crate::store::temp_store();
+        let mut batch = WriteBatch::default();
+        batch.put_raw(prefixed(CONSUMER, "old"), 7u64.to_be_bytes().to_vec());
+        batch.put_consumer("new", 9, Timestamp { secs: 5, nanos: 0 }, None);
+        batch.put_raw(prefixed(CONSUMER, "bad"), vec![1]);
+        store.apply(batch).expect("apply");
+        let old = store.consumer_record("old").unwrap().unwrap();
+        assert_eq!((old.acked, old.created_at, old.last_acked_at), (7, None, None));
+        let new = store.consumer_record("new").unwrap().unwrap();
+        assert_eq!(
+            (new.acked, new.created_at),
+            (9, Some(Timestamp { secs: 5, nanos: 0 }))
+        );
+        assert!(store.consumer("bad").is_err(), "damage is an error, not a panic");
     }
 
     #[test]

@@ -168,11 +168,6 @@ impl WriteBatch {
         self.put_raw(prefixed(EPOCH, name), epoch.to_be_bytes().to_vec());
     }
 
-    /// Stores a consumer's acknowledged position.
-    pub(crate) fn put_consumer(&mut self, name: &str, acked: u64) {
-        self.put_raw(prefixed(CONSUMER, name), acked.to_be_bytes().to_vec());
-    }
-
     /// Stores the last action sequence handed out.
     pub(crate) fn put_last_action_seq(&mut self, seq: u64) {
         self.put_raw(META_ACTION_SEQ.to_vec(), seq.to_be_bytes().to_vec());
