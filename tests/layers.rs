@@ -80,6 +80,17 @@ fn each_layer_names_only_the_layers_before_it() {
             "deliver",
             &["crate::api", "crate::server", "crate::proto", "sled::", "tonic::"],
         ),
+        (
+            "cli",
+            &[
+                "crate::store",
+                "crate::engine",
+                "crate::read",
+                "crate::deliver",
+                "crate::api",
+                "sled::",
+            ],
+        ),
         ("api", &["crate::server", "sled::"]),
         (
             "access",
