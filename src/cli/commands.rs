@@ -222,7 +222,9 @@ fn seconds_of(text: &str) -> Result<i64, Failure> {
             "--last {text:?}: a number and a unit (s, m, h or d), like 24h"
         ))
     };
-    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    // The unit is the last character (whatever its width: no split inside a character).
+    let at = text.char_indices().last().map_or(0, |(i, _)| i);
+    let (digits, unit) = text.split_at(at);
     let n: i64 = digits.parse().map_err(|_| bad())?;
     let unit = match unit {
         "s" => 1,
@@ -640,4 +642,37 @@ async fn tail(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_a_number_and_a_unit() {
+        assert_eq!(seconds_of("90m").ok(), Some(5400));
+        assert_eq!(seconds_of("24h").ok(), Some(86_400));
+        assert_eq!(seconds_of("30d").ok(), Some(2_592_000));
+        for bad in [
+            "",
+            "h",
+            "0h",
+            "-5h",
+            "5x",
+            "24ч",
+            "ч",
+            "99999999999999999999d",
+            "9223372036854775807d",
+        ] {
+            assert!(seconds_of(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn values_are_sent_as_the_kind_they_read_as() {
+        assert_eq!(value_of("39.5").value, Some(V::NumberValue(39.5)));
+        assert_eq!(value_of("true").value, Some(V::BoolValue(true)));
+        assert_eq!(value_of("NaN").value, Some(V::StringValue("NaN".into())));
+        assert_eq!(value_of("blue").value, Some(V::StringValue("blue".into())));
+    }
 }
