@@ -39,14 +39,30 @@ fn report(result: Result<String, engage::server::ServerError>, what: &str) -> st
 fn main() -> std::process::ExitCode {
     // Before the flags are parsed (and before any thread starts): the file's settings become
     // the defaults of their flags.
-    let args: Vec<String> = std::env::args().collect();
+    // Not `env::args()`: an argument that is not UTF-8 (a user id, a path) must not panic.
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     if args.get(1).is_some_and(|c| c == "serve") {
         if let Err(e) = engage::config::apply_config_file(&args) {
             eprintln!("engage: {e}");
             return std::process::ExitCode::FAILURE;
         }
     }
-    let cli = Cli::parse();
+    // A bad command line is one line on stderr (help and version print as usual).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("bad command line");
+            eprintln!("engage: {} (engage --help)", first.trim_start_matches("error: "));
+            return std::process::ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Compact(args) => {
             logging(LogFormat::Human);

@@ -99,6 +99,28 @@ async fn track_timeline_and_erase() {
     );
     let r = engage(a, &["track", "ann", "x", "novalue"], &[]).await;
     assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = engage(a, &["track"], &[]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // A value is sent as written: an undefined attribute keeps it as text.
+    ok(a, &["track", "bob", "signup", "zip=02134"]).await;
+    let e = json_lines(&ok(a, &["timeline", "bob", "--json"]).await);
+    assert_eq!(e[0]["attributes"]["zip"]["stringValue"], "02134");
+    let r = engage(
+        a,
+        &[
+            "track",
+            "ann",
+            "x",
+            "--server",
+            "http://127.0.0.1:1",
+            "--ca",
+            "/nonexistent",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.code, 2, "TLS options over http:// refused: {}", r.stderr);
     let r = engage(a, &["track", "ann", "x", "--server", "127.0.0.1:1"], &[]).await;
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.starts_with("engage: UNAVAILABLE"), "{}", r.stderr);

@@ -6,6 +6,13 @@ use std::path::PathBuf;
 use clap::{Subcommand, ValueEnum};
 
 use super::{ClientArgs, Connection, Failure};
+
+/// Prints a line; a closed pipe (`| head`) ends the command quietly, with success.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        super::emit(&format!($($arg)*))?
+    };
+}
 use crate::proto;
 use crate::proto::action_service_client::ActionServiceClient;
 use crate::proto::attribute_value::Value as V;
@@ -16,10 +23,9 @@ use crate::proto::trigger_service_client::TriggerServiceClient;
 /// The client subcommands of `engage`.
 #[derive(Subcommand, Debug, Clone)]
 pub enum ClientCommand {
-    /// Tracks an event: `engage track USER EVENT [name=value ...]`. A value that reads as a
-    /// number is sent as a number, `true`/`false` as a boolean, anything else as a string; the
-    /// server types it by the attribute's definition (an attribute not defined yet is created
-    /// as STRING: define it first with the API for a NUMBER).
+    /// Tracks an event: `engage track USER EVENT [name=value ...]`. Values are sent as text and
+    /// typed by the server by the attribute's definition ("39" is 39 for a NUMBER attribute;
+    /// an attribute not defined yet is created as STRING and keeps the text as written).
     Track {
         user: String,
         event: String,
@@ -184,17 +190,12 @@ impl ClientCommand {
     }
 }
 
-/// An attribute value from the command line (see `ClientCommand::Track`).
+/// An attribute value from the command line, as text (see `ClientCommand::Track`): sent as
+/// a number, `02134` would be stored as "2134" by a STRING attribute.
 fn value_of(text: &str) -> proto::AttributeValue {
-    let value = match text {
-        "true" => V::BoolValue(true),
-        "false" => V::BoolValue(false),
-        _ => match text.parse::<f64>() {
-            Ok(n) if n.is_finite() => V::NumberValue(n),
-            _ => V::StringValue(text.to_string()),
-        },
-    };
-    proto::AttributeValue { value: Some(value) }
+    proto::AttributeValue {
+        value: Some(V::StringValue(text.to_string())),
+    }
 }
 
 /// A value as people read it: numbers canonical, strings quoted, dates RFC 3339.
@@ -285,16 +286,19 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                 .await?
                 .into_inner();
             if c.json {
-                println!("{}", c.to_json("engage.v1.TrackEventResponse", &answer));
+                say!("{}", c.to_json("engage.v1.TrackEventResponse", &answer));
             } else if answer.duplicate {
-                println!(
+                say!(
                     "duplicate of event {} (#{}), nothing stored",
-                    answer.event_id, answer.sequence
+                    answer.event_id,
+                    answer.sequence
                 );
             } else {
-                println!(
+                say!(
                     "stored event {} (#{}), {} action(s) fired",
-                    answer.event_id, answer.sequence, answer.actions_fired
+                    answer.event_id,
+                    answer.sequence,
+                    answer.actions_fired
                 );
             }
         }
@@ -317,7 +321,7 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                     .into_inner();
                 for e in &page.events {
                     if c.json {
-                        println!("{}", c.to_json("engage.v1.Event", e));
+                        say!("{}", c.to_json("engage.v1.Event", e));
                     } else {
                         let mut attrs: Vec<String> = e
                             .attributes
@@ -325,7 +329,7 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                             .map(|(k, v)| format!("{k}={}", text_of(v)))
                             .collect();
                         attrs.sort();
-                        println!(
+                        say!(
                             "{}  {}  {}",
                             time_of(e.occurred_at.as_ref()),
                             e.name,
@@ -340,7 +344,7 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                 token = page.next_page_token;
             }
             if shown == 0 && !c.json {
-                println!("no events");
+                say!("no events");
             }
         }
         ClientCommand::Triggers { action } => triggers(c, action).await?,
@@ -361,18 +365,17 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
             let secs = seconds_of(&last)?;
             let to = now();
             let from = prost_types::Timestamp {
-                seconds: to.seconds - secs,
+                seconds: to
+                    .seconds
+                    .checked_sub(secs)
+                    .ok_or_else(|| Failure::usage(format!("--last {last:?}: too long")))?,
                 nanos: to.nanos,
             };
-            let (granularity, step) = match by {
-                By::Minute => (proto::Granularity::Minute, 60),
-                By::Hour => (proto::Granularity::Hour, 3600),
-                By::Day => (proto::Granularity::Day, 86_400),
-            };
-            // Whole buckets: the range starts at the bucket holding `from`.
-            let to = prost_types::Timestamp {
-                seconds: (to.seconds.div_euclid(step) + 1) * step,
-                nanos: 0,
+            // The server covers the partial buckets at both ends.
+            let granularity = match by {
+                By::Minute => proto::Granularity::Minute,
+                By::Hour => proto::Granularity::Hour,
+                By::Day => proto::Granularity::Day,
             };
             let aggregate = match aggregate {
                 Aggregate::Count => proto::Aggregate::Count,
@@ -394,12 +397,15 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                 .await?
                 .into_inner();
             if c.json {
-                println!("{}", c.to_json("engage.v1.GetEventStatsResponse", &answer));
+                say!("{}", c.to_json("engage.v1.GetEventStatsResponse", &answer));
             } else {
-                print!("{}", chart(&event, &answer, by));
+                say!("{}", chart(&event, &answer, by).trim_end());
             }
         }
         ClientCommand::Users { filter, limit, .. } => {
+            if limit == 0 {
+                return Err(Failure::usage("--limit: at least 1"));
+            }
             let text = read_file(&filter)?;
             let condition: proto::Condition = c.parse_json("engage.v1.Condition", &text).map_err(|e| {
                 Failure::usage(format!("{}: not the JSON of a Condition: {e}", filter.display()))
@@ -418,13 +424,13 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                     .await?
                     .into_inner();
                 if shown == 0 && !c.json {
-                    println!("{} users match", page.total_count);
+                    say!("{} users match", page.total_count);
                 }
                 if c.json {
-                    println!("{}", c.to_json("engage.v1.FilterUsersResponse", &page));
+                    say!("{}", c.to_json("engage.v1.FilterUsersResponse", &page));
                 } else {
                     for u in &page.user_ids {
-                        println!("{u}");
+                        say!("{u}");
                     }
                 }
                 shown += page.user_ids.len();
@@ -442,9 +448,9 @@ pub(super) async fn run(c: &Connection, command: ClientCommand) -> Result<(), Fa
                 .await?
                 .into_inner();
             if c.json {
-                println!("{}", c.to_json("engage.v1.DeleteUserResponse", &answer));
+                say!("{}", c.to_json("engage.v1.DeleteUserResponse", &answer));
             } else {
-                println!("erased {} events of {user:?}", answer.events_deleted);
+                say!("erased {} events of {user:?}", answer.events_deleted);
             }
         }
     }
@@ -483,12 +489,12 @@ fn chart(event: &str, answer: &proto::GetEventStatsResponse, by: By) -> String {
 
 async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure> {
     let mut client = TriggerServiceClient::new(c.channel.clone());
-    let show = |t: &proto::Trigger| {
+    let show = |t: &proto::Trigger| -> Result<(), Failure> {
         if c.json {
-            println!("{}", c.to_json("engage.v1.Trigger", t));
+            say!("{}", c.to_json("engage.v1.Trigger", t));
         } else {
             let action = t.action.as_ref();
-            println!(
+            say!(
                 "{}  {:?}  on {}  -> {}{}{}",
                 t.id,
                 t.name,
@@ -500,6 +506,7 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 if t.paused { "  [paused]" } else { "" }
             );
         }
+        Ok(())
     };
     let pausing = matches!(action, TriggersAction::Pause { .. });
     match action {
@@ -516,7 +523,7 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                     .await?
                     .into_inner();
                 for t in &page.triggers {
-                    show(t);
+                    show(t)?;
                     any = true;
                 }
                 if page.next_page_token.is_empty() {
@@ -525,7 +532,7 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 token = page.next_page_token;
             }
             if !any && !c.json {
-                println!("no triggers");
+                say!("no triggers");
             }
         }
         TriggersAction::Get { id, .. } => {
@@ -534,12 +541,12 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 .await?
                 .into_inner();
             if c.json {
-                show(&t);
+                show(&t)?;
             } else {
                 // Every field, as the API has it.
                 let json: serde_json::Value =
                     serde_json::from_str(&c.to_json("engage.v1.Trigger", &t)).unwrap_or_default();
-                println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+                say!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
             }
         }
         TriggersAction::Create { file, .. } => {
@@ -552,9 +559,9 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 .await?
                 .into_inner();
             if c.json {
-                show(&created);
+                show(&created)?;
             } else {
-                println!("created trigger {} ({:?})", created.id, created.name);
+                say!("created trigger {} ({:?})", created.id, created.name);
             }
         }
         TriggersAction::Pause { id, .. } | TriggersAction::Resume { id, .. } => {
@@ -563,15 +570,25 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 .get_trigger(c.request(proto::GetTriggerRequest { id }))
                 .await?
                 .into_inner();
+            let word = if paused { "paused" } else { "running" };
+            if t.paused == paused {
+                // No update: an update would cancel the trigger's pending timers.
+                if c.json {
+                    show(&t)?;
+                } else {
+                    say!("trigger {} ({:?}) is already {word}", t.id, t.name);
+                }
+                return Ok(());
+            }
             t.paused = paused;
             let t = client
                 .update_trigger(c.request(proto::UpdateTriggerRequest { trigger: Some(t) }))
                 .await?
                 .into_inner();
             if c.json {
-                show(&t);
+                show(&t)?;
             } else {
-                println!(
+                say!(
                     "{} trigger {} ({:?})",
                     if paused { "paused" } else { "resumed" },
                     t.id,
@@ -584,9 +601,9 @@ async fn triggers(c: &Connection, action: TriggersAction) -> Result<(), Failure>
                 .delete_trigger(c.request(proto::DeleteTriggerRequest { id: id.clone() }))
                 .await?;
             if c.json {
-                println!("{{\"deleted\":{id:?}}}");
+                say!("{}", serde_json::json!({ "deleted": id }));
             } else {
-                println!("deleted trigger {id}");
+                say!("deleted trigger {id}");
             }
         }
     }
@@ -616,9 +633,9 @@ async fn tail(
     let mut seen = 0;
     while let Some(a) = stream.message().await? {
         if c.json {
-            println!("{}", c.to_json("engage.v1.FiredAction", &a));
+            say!("{}", c.to_json("engage.v1.FiredAction", &a));
         } else {
-            println!(
+            say!(
                 "#{}  {}  {:?}  {}  user {:?}  {}",
                 a.sequence,
                 time_of(a.fired_at.as_ref()),
@@ -669,10 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn values_are_sent_as_the_kind_they_read_as() {
-        assert_eq!(value_of("39.5").value, Some(V::NumberValue(39.5)));
-        assert_eq!(value_of("true").value, Some(V::BoolValue(true)));
-        assert_eq!(value_of("NaN").value, Some(V::StringValue("NaN".into())));
-        assert_eq!(value_of("blue").value, Some(V::StringValue("blue".into())));
+    fn values_are_sent_as_written() {
+        assert_eq!(value_of("02134").value, Some(V::StringValue("02134".into())));
     }
 }

@@ -84,6 +84,24 @@ impl From<tonic::Status> for Failure {
     }
 }
 
+/// Writes one line to standard output; a closed pipe (`engage tail | head -1`) ends the
+/// command quietly with success.
+pub(crate) fn emit(line: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure {
+            code: 0,
+            message: String::new(),
+        }),
+        Err(e) => Err(Failure {
+            code: 1,
+            message: format!("standard output: {e}"),
+        }),
+    }
+}
+
 /// Runs one client command; answers the process's exit code.
 pub fn run(command: ClientCommand) -> ExitCode {
     let client = command.client().clone();
@@ -100,6 +118,7 @@ pub fn run(command: ClientCommand) -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(f) if f.message.is_empty() => ExitCode::from(f.code),
         Err(f) => {
             eprintln!("engage: {}", f.message);
             ExitCode::from(f.code)
@@ -118,6 +137,12 @@ pub(crate) struct Connection {
 impl Connection {
     async fn open(a: &ClientArgs) -> Result<Self, Failure> {
         let tls = a.ca.is_some() || a.client_cert.is_some() || a.server.starts_with("https://");
+        if tls && a.server.starts_with("http://") {
+            return Err(Failure::usage(format!(
+                "--server {:?}: TLS options (--ca, --client-cert) need https://, not http://",
+                a.server
+            )));
+        }
         let url = if a.server.contains("://") {
             a.server.clone()
         } else if tls {
@@ -146,10 +171,6 @@ impl Connection {
                 .tls_config(config)
                 .map_err(|e| Failure::usage(format!("TLS: {e}")))?;
         }
-        let channel = endpoint.connect().await.map_err(|e| Failure {
-            code: 3,
-            message: format!("UNAVAILABLE: cannot connect to {url}: {}", chain(&e)),
-        })?;
         let key = match &a.key {
             Some(k) => Some(
                 format!("Bearer {k}")
@@ -160,6 +181,10 @@ impl Connection {
         };
         let pool = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
             .map_err(|e| Failure::usage(format!("descriptors: {e}")))?;
+        let channel = endpoint.connect().await.map_err(|e| Failure {
+            code: 3,
+            message: format!("UNAVAILABLE: cannot connect to {url}: {}", chain(&e)),
+        })?;
         Ok(Connection {
             channel,
             key,

@@ -473,7 +473,9 @@ impl Ingest {
             if let Some(pos) = writer.consumer(&name, group)? {
                 return Ok(pos);
             }
-            group.batch.put_consumer(&name, initial, Timestamp::now(), None);
+            group
+                .batch
+                .put_consumer(&name, initial, Some(Timestamp::now()), None);
             group.consumers.insert(name, initial);
             Ok(initial)
         })
@@ -496,12 +498,12 @@ impl Ingest {
                 return Ok(current);
             }
             let now = Timestamp::now();
-            // Created in this group: its record is not stored yet, and now is its time too.
-            let created = writer
-                .store
-                .consumer_record(&name)?
-                .and_then(|c| c.created_at)
-                .unwrap_or(now);
+            // A consumer created before creation times were kept keeps an unknown one; one
+            // created in this group (not stored yet) was created now.
+            let created = match writer.store.consumer_record(&name)? {
+                Some(c) => c.created_at,
+                None => Some(now),
+            };
             group.batch.put_consumer(&name, up_to, created, Some(now));
             group.consumers.insert(name, up_to);
             Ok(up_to)

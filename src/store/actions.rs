@@ -47,8 +47,12 @@ struct ChunkV1 {
     actions: Vec<Entry>,
 }
 
+/// How far back in time a scan of the log by `fired_at` reads past its range: a wall clock
+/// stepped back by up to this much does not hide actions fired before the step.
+const CLOCK_SLACK_SECS: i64 = 300;
+
 /// A named consumer as stored: `C` name → position(8), then (from this release on) postcard
-/// (created_at, last_acked_at).
+/// (created_at, last_acked_at); `created_at` stays unknown for a consumer created before.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct ConsumerRecord {
     pub name: String,
@@ -57,7 +61,7 @@ pub(crate) struct ConsumerRecord {
     pub last_acked_at: Option<Timestamp>,
 }
 
-type ConsumerTimes = (Timestamp, Option<Timestamp>);
+type ConsumerTimes = (Option<Timestamp>, Option<Timestamp>);
 
 fn decode_consumer(key: &[u8], name: &str, v: &[u8]) -> Result<ConsumerRecord, StoreError> {
     if v.len() < 8 {
@@ -69,7 +73,7 @@ fn decode_consumer(key: &[u8], name: &str, v: &[u8]) -> Result<ConsumerRecord, S
     let acked = decode_u64(key, &v[..8])?;
     let (created_at, last_acked_at) = if v.len() > 8 {
         let (c, l): ConsumerTimes = decode(key, &v[8..])?;
-        (Some(c), l)
+        (c, l)
     } else {
         (None, None)
     };
@@ -87,7 +91,7 @@ impl WriteBatch {
         &mut self,
         name: &str,
         acked: u64,
-        created_at: Timestamp,
+        created_at: Option<Timestamp>,
         last_acked_at: Option<Timestamp>,
     ) {
         let mut value = acked.to_be_bytes().to_vec();
@@ -378,8 +382,8 @@ impl Store {
     }
 
     /// When the actions of the log (all, or one trigger's) fired in `[from, to)`, read newest
-    /// first and stopping at the first chunk fired wholly before `from` (actions fire in
-    /// sequence order, so the log is in `fired_at` order).
+    /// first and stopping once past actions fired before `from` less [`CLOCK_SLACK_SECS`]
+    /// (actions fire in sequence order, so the log is in `fired_at` order but for clock steps).
     pub(crate) fn action_times(
         &self,
         trigger: Option<&str>,
@@ -387,6 +391,7 @@ impl Store {
         to: Timestamp,
     ) -> Result<Vec<Timestamp>, StoreError> {
         let mut out = Vec::new();
+        let stop = from.plus_secs(-CLOCK_SLACK_SECS);
         let keep = |t: Timestamp, out: &mut Vec<Timestamp>| {
             if t >= from && t < to {
                 out.push(t);
@@ -400,7 +405,7 @@ impl Store {
                     for e in &chunk.actions {
                         keep(e.fired_at, &mut out);
                     }
-                    if chunk.actions.iter().all(|e| e.fired_at < from) {
+                    if chunk.actions.iter().all(|e| e.fired_at < stop) {
                         break;
                     }
                 }
@@ -420,7 +425,7 @@ impl Store {
                         let Some(e) = chunk.actions.get((seq - first) as usize) else {
                             continue;
                         };
-                        if e.fired_at < from {
+                        if e.fired_at < stop {
                             break 'keys;
                         }
                         keep(e.fired_at, &mut out);
@@ -676,7 +681,7 @@ pub(super) mod tests {
         let (_dir, store) = crate::store::temp_store();
         let mut batch = WriteBatch::default();
         batch.put_raw(prefixed(CONSUMER, "old"), 7u64.to_be_bytes().to_vec());
-        batch.put_consumer("new", 9, Timestamp { secs: 5, nanos: 0 }, None);
+        batch.put_consumer("new", 9, Some(Timestamp { secs: 5, nanos: 0 }), None);
         batch.put_raw(prefixed(CONSUMER, "bad"), vec![1]);
         store.apply(batch).expect("apply");
         let old = store.consumer_record("old").unwrap().unwrap();

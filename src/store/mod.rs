@@ -28,7 +28,7 @@
 //! | `U`    | `U` user_id 0x00 action sequence(8)              | the user's actions in that chunk, a byte each: distance from the key's sequence (empty: that one) |
 //! | `V`    | `V` trigger_id 0x00 action sequence(8)           | the same for a trigger      |
 //! | `L`    | `L` trigger_id 0x00 user_id                      | postcard [`FiringState`]    |
-//! | `C`    | `C` consumer name                                | acknowledged sequence(8)    |
+//! | `C`    | `C` consumer name                                | acknowledged sequence(8), then postcard (created_at, last_acked_at) (older: the 8 bytes alone) |
 //! | `E`    | `E` event name                                   | aggregate maintenance epoch(8) |
 //! | `B`    | `B` name 0x00 hour(8) block(8)                   | a block of [`columns::Record`]s |
 //! | `H`    | `H` name 0x00 hour(8)                            | postcard [`columns::BucketSummary`] |
