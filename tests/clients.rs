@@ -517,10 +517,12 @@ async fn snippet_click_becomes_a_typed_event_and_identify_switches_the_user() {
 /// A server stopped, its port held by a listener that closes every connection at once (so a
 /// browser's requests fail as against a dead host) and counts them.
 struct Outage {
-    addr: SocketAddr,
     data: tempfile::TempDir,
     attempts: tokio::sync::mpsc::UnboundedReceiver<()>,
-    holder: tokio::task::JoinHandle<()>,
+    /// Ends the holder, which hands its listener back (no rebind: another socket could take
+    /// the port in between).
+    stop: tokio::sync::oneshot::Sender<()>,
+    holder: tokio::task::JoinHandle<TcpListener>,
 }
 
 impl Outage {
@@ -529,18 +531,24 @@ impl Outage {
         let data = server.stop().await;
         let down = TcpListener::bind(addr).await.expect("hold the port");
         let (tried, attempts) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let holder = tokio::spawn(async move {
             loop {
-                if let Ok((socket, _)) = down.accept().await {
-                    drop(socket);
-                    let _ = tried.send(());
+                tokio::select! {
+                    _ = &mut stopped => return down,
+                    accepted = down.accept() => {
+                        if let Ok((socket, _)) = accepted {
+                            drop(socket);
+                            let _ = tried.send(());
+                        }
+                    }
                 }
             }
         });
         Outage {
-            addr,
             data,
             attempts,
+            stop,
             holder,
         }
     }
@@ -552,9 +560,8 @@ impl Outage {
 
     /// Starts the server again on the same port and data.
     async fn end(self, args: engage::config::ServeArgs) -> TestServer {
-        self.holder.abort();
-        let _ = self.holder.await;
-        let listener = TcpListener::bind(self.addr).await.expect("rebind");
+        let _ = self.stop.send(());
+        let listener = self.holder.await.expect("the port's holder");
         TestServer::start_on(listener, self.data, args)
     }
 }

@@ -153,17 +153,7 @@ impl ActionService for ActionApi {
             crate::read::stats::action_stats(&store, trigger, from, to, granularity)
         })
         .await?;
-        Ok(Response::new(proto::GetActionStatsResponse {
-            buckets: stats
-                .buckets
-                .into_iter()
-                .map(|b| proto::StatsBucket {
-                    start: Some(convert::to_proto_ts(b.start)),
-                    value: b.value,
-                    events: b.events,
-                })
-                .collect(),
-            total: stats.total,
-        }))
+        let (buckets, total) = convert::to_proto_stats(stats);
+        Ok(Response::new(proto::GetActionStatsResponse { buckets, total }))
     }
 }

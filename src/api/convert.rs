@@ -158,6 +158,20 @@ pub(crate) fn positive_duration(field: &str, d: &prost_types::Duration) -> Resul
     Ok(nanos)
 }
 
+/// Statistics buckets on the wire (GetEventStats, GetActionStats): the buckets and the total.
+pub(crate) fn to_proto_stats(stats: crate::read::stats::Stats) -> (Vec<proto::StatsBucket>, f64) {
+    let buckets = stats
+        .buckets
+        .into_iter()
+        .map(|b| proto::StatsBucket {
+            start: Some(to_proto_ts(b.start)),
+            value: b.value,
+            events: b.events,
+        })
+        .collect();
+    (buckets, stats.total)
+}
+
 /// Nanoseconds as a wire duration.
 pub(crate) fn to_proto_duration(nanos: i128) -> prost_types::Duration {
     prost_types::Duration {

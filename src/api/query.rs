@@ -195,17 +195,7 @@ impl QueryService for QueryApi {
             .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
         let store = self.store.clone();
         let stats = blocking(move || stats::event_stats(&store, &q)).await?;
-        Ok(Response::new(proto::GetEventStatsResponse {
-            buckets: stats
-                .buckets
-                .into_iter()
-                .map(|b| proto::StatsBucket {
-                    start: Some(convert::to_proto_ts(b.start)),
-                    value: b.value,
-                    events: b.events,
-                })
-                .collect(),
-            total: stats.total,
-        }))
+        let (buckets, total) = convert::to_proto_stats(stats);
+        Ok(Response::new(proto::GetEventStatsResponse { buckets, total }))
     }
 }

@@ -183,7 +183,10 @@ impl Connection {
             .map_err(|e| Failure::usage(format!("descriptors: {e}")))?;
         let channel = endpoint.connect().await.map_err(|e| Failure {
             code: 3,
-            message: format!("UNAVAILABLE: cannot connect to {url}: {}", chain(&e)),
+            message: format!(
+                "UNAVAILABLE: cannot connect to {url}: {}",
+                crate::error::chain(&e)
+            ),
         })?;
         Ok(Connection {
             channel,
@@ -229,16 +232,4 @@ impl Connection {
         de.end().map_err(|e| e.to_string())?;
         dynamic.transcode_to::<T>().map_err(|e| e.to_string())
     }
-}
-
-/// An error with its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -154,7 +154,7 @@ impl Sender {
             let answer = self.client.request(request).await.map_err(|e| {
                 // A host resolving to a private address is refused, not retried.
                 let refused = refused_by_resolver(&e);
-                (chain(&e), refused)
+                (crate::error::chain(&e), refused)
             })?;
             let status = answer.status().as_u16();
             let retry_after = answer
@@ -208,18 +208,6 @@ fn refused_by_resolver(e: &(dyn std::error::Error + 'static)) -> bool {
         source = s.source();
     }
     false
-}
-
-/// An error with its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// The Standard Webhooks signature header value: `v1,` and the base64 of
