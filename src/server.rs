@@ -345,6 +345,7 @@ fn engage_services<L>(
     access: &Arc<Access>,
     max: usize,
 ) -> Router<L> {
+    let permits = crate::api::query::query_permits();
     let events = limited!(
         EventServiceServer,
         EventApi {
@@ -374,12 +375,13 @@ fn engage_services<L>(
             ingest: ingest.clone(),
             log,
             store: store.clone(),
+            permits: permits.clone(),
         },
         max
     );
     let queries = limited!(
         QueryServiceServer,
-        QueryApi::new(ingest.clone(), store.clone()),
+        QueryApi::new(ingest.clone(), store.clone(), permits),
         max
     );
     let destinations = limited!(

@@ -20,6 +20,8 @@ pub(crate) struct ActionApi {
     pub(crate) ingest: Ingest,
     pub(crate) log: ActionLog,
     pub(crate) store: crate::store::Store,
+    /// Shared with QueryService: GetActionStats scans the log.
+    pub(crate) permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 #[tonic::async_trait]
@@ -146,6 +148,7 @@ impl ActionService for ActionApi {
     ) -> Result<Response<proto::GetActionStatsResponse>, Status> {
         let r = request.into_inner();
         let (from, to, granularity) = crate::api::query::stats_range(&r.from, &r.to, r.granularity)?;
+        let _permit = crate::api::query::permit(&self.permits).await?;
         let store = self.store.clone();
         let trigger = r.trigger_id;
         let stats = crate::api::blocking(move || {

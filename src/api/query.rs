@@ -66,13 +66,28 @@ pub(crate) fn stats_range(
     Ok((from, to, granularity))
 }
 
+/// The permits of the reads that scan much (FilterUsers, GetEventStats, GetActionStats):
+/// shared by the services that run them.
+pub(crate) fn query_permits() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(CONCURRENT_QUERIES))
+}
+
+/// Waits for one of `permits` (UNAVAILABLE once the server shuts down).
+pub(crate) async fn permit(permits: &Arc<Semaphore>) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+    permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::Unavailable("the server is shutting down".into()))
+}
+
 impl QueryApi {
-    pub(crate) fn new(ingest: Ingest, store: Store) -> Self {
+    pub(crate) fn new(ingest: Ingest, store: Store, permits: Arc<Semaphore>) -> Self {
         Self {
             ingest,
             store,
             results: ResultCache::default(),
-            permits: Arc::new(Semaphore::new(CONCURRENT_QUERIES)),
+            permits,
         }
     }
 
@@ -187,12 +202,7 @@ impl QueryService for QueryApi {
         request: Request<proto::GetEventStatsRequest>,
     ) -> Result<Response<proto::GetEventStatsResponse>, Status> {
         let q = self.stats_query(request.into_inner())?;
-        let _permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Unavailable("the server is shutting down".into()))?;
+        let _permit = permit(&self.permits).await?;
         let store = self.store.clone();
         let stats = blocking(move || stats::event_stats(&store, &q)).await?;
         let (buckets, total) = convert::to_proto_stats(stats);
