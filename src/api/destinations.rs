@@ -93,7 +93,7 @@ impl DestinationApi {
 
     /// A destination on the wire: no secret, `signed`, and the engine's health.
     fn to_proto(&self, d: &Destination) -> proto::Destination {
-        let health = match self.deliveries.status(&d.id).health {
+        let health = match self.deliveries.health(&d.id) {
             Health::Healthy => proto::DestinationHealth::Healthy,
             Health::Failing => proto::DestinationHealth::Failing,
             Health::Suspended => proto::DestinationHealth::Suspended,

@@ -61,17 +61,9 @@ pub(crate) struct Deliveries {
 struct WorkerHandle {
     config: watch::Sender<Arc<Destination>>,
     redriven: mpsc::UnboundedSender<Vec<u64>>,
-    status: Arc<Mutex<Status>>,
+    /// The worker's health, as it last saw it (queue depth and dead letters are gauges).
+    health: Arc<Mutex<Health>>,
     task: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// What a worker shows of itself.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Status {
-    pub health: Health,
-    /// Actions read and not yet settled, and pending retries.
-    pub queued: u64,
-    pub dead_letters: u64,
 }
 
 /// How often the supervisor restarts a destination's task that ended on an error.
@@ -90,20 +82,20 @@ impl Spawner {
     fn spawn(&self, id: &str, d: &Arc<Destination>) -> WorkerHandle {
         let (config, config_rx) = watch::channel(d.clone());
         let (redriven, redriven_rx) = mpsc::unbounded_channel();
-        let status = Arc::new(Mutex::new(Status::default()));
+        let health = Arc::new(Mutex::new(Health::default()));
         let worker = Worker {
             id: id.to_string(),
             ingest: self.weak.clone(),
             store: self.store.clone(),
             sender: self.sender.clone(),
             settings: self.settings.clone(),
-            status: status.clone(),
+            health: health.clone(),
         };
         let task = tokio::spawn(worker.run(config_rx, redriven_rx, self.stopped.clone()));
         WorkerHandle {
             config,
             redriven,
-            status,
+            health,
             task: Some(task),
         }
     }
@@ -139,12 +131,12 @@ impl Deliveries {
         self.sender.check_host(url, true).await
     }
 
-    /// A destination's status (the default for one not started yet).
-    pub(crate) fn status(&self, id: &str) -> Status {
+    /// A destination's health (HEALTHY for one not started yet).
+    pub(crate) fn health(&self, id: &str) -> Health {
         self.workers
             .lock()
             .get(id)
-            .map(|w| *w.status.lock())
+            .map(|w| *w.health.lock())
             .unwrap_or_default()
     }
 
@@ -326,18 +318,24 @@ impl HealthState {
     }
 }
 
-/// One attempt's result, back at the worker.
-struct Done {
+/// What an attempt in flight is about (kept by the worker too, to settle one whose task failed).
+#[derive(Clone)]
+struct Attempting {
     seq: u64,
     fresh: bool,
     user: String,
     fired_at: Timestamp,
-    attempt: Attempt,
     /// The state before the attempt (retries), `None` for a first attempt.
     before: Option<DeliveryState>,
-    started: Timestamp,
-    /// Started as the probe of a suspended destination.
+    /// Started as the probe of a throttled destination.
     probe: bool,
+}
+
+/// One attempt's result, back at the worker.
+struct Done {
+    what: Attempting,
+    attempt: Attempt,
+    started: Timestamp,
 }
 
 struct Worker {
@@ -346,7 +344,7 @@ struct Worker {
     store: Store,
     sender: http::Sender,
     settings: DeliverySettings,
-    status: Arc<Mutex<Status>>,
+    health: Arc<Mutex<Health>>,
 }
 
 /// What a worker keeps between its loop's turns.
@@ -360,7 +358,7 @@ struct State {
     buffer: VecDeque<FiredAction>,
     inflight: JoinSet<Done>,
     /// What each attempt in flight is, by task (to settle one whose task failed).
-    attempts: HashMap<tokio::task::Id, (u64, bool, String, Option<DeliveryState>, bool)>,
+    attempts: HashMap<tokio::task::Id, Attempting>,
     outcomes: Vec<Outcome>,
     settled_fresh: Vec<u64>,
     writing: Option<tokio::task::JoinHandle<bool>>,
@@ -466,12 +464,7 @@ impl Worker {
                 self.write(&ingest, &mut st, false);
             }
             let queued = (st.buffer.len() + st.retries.len() + st.inflight.len()) as u64;
-            {
-                let mut s = self.status.lock();
-                s.health = st.health.health();
-                s.queued = queued;
-                s.dead_letters = st.dead;
-            }
+            *self.health.lock() = st.health.health();
             metrics::gauge!(telemetry::DELIVERY_QUEUE, &labels).set(queued as f64);
             metrics::gauge!(telemetry::DEAD_LETTERS, &labels).set(st.dead as f64);
             drop(ingest);
@@ -557,16 +550,25 @@ impl Worker {
         }
     }
 
+    /// How many attempts could start, the wait of a throttled destination aside: none when
+    /// paused, one at a time when throttled, else up to `concurrency`.
+    fn capacity(&self, d: &Destination, st: &State) -> usize {
+        let most = match (d.paused, st.health.throttled()) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => d.concurrency.max(1) as usize,
+        };
+        most.saturating_sub(st.inflight.len())
+    }
+
     /// How many attempts may start now.
     fn slots(&self, d: &Destination, st: &State) -> usize {
-        if d.paused {
-            return 0;
+        let waiting = st.health.throttled() && st.health.next_probe.is_some_and(|at| at > Instant::now());
+        if waiting {
+            0
+        } else {
+            self.capacity(d, st)
         }
-        if st.health.throttled() {
-            let probe_due = st.health.next_probe.is_none_or(|at| at <= Instant::now());
-            return usize::from(probe_due && st.inflight.is_empty());
-        }
-        (d.concurrency.max(1) as usize).saturating_sub(st.inflight.len())
     }
 
     /// Starts attempts: due retries first, then fresh actions (erased ones settle at once).
@@ -617,27 +619,28 @@ impl Worker {
             } else {
                 break;
             };
+            let what = Attempting {
+                seq: action.sequence,
+                fresh,
+                user: action.user_id.clone(),
+                fired_at: action.fired_at,
+                before,
+                probe: st.health.throttled(),
+            };
+            let probe = what.probe;
             let sender = self.sender.clone();
             let dest = d.clone();
-            let probe = st.health.throttled();
-            let seq = action.sequence;
-            let user = action.user_id.clone();
-            let kept = before.clone();
+            let kept = what.clone();
             let task = st.inflight.spawn(async move {
                 let started = Timestamp::now();
                 let attempt = sender.post(&dest, &action).await;
                 Done {
-                    seq: action.sequence,
-                    fresh,
-                    user: action.user_id,
-                    fired_at: action.fired_at,
+                    what,
                     attempt,
-                    before,
                     started,
-                    probe,
                 }
             });
-            st.attempts.insert(task.id(), (seq, fresh, user, kept, probe));
+            st.attempts.insert(task.id(), kept);
             if probe {
                 // One probe at a time; the next waits for this one's outcome.
                 st.health.next_probe = Some(Instant::now() + MAX_SLEEP);
@@ -659,23 +662,17 @@ impl Worker {
                 done
             }
             Err(e) => {
-                let Some((seq, fresh, user, before, probe)) = st.attempts.remove(&e.id()) else {
+                let Some(what) = st.attempts.remove(&e.id()) else {
                     return;
                 };
-                let now = Timestamp::now();
                 Done {
-                    seq,
-                    fresh,
-                    user,
-                    fired_at: now,
+                    what,
                     attempt: Attempt::Failed {
                         status: 0,
                         error: "the attempt failed inside engage".into(),
                         retry_after: None,
                     },
-                    before,
-                    started: now,
-                    probe,
+                    started: Timestamp::now(),
                 }
             }
         };
@@ -723,13 +720,7 @@ impl Worker {
         if moved && st.writing.is_none() {
             at(st.last_position + POSITION_EVERY);
         }
-        let can_start = !d.paused
-            && if st.health.throttled() {
-                st.inflight.is_empty()
-            } else {
-                st.inflight.len() < d.concurrency.max(1) as usize
-            };
-        if can_start {
+        if self.capacity(d, st) > 0 {
             let retry_at = st.due.first().map(|(at, _)| {
                 let ms = (at.as_nanos() - Timestamp::now().as_nanos()).max(0) / 1_000_000;
                 now + Duration::from_millis(ms as u64).min(MAX_SLEEP)
@@ -774,19 +765,24 @@ impl Worker {
             ..
         } = st;
         let now = Timestamp::now();
-        let seq = done.seq;
-        if done.fresh {
+        let Done {
+            what,
+            attempt,
+            started,
+        } = done;
+        let seq = what.seq;
+        if what.fresh {
             settled_fresh.push(seq);
         }
         let before_health = health.health();
-        let (status, error, retry_after, final_now) = match done.attempt {
+        let (status, error, retry_after, final_now) = match attempt {
             Attempt::Delivered => {
                 retries.remove(&seq);
-                if !done.fresh {
+                if !what.fresh {
                     outcomes.push(Outcome::Settled { seq });
                 }
                 metrics::counter!(telemetry::DELIVERIES, "destination_id" => self.id.clone(), "outcome" => "delivered").increment(1);
-                let latency = (now.as_nanos() - done.fired_at.as_nanos()).max(0) as f64 / 1e9;
+                let latency = (now.as_nanos() - what.fired_at.as_nanos()).max(0) as f64 / 1e9;
                 metrics::histogram!(telemetry::DELIVERY_LATENCY, labels).record(latency);
                 *health = HealthState::default();
                 self.log_health(before_health, health.health(), "");
@@ -814,7 +810,7 @@ impl Worker {
                 health.suspended = true;
             }
             let ms = if health.suspended {
-                if done.probe {
+                if what.probe {
                     health.probes_failed += 1;
                 }
                 backoff_ms(
@@ -832,26 +828,26 @@ impl Worker {
                 )
                 .min(FAILING_SPACING.as_millis() as u64)
             };
-            if !health.suspended || done.probe || health.next_probe.is_none() {
+            if !health.suspended || what.probe || health.next_probe.is_none() {
                 health.next_probe = Some(instant + Duration::from_millis(ms));
             }
         }
         self.log_health(before_health, health.health(), &error);
-        let mut state = match done.before {
+        let mut state = match what.before {
             Some(s) => s,
             None => DeliveryState {
                 attempts: 0,
                 last_status: 0,
                 last_error: String::new(),
-                first_attempt_at: done.started,
-                last_attempt_at: done.started,
-                next_at: done.started,
+                first_attempt_at: started,
+                last_attempt_at: started,
+                next_at: started,
             },
         };
         state.attempts += 1;
         state.last_status = status;
         state.last_error = error;
-        state.last_attempt_at = done.started;
+        state.last_attempt_at = started;
         let next = if final_now {
             None
         } else {
@@ -872,7 +868,7 @@ impl Worker {
                 due.insert((at, seq));
                 outcomes.push(Outcome::Retry {
                     seq,
-                    user: Some(done.user),
+                    user: Some(what.user),
                     state,
                 });
                 metrics::counter!(telemetry::DELIVERIES, "destination_id" => self.id.clone(), "outcome" => "retry").increment(1);
@@ -884,7 +880,7 @@ impl Worker {
                 tracing::warn!(destination = %self.id, seq, attempts = state.attempts, status = state.last_status, error = %state.last_error, "action dead-lettered");
                 outcomes.push(Outcome::Dead {
                     seq,
-                    user: Some(done.user),
+                    user: Some(what.user),
                     state,
                 });
                 *dead += 1;
