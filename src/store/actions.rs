@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::{decode, decode_u64, encode};
+use super::codec::{decode, decode_u64, encode, older};
 use super::keys::*;
 use super::{Store, StoreError, WriteBatch};
 use crate::domain::model::{Event, FiredAction, FiringState, Timestamp};
@@ -39,6 +39,9 @@ pub(super) struct Chunk {
     /// destination's id. Last, so a chunk written before destinations decodes as [`ChunkV1`].
     destinations: Vec<(u32, String)>,
 }
+
+/// A chunk read for the sequence it holds: its first sequence, its key and the chunk.
+type HeldChunk = (u64, Vec<u8>, Chunk);
 
 /// A chunk as written before destinations existed.
 #[derive(Deserialize)]
@@ -71,9 +74,8 @@ fn decode_consumer(key: &[u8], name: &str, v: &[u8]) -> Result<ConsumerRecord, S
         ));
     }
     let acked = decode_u64(key, &v[..8])?;
-    let (created_at, last_acked_at) = if v.len() > 8 {
-        let (c, l): ConsumerTimes = decode(key, &v[8..])?;
-        (c, l)
+    let (created_at, last_acked_at): ConsumerTimes = if v.len() > 8 {
+        decode(key, &v[8..])?
     } else {
         (None, None)
     };
@@ -102,17 +104,15 @@ impl WriteBatch {
 
 /// Decodes a chunk stored under `key`, in its current form or the one before destinations.
 pub(super) fn decode_chunk(key: &[u8], bytes: &[u8]) -> Result<Chunk, StoreError> {
-    match decode::<Chunk>(key, bytes) {
-        Ok(c) => Ok(c),
-        Err(e) => match postcard::take_from_bytes::<ChunkV1>(bytes) {
-            Ok((old, [])) => Ok(Chunk {
+    decode::<Chunk>(key, bytes).or_else(|e| {
+        older::<ChunkV1>(bytes)
+            .map(|old| Chunk {
                 events: old.events,
                 actions: old.actions,
                 destinations: Vec::new(),
-            }),
-            _ => Err(e),
-        },
-    }
+            })
+            .ok_or(e)
+    })
 }
 
 /// An action as a chunk stores it: its event by position in [`Chunk::events`].
@@ -291,7 +291,7 @@ pub(super) fn index_sequences(key: &[u8], value: &[u8]) -> Result<Vec<u64>, Stor
 
 impl Store {
     /// The chunk holding sequence `seq`, with its first sequence and key, if kept.
-    fn chunk_holding(&self, seq: u64) -> Result<Option<(u64, Vec<u8>, Chunk)>, StoreError> {
+    fn chunk_holding(&self, seq: u64) -> Result<Option<HeldChunk>, StoreError> {
         let Some(kv) = self.tree.range(chunk_key(0)..=chunk_key(seq)).next_back() else {
             return Ok(None);
         };
@@ -304,20 +304,28 @@ impl Store {
         Ok(Some((first, k.to_vec(), chunk)))
     }
 
+    /// The chunk holding `seq`: `held` when it is that chunk, else read into it (a run of
+    /// nearby sequences reads each chunk once).
+    fn holding<'a>(
+        &self,
+        held: &'a mut Option<HeldChunk>,
+        seq: u64,
+    ) -> Result<Option<&'a HeldChunk>, StoreError> {
+        let hit = matches!(held, Some((first, _, c)) if seq >= *first && seq - *first < c.len() as u64);
+        if !hit {
+            *held = self.chunk_holding(seq)?;
+        }
+        Ok(held.as_ref().filter(|(first, _, _)| seq >= *first))
+    }
+
     /// The actions of `seqs` (ascending; absent ones skipped), reading each chunk once per run.
     pub(super) fn actions_at(&self, seqs: &[u64]) -> Result<Vec<FiredAction>, StoreError> {
         let mut out = Vec::with_capacity(seqs.len());
-        let mut held: Option<(u64, Vec<u8>, Chunk)> = None;
+        let mut held = None;
         for &seq in seqs {
-            let hit = matches!(&held, Some((first, _, c)) if seq >= *first && seq - first < c.len() as u64);
-            if !hit {
-                held = self.chunk_holding(seq)?;
-            }
-            if let Some((first, key, chunk)) = &held {
-                if seq >= *first {
-                    if let Some(a) = chunk.action(key, *first, (seq - first) as usize)? {
-                        out.push(a);
-                    }
+            if let Some((first, key, chunk)) = self.holding(&mut held, seq)? {
+                if let Some(a) = chunk.action(key, *first, (seq - first) as usize)? {
+                    out.push(a);
                 }
             }
         }
@@ -411,15 +419,11 @@ impl Store {
                 }
             }
             Some(t) => {
-                let mut held: Option<(u64, Vec<u8>, Chunk)> = None;
+                let mut held = None;
                 'keys: for kv in self.tree.scan_prefix(under(TRIGGER_ACTION, t)).rev() {
                     let (k, v) = kv?;
                     for seq in index_sequences(&k, &v)?.into_iter().rev() {
-                        let hit = matches!(&held, Some((first, _, c)) if seq >= *first && seq - first < c.len() as u64);
-                        if !hit {
-                            held = self.chunk_holding(seq)?;
-                        }
-                        let Some((first, _, chunk)) = &held else {
+                        let Some((first, _, chunk)) = self.holding(&mut held, seq)? else {
                             continue;
                         };
                         let Some(e) = chunk.actions.get((seq - first) as usize) else {

@@ -7,6 +7,15 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -
     postcard::from_bytes(bytes).map_err(|e| StoreError::corrupt(key, e))
 }
 
+/// `bytes` as a record in an older form `O`, when they are exactly that (nothing left over):
+/// how a record written before a trailing field was added is told apart (see `migrate`).
+pub(super) fn older<O: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<O> {
+    match postcard::take_from_bytes::<O>(bytes) {
+        Ok((old, [])) => Some(old),
+        _ => None,
+    }
+}
+
 /// Encodes a record with postcard.
 pub(super) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Serialising our own plain data types into a Vec cannot fail.

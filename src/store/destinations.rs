@@ -54,6 +54,28 @@ impl WriteBatch {
     }
 }
 
+/// A delivery position as `put_delivery_position` writes it: the position, then the actions
+/// settled after it as distances (none for the 8-byte form).
+fn decode_position(key: &[u8], v: &[u8]) -> Result<(u64, Vec<u64>), StoreError> {
+    if v.len() < 8 {
+        return Err(StoreError::corrupt(
+            key,
+            "a delivery position shorter than 8 bytes",
+        ));
+    }
+    let position = decode_u64(key, &v[..8])?;
+    let mut settled = Vec::new();
+    if v.len() > 8 {
+        let deltas: Vec<u64> = decode(key, &v[8..])?;
+        let mut at = position;
+        for d in deltas {
+            at = at.saturating_add(d);
+            settled.push(at);
+        }
+    }
+    Ok((position, settled))
+}
+
 /// Actions of one destination in the retry or dead-letter records, by sequence.
 pub(crate) type Deliveries = Vec<(u64, DeliveryState)>;
 
@@ -73,26 +95,10 @@ impl Store {
     /// (`None`: it has none yet).
     pub(crate) fn delivery_position(&self, id: &str) -> Result<Option<(u64, Vec<u64>)>, StoreError> {
         let key = prefixed(DELIVERY_POSITION, id);
-        let Some(v) = self.tree.get(&key)? else {
-            return Ok(None);
-        };
-        if v.len() < 8 {
-            return Err(StoreError::corrupt(
-                &key,
-                "a delivery position shorter than 8 bytes",
-            ));
-        }
-        let position = decode_u64(&key, &v[..8])?;
-        let mut settled = Vec::new();
-        if v.len() > 8 {
-            let deltas: Vec<u64> = decode(&key, &v[8..])?;
-            let mut at = position;
-            for d in deltas {
-                at = at.saturating_add(d);
-                settled.push(at);
-            }
-        }
-        Ok(Some((position, settled)))
+        self.tree
+            .get(&key)?
+            .map(|v| decode_position(&key, &v))
+            .transpose()
     }
 
     /// The first action sequence any destination still needs (its position + 1, or its

@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::codec::decode;
+use super::codec::{decode, older};
 use super::columns::{ColumnWrites, Columns};
 use super::keys::*;
 use super::{Store, StoreError, WriteBatch};
@@ -101,16 +101,12 @@ impl From<TriggerV2> for Trigger {
 pub(super) fn decode_trigger(key: &[u8], bytes: &[u8]) -> Result<Trigger, StoreError> {
     // A trigger stored before timers existed lacks their trailing fields: it decodes as the old
     // form with nothing left over, and nothing else does.
-    match decode::<Trigger>(key, bytes) {
-        Ok(t) => Ok(t),
-        Err(e) => match postcard::take_from_bytes::<TriggerV2>(bytes) {
-            Ok((old, [])) => Ok(old.into()),
-            _ => match postcard::take_from_bytes::<TriggerV1>(bytes) {
-                Ok((old, [])) => Ok(old.into()),
-                _ => Err(e),
-            },
-        },
-    }
+    decode::<Trigger>(key, bytes).or_else(|e| {
+        older::<TriggerV2>(bytes)
+            .map(Trigger::from)
+            .or_else(|| older::<TriggerV1>(bytes).map(Trigger::from))
+            .ok_or(e)
+    })
 }
 
 /// What [`Store::migrate`] did.

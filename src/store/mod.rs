@@ -39,7 +39,7 @@
 //! | `Q`    | `Q` minute(8) part(1)                            | buckets with a timer due in that minute ([`timers`]) |
 //! | `D`    | `D` user_id                                      | empty: an erasure between two of its slices |
 //! | `O`    | `O` destination_id                               | postcard [`Destination`](crate::domain::destination::Destination) ([`destinations`]) |
-//! | `J`    | `J` destination_id                               | delivery position(8): every action up to it is delivered, retried or dead-lettered |
+//! | `J`    | `J` destination_id                               | delivery position(8): every action up to it is delivered, retried or dead-lettered; then postcard distances of the actions after it already settled |
 //! | `j`    | `j` destination_id 0x00 action sequence(8)       | postcard [`DeliveryState`](crate::domain::destination::DeliveryState): a pending retry |
 //! | `o`    | `o` destination_id 0x00 action sequence(8)       | postcard `DeliveryState`: a dead letter |
 //! | `M`    | `M` meta name (`event_seq`, `action_seq`, `columns`) | u64(8); `columns`: 1    |
