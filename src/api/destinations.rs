@@ -163,7 +163,9 @@ impl DestinationService for DestinationApi {
         request: Request<proto::GetDestinationRequest>,
     ) -> Result<Response<proto::Destination>, Status> {
         let id = request.into_inner().id;
-        self.known("id", &id)?;
+        if id.is_empty() {
+            return Err(invalid("id: required").into());
+        }
         let all = self.ingest.destinations();
         let d = all
             .get(&id)

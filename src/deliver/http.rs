@@ -52,15 +52,21 @@ impl tower_service::Service<Name> for Resolver {
                 if let Some(a) = addrs.iter().find(|a| is_private(a.ip())) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::PermissionDenied,
-                        PrivateAddress(format!(
-                            "{host} resolves to the private address {} (see --allow-private-destinations)",
-                            a.ip()
-                        )),
+                        PrivateAddress(refusal(&host, a.ip())),
                     ));
                 }
             }
             Ok(addrs.into_iter())
         })
+    }
+}
+
+/// Why a host is refused: it is, or resolves to, the private address `ip`.
+fn refusal(host: &str, ip: std::net::IpAddr) -> String {
+    if host == ip.to_string() {
+        format!("{ip} is a loopback, private or link-local address (see --allow-private-destinations)")
+    } else {
+        format!("{host} resolves to the private address {ip} (see --allow-private-destinations)")
     }
 }
 
@@ -117,23 +123,16 @@ impl Sender {
         }
         let target = check_url("url", url).map_err(|e| e.to_string())?;
         if let Some(ip) = target.ip {
-            if is_private(ip) {
-                return Err(format!(
-                    "{ip} is a loopback, private or link-local address (see --allow-private-destinations)"
-                ));
-            }
-            return Ok(());
+            return if is_private(ip) {
+                Err(refusal(&target.host, ip))
+            } else {
+                Ok(())
+            };
         }
         if resolve {
             if let Ok(addrs) = tokio::net::lookup_host((target.host.as_str(), target.port)).await {
-                for a in addrs {
-                    if is_private(a.ip()) {
-                        return Err(format!(
-                            "{} resolves to the private address {} (see --allow-private-destinations)",
-                            target.host,
-                            a.ip()
-                        ));
-                    }
+                if let Some(a) = addrs.into_iter().find(|a| is_private(a.ip())) {
+                    return Err(refusal(&target.host, a.ip()));
                 }
             }
         }
