@@ -516,6 +516,47 @@ async fn a_paused_destination_keeps_its_queue_and_delivers_it_when_resumed() {
     assert_eq!(users, ["a", "b", "c"]);
 }
 
+/// A destination whose every attempt fails (`receiver`), given `n` actions at once: waits
+/// until it is `health`, then for more requests, and checks the last four came one at a time,
+/// each at least half its nominal wait (20 ms, 40 ms, ... doubling with each failure) after the
+/// one before: a throttled destination is not hammered. Answers the destination's id.
+async fn throttled(
+    server: &TestServer,
+    receiver: &Receiver,
+    n: usize,
+    health: proto::DestinationHealth,
+) -> (DestinationServiceClient<Channel>, String) {
+    let mut c = destinations(server.channel().await).await;
+    let d = create(
+        &mut c,
+        proto::Destination {
+            max_attempts: 100,
+            ..destination(&receiver.url)
+        },
+    )
+    .await;
+    deliver_buys(server, &d.id).await;
+    buys(server, n).await;
+    wait_health(&mut c, &d.id, health).await;
+    // The attempts in flight when it turned `health` had arrived (loopback) and end; the
+    // requests after them are the throttled ones.
+    let at = receiver.got().len();
+    let got = receiver.wait_for(at + 5).await;
+    let paced = &got[got.len() - 4..];
+    for p in paced {
+        assert_eq!(p.concurrent, 1, "an attempt overlapped another request");
+    }
+    for (i, pair) in paced.windows(2).enumerate() {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            gap >= Duration::from_millis(10 << i),
+            "attempt {} came {gap:?} after the one before",
+            i + 2
+        );
+    }
+    (c, d.id)
+}
+
 #[tokio::test]
 async fn a_suspended_destination_is_probed_one_attempt_at_a_time_and_recovers() {
     let receiver = Receiver::start(|_, _| Answer::Status(500)).await;
@@ -526,41 +567,12 @@ async fn a_suspended_destination_is_probed_one_attempt_at_a_time_and_recovers() 
         a.delivery_suspend_after_secs = 0;
     })
     .await;
-    let mut c = destinations(server.channel().await).await;
-    let d = create(
-        &mut c,
-        proto::Destination {
-            max_attempts: 100,
-            ..destination(&receiver.url)
-        },
-    )
-    .await;
-    deliver_buys(&server, &d.id).await;
-    buys(&server, 20).await;
-    wait_health(&mut c, &d.id, proto::DestinationHealth::Suspended).await;
-    let at_suspension = receiver.got().len();
-    // The attempts in flight when it was suspended had arrived (loopback) and end; after them,
-    // one probe at a time, each later than the one before by the backoff.
-    let got = receiver.wait_for(at_suspension + 5).await;
-    let probes = &got[got.len() - 4..];
-    for p in probes {
-        assert_eq!(p.concurrent, 1, "a probe overlapped another request");
-    }
-    // Not hammered: each probe waits at least half its nominal delay, which doubles (20 ms,
-    // 40 ms, ... from the first probe's failure on).
-    for (i, pair) in probes.windows(2).enumerate() {
-        let gap = pair[1].at.duration_since(pair[0].at);
-        assert!(
-            gap >= Duration::from_millis(10 << i),
-            "probe {} came {gap:?} after the one before",
-            i + 2
-        );
-    }
+    let (mut c, id) = throttled(&server, &receiver, 20, proto::DestinationHealth::Suspended).await;
 
     // Recovery: a success makes it healthy, and every action is delivered.
     receiver.answer(|_, _| Answer::Status(200));
     let switched = receiver.got().len();
-    wait_health(&mut c, &d.id, proto::DestinationHealth::Healthy).await;
+    wait_health(&mut c, &id, proto::DestinationHealth::Healthy).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let delivered: HashSet<String> = receiver.got()[switched..]
@@ -975,32 +987,7 @@ async fn a_clean_restart_sends_nothing_twice() {
 async fn a_failing_destination_gets_one_attempt_at_a_time_not_every_new_action() {
     let receiver = Receiver::start(|_, _| Answer::Status(503)).await;
     let server = server().await;
-    let mut c = destinations(server.channel().await).await;
-    let d = create(
-        &mut c,
-        proto::Destination {
-            max_attempts: 100,
-            ..destination(&receiver.url)
-        },
-    )
-    .await;
-    deliver_buys(&server, &d.id).await;
-    buys(&server, 200).await;
-    wait_health(&mut c, &d.id, proto::DestinationHealth::Failing).await;
-    let at_failing = receiver.got().len();
-    let got = receiver.wait_for(at_failing + 4).await;
-    // The attempts in flight when it turned FAILING (at most 8) had arrived; after them, one
-    // at a time, each at least half its nominal wait (20 ms, 40 ms, ...) after the one before.
-    let throttled = &got[got.len() - 3..];
-    for (i, pair) in throttled.windows(2).enumerate() {
-        assert_eq!(pair[1].concurrent, 1, "an attempt overlapped another");
-        let gap = pair[1].at.duration_since(pair[0].at);
-        assert!(
-            gap >= Duration::from_millis(10),
-            "attempt {} came {gap:?} after the one before",
-            i + 2
-        );
-    }
+    throttled(&server, &receiver, 200, proto::DestinationHealth::Failing).await;
     // Far fewer requests than the 200 actions waiting.
     assert!(receiver.got().len() < 100, "{} requests", receiver.got().len());
 }

@@ -5,6 +5,17 @@ mod common;
 
 use common::*;
 use engage::proto;
+use engage::proto::action_service_client::ActionServiceClient;
+use tonic::transport::Channel;
+
+async fn consumers(actions: &mut ActionServiceClient<Channel>) -> Vec<proto::Consumer> {
+    actions
+        .list_consumers(proto::ListConsumersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+}
 
 fn now_secs() -> i64 {
     std::time::SystemTime::now()
@@ -36,12 +47,7 @@ async fn consumers_are_listed_with_their_position_lag_and_times() {
         .unwrap()
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    let listed = actions
-        .list_consumers(proto::ListConsumersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .consumers;
+    let listed = consumers(&mut actions).await;
     assert_eq!(listed.len(), 1);
     let c = &listed[0];
     assert_eq!((c.name.as_str(), c.acked_sequence, c.lag), ("mailer", 0, 3));
@@ -53,28 +59,14 @@ async fn consumers_are_listed_with_their_position_lag_and_times() {
         })
         .await
         .unwrap();
-    let c = actions
-        .list_consumers(proto::ListConsumersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .consumers
-        .remove(0);
+    let c = consumers(&mut actions).await.remove(0);
     assert_eq!((c.acked_sequence, c.lag), (1, 2));
     let acked = c.last_acked_at.unwrap().seconds;
     assert!(acked >= c.created_at.unwrap().seconds);
     // Kept across a restart.
     drop(stream);
     let server = server.restart().await;
-    let c = server
-        .actions()
-        .await
-        .list_consumers(proto::ListConsumersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .consumers
-        .remove(0);
+    let c = consumers(&mut server.actions().await).await.remove(0);
     assert_eq!((c.acked_sequence, c.last_acked_at.unwrap().seconds), (1, acked));
 }
 
