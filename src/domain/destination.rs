@@ -19,8 +19,8 @@ pub(crate) const DEFAULT_CONCURRENCY: u32 = 8;
 /// Limits of a destination's settings (engage's choice, README "Destinations").
 pub(crate) const MAX_TIMEOUT_MS: u64 = 120_000;
 pub(crate) const MAX_ATTEMPTS: u32 = 100;
-/// As long as the action log keeps actions by default (`--action-retention-secs`): a retry
-/// needs its action.
+/// As long as the action log keeps actions by default (`--action-retention-secs`); retention
+/// holds the log for pending retries, so a longer age would only make the log grow.
 pub(crate) const MAX_RETRY_AGE_SECS: u64 = 7 * 24 * 3600;
 pub(crate) const MAX_CONCURRENCY: u32 = 256;
 pub(crate) const MAX_HEADERS: usize = 64;

@@ -796,6 +796,123 @@ pub(super) mod tests {
         );
     }
 
+    /// 600 actions of users u0..u9 from sequence 1, the ones of t1 delivered to destination d.
+    fn delivered_actions(store: &Store) {
+        let mut batch = WriteBatch::default();
+        batch.put_destination(&crate::domain::destination::Destination {
+            id: "d".into(),
+            name: "d".into(),
+            url: "https://example.com/".into(),
+            headers: Default::default(),
+            signing_secret: String::new(),
+            timeout_ms: 1000,
+            max_attempts: 1,
+            max_retry_age_secs: 1,
+            concurrency: 1,
+            paused: false,
+            created_at: Timestamp { secs: 1, nanos: 0 },
+            updated_at: Timestamp { secs: 1, nanos: 0 },
+        });
+        let mut seq = 0;
+        for e in 0..300u64 {
+            let ev = event(&format!("u{}", e % 10), e + 1);
+            for t in ["t1", "t2"] {
+                seq += 1;
+                let mut a = action(&ev.user_id, t);
+                a.sequence = seq;
+                if t == "t1" {
+                    a.destination_id = "d".into();
+                }
+                batch.put_action(a, Some(&ev));
+            }
+        }
+        store.apply(batch).expect("apply");
+    }
+
+    #[test]
+    fn retention_keeps_what_a_destination_still_has_to_deliver() {
+        let (_dir, store) = crate::store::temp_store();
+        delivered_actions(&store);
+        let cutoff = Timestamp { secs: 10, nanos: 0 };
+        // Nothing delivered yet: nothing expires, though every action is old enough.
+        let mut batch = WriteBatch::default();
+        batch.put_delivery_position("d", 0, &[]);
+        store.apply(batch).expect("apply");
+        let mut batch = WriteBatch::default();
+        assert_eq!(
+            store
+                .expire_actions(&mut batch, cutoff, usize::MAX)
+                .expect("expire"),
+            0
+        );
+        // Delivered up to 300: only whole chunks below 301 go.
+        let mut batch = WriteBatch::default();
+        batch.put_delivery_position("d", 300, &[]);
+        store.apply(batch).expect("apply");
+        let mut batch = WriteBatch::default();
+        let expired = store
+            .expire_actions(&mut batch, cutoff, usize::MAX)
+            .expect("expire");
+        store.apply(batch).expect("apply");
+        assert!((1..=300).contains(&expired), "{expired}");
+        let first = store.first_action().expect("first").expect("kept").sequence;
+        assert!(first <= 301, "the first action still needed is kept: {first}");
+        // A pending retry holds the log from its action on.
+        let state = crate::domain::destination::DeliveryState {
+            attempts: 1,
+            last_status: 500,
+            last_error: String::new(),
+            first_attempt_at: cutoff,
+            last_attempt_at: cutoff,
+            next_at: cutoff,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put_delivery_position("d", 600, &[]);
+        batch.put_retry("d", 401, &state);
+        store.apply(batch).expect("apply");
+        let mut batch = WriteBatch::default();
+        store
+            .expire_actions(&mut batch, cutoff, usize::MAX)
+            .expect("expire");
+        store.apply(batch).expect("apply");
+        assert!(
+            store.action_at(401).expect("read").is_some(),
+            "the retried action is kept"
+        );
+    }
+
+    #[test]
+    fn erasing_a_user_removes_their_retries_and_dead_letters_only() {
+        let (_dir, store) = crate::store::temp_store();
+        delivered_actions(&store);
+        let state = crate::domain::destination::DeliveryState {
+            attempts: 1,
+            last_status: 500,
+            last_error: String::new(),
+            first_attempt_at: Timestamp { secs: 1, nanos: 0 },
+            last_attempt_at: Timestamp { secs: 1, nanos: 0 },
+            next_at: Timestamp { secs: 1, nanos: 0 },
+        };
+        // Sequence 1 is u0's (t1), 3 u1's (t1).
+        let mut batch = WriteBatch::default();
+        batch.put_retry("d", 1, &state);
+        batch.put_dead_letter("d", 3, &state);
+        batch.put_dead_letter("d", 21, &state);
+        // Sequence 5 is u2's.
+        batch.put_dead_letter("d", 5, &state);
+        store.apply(batch).expect("apply");
+        for user in ["u0", "u1"] {
+            let mut batch = WriteBatch::default();
+            store.strip_user_actions(&mut batch, user).expect("strip");
+            store.apply(batch).expect("apply");
+        }
+        assert!(store.retry("d", 1).expect("read").is_none());
+        assert!(store.dead_letter("d", 3).expect("read").is_none());
+        // Sequence 21 is u0's too (event 11).
+        assert!(store.dead_letter("d", 21).expect("read").is_none());
+        assert!(store.dead_letter("d", 5).expect("read").is_some(), "u2's stays");
+    }
+
     #[test]
     fn a_batch_of_many_actions_is_cut_into_chunks_that_read_from_any_sequence() {
         let (_dir, store) = crate::store::temp_store();
